@@ -1,0 +1,115 @@
+"""Named dims: the vocabulary every shape in qkvflow is written in.
+
+A shape is a tuple of dim *names*. Model dims (``d_model``, ``heads``,
+``d_head``, ``d_ff``, ``vocab``, ...) have sizes from the config; data dims
+(``batch``, ``src``, ``tgt``) are free symbols bound at run time. A name may
+be a product of names, ``"heads*d_head"``, and ``"1"`` is the broadcast dim.
+
+While tracing, ``x.shape`` yields :class:`Dim` (an ``int`` that remembers its
+name, so ``np.sqrt(d_head)`` works) for sized dims and :class:`DataDim` for
+free ones, so user code can pass them straight back to ``reshape``.
+"""
+
+import math
+
+__all__ = [
+    "Dim",
+    "DataDim",
+    "SEQ_DIMS",
+    "name_of",
+    "factors",
+    "size_of",
+    "describe",
+    "describe_shape",
+]
+
+# Sequence axes: the token positions that attention mixes.
+SEQ_DIMS = ("src", "tgt")
+
+
+class Dim(int):
+    """A model dim with a known size: an ``int`` that carries its name."""
+
+    name: str
+
+    def __new__(cls, name: str, size: int) -> "Dim":
+        obj = super().__new__(cls, size)
+        obj.name = name
+        return obj
+
+    def __repr__(self) -> str:
+        return f"{self.name}={int(self)}"
+
+    def __reduce__(self):
+        return (Dim, (self.name, int(self)))
+
+
+class DataDim:
+    """A data dim (batch, src, tgt) whose size is only known at run time."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DataDim) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(("DataDim", self.name))
+
+
+def name_of(dim: object) -> str:
+    """The name of a dim given as Dim, DataDim, name or literal size."""
+    if isinstance(dim, (Dim, DataDim)):
+        return dim.name
+    if isinstance(dim, str):
+        return dim
+    if isinstance(dim, int) and not isinstance(dim, bool):
+        return str(dim)
+    raise TypeError(f"not a dim: {dim!r}")
+
+
+def factors(name: str) -> tuple[str, ...]:
+    """``"heads*d_head"`` -> ``("heads", "d_head")``; ``"1"`` -> ``()``."""
+    if name == "1":
+        return ()
+    return tuple(name.split("*"))
+
+
+def size_of(name: str, sizes: dict) -> int | None:
+    """Size of a (possibly composite) dim name, or None when any part is free."""
+    total = 1
+    for part in factors(name):
+        if part.isdigit():
+            total *= int(part)
+            continue
+        size = sizes.get(part)
+        if size is None:
+            return None
+        total *= size
+    return total
+
+
+def describe(name: str, sizes: dict) -> str:
+    """``d_head (64)`` or ``tgt (free)``: a dim for a human."""
+    size = size_of(name, sizes)
+    if name == "1":
+        return "1"
+    return f"{name} ({'free' if size is None else size})"
+
+
+def describe_shape(shape: tuple, sizes: dict) -> str:
+    """``(batch, tgt, d_model=512)``: a shape for a human."""
+    parts = []
+    for name in shape:
+        size = size_of(name, sizes)
+        parts.append(name if size is None or name == "1" else f"{name}={size}")
+    return "(" + ", ".join(parts) + ")"
+
+
+def product(sizes: list[int]) -> int:
+    return math.prod(sizes)

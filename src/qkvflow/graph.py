@@ -1,0 +1,188 @@
+"""The one IR: a ``networkx.MultiDiGraph`` of named-dim tensor operations.
+
+Every stage (check, render, explain, execute) reads this graph and nothing
+else. This module defines the closed set of ops, the edge roles, the graph's
+well-formedness check (structure only; meaning is the checker's job) and a
+one-line-per-node printout.
+
+Node attributes: ``op``, ``path`` (also the node key, the parameter prefix
+and the activation key), ``shape`` (dim names), ``dtype``, ``stream``,
+``layer``, ``block``, ``block_path``, ``attention`` (kind, on nodes inside
+an attention block), ``params`` (name -> shape), ``attrs`` (op arguments),
+``source`` (``file:line``) and ``key_axis`` (the attention key axis, if any).
+Edge attributes: ``role`` and ``arg`` (argument position).
+Graph attributes: ``config``, ``dims`` (name -> size, None for data dims),
+``attention`` (declared and traced facts per attention block), ``inputs``,
+``outputs``, ``memory`` (the encoder's final output node), ``model``.
+"""
+
+import json
+
+import networkx as nx
+
+from .errors import GraphError
+
+__all__ = [
+    "OPS",
+    "ROLES",
+    "ATTENTION_KINDS",
+    "new_graph",
+    "args_of",
+    "arg_nodes",
+    "lint",
+    "tabular",
+    "to_json",
+    "from_json",
+]
+
+# The closed set of ops. Every stage dispatches on these through a table and
+# raises on an op it does not know.
+OPS = {
+    "input": "a run input (token ids); attrs: name",
+    "embed": "token embedding lookup, times attrs.scale; params: weight (vocab, d_model)",
+    "positional": "adds position encodings; attrs: kind (sinusoidal | sinusoidal_half | learned), offset",
+    "linear": "x @ weight.T + bias; params: weight (d_out, d_in), bias (d_out)",
+    "split_heads": "(batch, seq, heads*d_head) -> (batch, heads, seq, d_head)",
+    "merge_heads": "(batch, heads, seq, d_head) -> (batch, seq, heads*d_head)",
+    "scores": "q @ k^T * attrs.scale: (..., q_seq, d) x (..., k_seq, d) -> (..., q_seq, k_seq)",
+    "mask": "scores where the mask keeps, -inf elsewhere (mask True = keep)",
+    "softmax": "softmax over attrs.axis; a row that is all -inf gives zeros",
+    "attend": "probs @ v: (..., q_seq, k_seq) x (..., k_seq, d) -> (..., q_seq, d)",
+    "add": "a + b with broadcasting by dim name (residual connections)",
+    "norm": "attrs.kind layer (mean and variance) or rms; params: weight, bias (layer)",
+    "activation": "attrs.fn relu | gelu (erf) | gelu_tanh | silu",
+    "padding_mask": "ids != attrs.pad_id: True where the token is real",
+    "causal_mask": "(seq, seq) True where key position <= query position",
+    "unembed": "x @ weight.T: logits over the vocabulary; attrs.tied_to names a shared weight",
+    "output": "a run output; attrs: name",
+    "reshape": "reshape to attrs.shape (dim names): split or merge adjacent dims only",
+    "transpose": "permute axes by attrs.perm",
+    "matmul": "a @ b, batched over leading dims",
+    "einsum": "numpy einsum with attrs.equation",
+    "where": "where(cond, a, b); a scalar side is in attrs.a / attrs.b",
+    "reduce": "attrs.fn sum | mean | max | min over attrs.axis, attrs.keepdims",
+    "elementwise": "attrs.fn applied to one or two tensors; a scalar side is attrs.const",
+    "concat": "concatenate along attrs.axis",
+}
+
+ROLES = ("x", "q", "k", "v", "mask", "residual", "probs", "ids", "memory")
+
+ATTENTION_KINDS = {
+    "encoder_self": "encoder self-attention",
+    "decoder_self": "masked decoder self-attention",
+    "cross": "cross-attention",
+}
+
+
+def new_graph(**graph_attrs) -> nx.MultiDiGraph:
+    g = nx.MultiDiGraph()
+    g.graph.update(
+        {"attention": {}, "inputs": [], "outputs": [], "memory": None, **graph_attrs}
+    )
+    return g
+
+
+def args_of(g: nx.MultiDiGraph, node: str) -> list[tuple[str, str]]:
+    """The (input node, role) pairs of ``node`` in argument order."""
+    edges = sorted(g.in_edges(node, data=True), key=lambda e: e[2]["arg"])
+    return [(src, data["role"]) for src, _, data in edges]
+
+
+def arg_nodes(g: nx.MultiDiGraph, node: str) -> list[str]:
+    return [src for src, _ in args_of(g, node)]
+
+
+def lint(g: nx.MultiDiGraph) -> list[tuple[str, str]]:
+    """Structural problems as (node, sentence) pairs; empty when well formed.
+
+    Checks structure only: acyclic, known ops, argument positions 0..n-1,
+    a shape on every node, every output reachable from an input.
+    """
+    problems = []
+    if not nx.is_directed_acyclic_graph(g):
+        cycle = nx.find_cycle(g)
+        problems.append((cycle[0][0], f"the graph has a cycle through {cycle[0][0]}"))
+    for node, data in g.nodes(data=True):
+        op = data.get("op")
+        if op not in OPS:
+            problems.append((node, f"node {node} has unknown op {op!r}"))
+        if not isinstance(data.get("shape"), tuple):
+            problems.append((node, f"node {node} has no shape"))
+        positions = sorted(d["arg"] for _, _, d in g.in_edges(node, data=True))
+        if positions != list(range(len(positions))):
+            problems.append((node, f"node {node} has argument positions {positions}"))
+        for _, _, d in g.in_edges(node, data=True):
+            if d.get("role") not in ROLES:
+                problems.append((node, f"an edge into {node} has unknown role {d.get('role')!r}"))
+        if op == "input" and g.in_degree(node):
+            problems.append((node, f"input node {node} has inputs"))
+    for out in g.graph.get("outputs", []):
+        if out not in g:
+            problems.append((out, f"output {out} is not a node of the graph"))
+    return problems
+
+
+def check_well_formed(g: nx.MultiDiGraph) -> None:
+    problems = lint(g)
+    if problems:
+        raise GraphError(problems[0][1])
+
+
+def tabular(g: nx.MultiDiGraph, limit: int | None = None) -> str:
+    """One line per node: path, op, inputs with roles, shape (like fx)."""
+    rows = [("path", "op", "inputs", "shape")]
+    for node in nx.topological_sort(g):
+        data = g.nodes[node]
+        ins = ", ".join(f"{role}={src}" for src, role in args_of(g, node))
+        rows.append((node, data["op"], ins, "(" + ", ".join(data["shape"]) + ")"))
+        if limit is not None and len(rows) > limit:
+            break
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(
+        "  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows
+    )
+
+
+def to_json(g: nx.MultiDiGraph) -> str:
+    return json.dumps(nx.node_link_data(g, edges="edges"), indent=1, sort_keys=True)
+
+
+def from_json(text: str) -> nx.MultiDiGraph:
+    data = json.loads(text)
+    g = nx.node_link_graph(data, edges="edges", multigraph=True, directed=True)
+    for _, nd in g.nodes(data=True):
+        for key in ("shape",):
+            if isinstance(nd.get(key), list):
+                nd[key] = tuple(nd[key])
+        if "params" in nd:
+            nd["params"] = {k: tuple(v) for k, v in nd["params"].items()}
+    return g
+
+
+def describe_origin(g: nx.MultiDiGraph, block: str, node: str | None) -> dict:
+    """What state an attention block's Q, K or V was computed from.
+
+    Returns ``{"node", "stream", "layer", "state"}`` where ``state`` is
+    ``memory`` (the encoder's final output), ``current`` (the block's own
+    stream at its own layer: produced in that layer, or the residual stream
+    entering it), ``stale`` (the same stream, another layer's state) or
+    ``other`` (another stream, not the memory), or ``unknown``.
+    """
+    if node is None or node not in g:
+        return {"node": node, "stream": None, "layer": None, "state": "unknown"}
+    data = g.nodes[node]
+    record = g.graph["attention"].get(block, {})
+    fact = {"node": node, "stream": data.get("stream"), "layer": data.get("layer")}
+    if node == g.graph.get("memory"):
+        return {**fact, "state": "memory"}
+    if data.get("stream") != record.get("stream"):
+        return {**fact, "state": "other"}
+    if data.get("layer") == record.get("layer"):
+        return {**fact, "state": "current"}
+    layer_prefix = block.rsplit(".", 1)[0] + "."
+    feeds_residual = any(
+        g.nodes[succ]["op"] == "add" and succ.startswith(layer_prefix)
+        and d.get("role") == "residual"
+        for _, succ, d in g.out_edges(node, data=True)
+    )
+    return {**fact, "state": "current" if feeds_residual else "stale"}
