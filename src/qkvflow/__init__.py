@@ -14,7 +14,7 @@ from .nn import attention
 from .tracer import trace
 
 __all__ = [
-    "trace", "check", "render", "explain", "forward", "generate",
+    "trace", "check", "render", "explain", "forward", "Executor",
     "init_params", "load_params", "save_params",
     "load_model", "preset", "load_toml", "Config", "PRESETS", "Model",
     "attention", "scope", "dim", "eager", "QkvflowError", "__version__",
@@ -23,11 +23,11 @@ __all__ = [
 __version__ = "0.1.0"
 
 _LAZY = {
-    "check": ("check", "check"),
-    "render": ("render", "render"),
-    "explain": ("explain", "explain"),
+    "check": ("checker", "check"),
+    "render": ("renderer", "render"),
+    "explain": ("explainer", "explain"),
     "forward": ("execute", "forward"),
-    "generate": ("execute", "generate"),
+    "Executor": ("execute", "Executor"),
     "init_params": ("params", "init_params"),
     "load_params": ("params", "load_params"),
     "save_params": ("params", "save_params"),
@@ -38,5 +38,7 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
         module, attr = _LAZY[name]
-        return getattr(importlib.import_module(f".{module}", __name__), attr)
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'qkvflow' has no attribute {name!r}")

@@ -197,6 +197,7 @@ def _concat(ins, attrs, params):
 
 # op -> (typed kernel, adapter). The adapter unpacks a node for the kernel.
 KERNELS = {
+    "input": (None, None),  # fed by the executor
     "embed": (embed, lambda k, i, a, p, s: k(i[0], p["weight"], a.get("scale", 1.0))),
     "positional": (positional, lambda k, i, a, p, s: _positional(i, a, p)),
     "linear": (linear, lambda k, i, a, p, s: k(i[0], p["weight"], p.get("bias"))),

@@ -38,7 +38,7 @@ def _eager_params(name: str, spec: dict, attrs: dict) -> dict:
     ctx = current()
     if not isinstance(ctx, Eager):
         raise TraceError(f"{name} has parameters: run it inside qkvflow.eager(...) or trace it")
-    params = {p: ctx.param(ctx.path(f"{name}.{p}")) for p in spec}
+    params = {p: ctx.param(ctx.path(f"{name}.{p}")) for p in (spec or {})}
     if attrs.get("tied_to"):
         params["weight"] = ctx.param(attrs["tied_to"])
     return params

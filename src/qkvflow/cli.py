@@ -1,0 +1,272 @@
+"""The ``qkvflow`` command line.
+
+Exit codes: 0 clean, 1 findings of severity error, 2 the invocation or the
+input could not be used (one line on stderr, never a traceback). Stages are
+imported only by the subcommands that need them.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import QkvflowError
+
+__all__ = ["main"]
+
+DEMO_SRC = "I love China"
+DEMO_TGT = "<bos> 我 爱 中国"
+
+
+def _model(spec: str):
+    from .loader import load_model
+    from .tracer import trace
+    return trace(load_model(spec))
+
+
+def _emit(text: str | bytes, out: str | None) -> None:
+    if out:
+        from .atomic import write_atomic
+        write_atomic(out, text)
+    else:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+def cmd_presets(args) -> int:
+    from .config import PRESETS
+    width = max(len(n) for n in PRESETS)
+    for name, cfg in PRESETS.items():
+        print(f"{name.ljust(width)}  {cfg.description}")
+    return 0
+
+
+def cmd_trace(args) -> int:
+    g = _model(args.model)
+    if args.format == "json":
+        from .graph import to_json
+        _emit(to_json(g), args.output)
+    elif args.format == "graphml":
+        import io
+
+        import networkx as nx
+        flat = g.copy()
+        for _, d in flat.nodes(data=True):
+            for k, v in list(d.items()):
+                if not isinstance(v, (str, int, float, bool)):
+                    d[k] = str(v)
+        for _, _, d in flat.edges(data=True):
+            for k, v in list(d.items()):
+                if not isinstance(v, (str, int, float, bool)):
+                    d[k] = str(v)
+        flat.graph = {"model": g.graph.get("model", "")}
+        buf = io.BytesIO()
+        nx.write_graphml(flat, buf)
+        _emit(buf.getvalue(), args.output)
+    else:
+        from .graph import tabular
+        _emit(tabular(g), args.output)
+    return 0
+
+
+def cmd_check(args) -> int:
+    from .checker import check, format_diagnostics, has_errors
+    found = []
+    for spec in args.models:
+        found.extend(check(_model(spec), strict=args.strict))
+    _emit(format_diagnostics(found, args.format, checked=len(args.models)), args.output)
+    return 1 if has_errors(found) else 0
+
+
+def cmd_explain(args) -> int:
+    from .explainer import explain
+    _emit(explain(_model(args.model), lang=args.lang, fmt=args.format), args.output)
+    return 0
+
+
+def cmd_render(args) -> int:
+    from .renderer import render
+    render(_model(args.model), args.output, level=args.level, fmt=args.format)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _ids(text: str, what: str, vocab: dict | None):
+    import numpy as np
+
+    from .errors import InputError
+    tokens = text.replace(",", " ").split()
+    if not tokens:
+        raise InputError(f"{what} is empty; give token ids like \"5 6 7\"")
+    ids = []
+    for tok in tokens:
+        if vocab is not None and tok in vocab:
+            ids.append(vocab[tok])
+        elif tok.lstrip("-").isdigit():
+            ids.append(int(tok))
+        else:
+            raise InputError(f"{what}: {tok!r} is not a token id (expected integers like \"5 6 7\")")
+    return np.array([ids], dtype=np.int64)
+
+
+def _run(g, args, vocab=None, words=None) -> tuple[str, dict, dict]:
+    import numpy as np
+
+    from .execute import forward
+    from .params import init_params, load_params
+    params = load_params(args.params) if args.params else init_params(g, seed=args.seed)
+    src, tgt = _ids(args.src, "--src", vocab), _ids(args.tgt, "--tgt", vocab)
+    out = forward(g, params, src, tgt, dtype=args.dtype, capture=bool(getattr(args, "save_activations", None)))
+    logits = out["logits"]
+    lines = [f"logits: shape {logits.shape} (batch, tgt, vocab), dtype {logits.dtype}"]
+    top = min(args.top, logits.shape[-1])
+    for t in range(logits.shape[1]):
+        row = logits[0, t]
+        best = np.argsort(-row, kind="stable")[:top]
+        shown = ", ".join(
+            f"{int(i)}{'=' + words[int(i)] if words and int(i) < len(words) else ''} ({row[i]:.3f})"
+            for i in best
+        )
+        lines.append(f"  tgt[{t}]: {shown}")
+    return "\n".join(lines), params, out
+
+
+def cmd_run(args) -> int:
+    g = _model(args.model)
+    text, _, out = _run(g, args)
+    print(text)
+    if args.save_activations:
+        from .params import save_params
+        save_params({k: v for k, v in out["activations"].items() if v.dtype.kind == "f"},
+                    args.save_activations)
+        print(f"wrote {args.save_activations}")
+    return 0
+
+
+def _demo_vocab(size: int) -> list[str]:
+    words = ["<pad>", "<bos>", "<eos>", "I", "love", "China", "我", "爱", "中国"]
+    return words + [f"w{i}" for i in range(len(words), size)]
+
+
+def cmd_demo(args) -> int:
+    from .atomic import write_atomic
+    from .checker import check, format_diagnostics
+    from .explainer import explain
+    from .graph import to_json
+    from .params import save_params
+    from .renderer import render
+
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        from .atomic import OutputError
+        raise OutputError(f"cannot create the demo folder {str(out)!r}: {err.strerror}") from None
+    g = _model(args.model)
+    print(f"qkvflow demo: model {args.model!r}, {g.number_of_nodes()} nodes, "
+          f"{g.number_of_edges()} edges -> {out}/")
+    write_atomic(out / "graph.json", to_json(g))
+    found = check(g)
+    report = format_diagnostics(found, "text")
+    write_atomic(out / "check.txt", report + "\n")
+    write_atomic(out / "check.sarif", format_diagnostics(found, "sarif"))
+    print("\n== check\n" + report)
+    table = explain(g)
+    write_atomic(out / "explain.txt", table + "\n")
+    write_atomic(out / "explain.zh.txt", explain(g, lang="zh") + "\n")
+    print("\n== explain\n" + table)
+    written = []
+    for name, level in (("dataflow.dot", "block"), ("dataflow.mmd", "block"), ("dataflow-op.dot", "op")):
+        render(g, out / name, level=level)
+        written.append(name)
+    for name, level in (("dataflow.svg", "block"), ("dataflow-op.svg", "op")):
+        try:
+            render(g, out / name, level=level)
+            written.append(name)
+        except QkvflowError as err:
+            print(f"note: {name} skipped: {err}")
+    print("\n== render\n" + ", ".join(written))
+    vocab_words = _demo_vocab(g.graph["dims"]["vocab"])
+    vocab = {w: i for i, w in enumerate(vocab_words)}
+    args.src, args.tgt = args.src or DEMO_SRC, args.tgt or DEMO_TGT
+    text, params, _ = _run(g, args, vocab=vocab, words=vocab_words)
+    save_params(params, out / "params.safetensors")
+    print(f"\n== run: {args.src!r} -> {args.tgt!r} (seeded random weights, seed {args.seed}: "
+          "the numbers show the dataflow runs, not a trained translation)\n" + text)
+    print(f"\nwrote {', '.join(['graph.json', 'check.txt', 'check.sarif', 'explain.txt', 'explain.zh.txt'] + written + ['params.safetensors'])} to {out}/")
+    return 1 if any(d.severity == "error" for d in found) else 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qkvflow", description=(
+        "Trace, check, explain, draw and run the Q/K/V dataflow of Transformer attention. "
+        "MODEL is a preset name, a TOML file, or module:factory / path/file.py:factory."))
+    from . import __version__
+    p.add_argument("--version", action="version", version=f"qkvflow {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("presets", help="list the built-in models").set_defaults(fn=cmd_presets)
+
+    t = sub.add_parser("trace", help="print the traced graph")
+    t.add_argument("model")
+    t.add_argument("--format", choices=("table", "json", "graphml"), default="table")
+    t.add_argument("-o", "--output")
+    t.set_defaults(fn=cmd_trace)
+
+    c = sub.add_parser("check", help="check shapes, provenance and information flow")
+    c.add_argument("models", nargs="+", metavar="MODEL")
+    c.add_argument("--format", choices=("text", "json", "sarif", "github"), default="text")
+    c.add_argument("--strict", action="store_true", help="treat warnings as errors")
+    c.add_argument("-o", "--output")
+    c.set_defaults(fn=cmd_check)
+
+    e = sub.add_parser("explain", help="the Q/K/V provenance table, from the graph")
+    e.add_argument("model")
+    e.add_argument("--lang", choices=("en", "zh"), default="en")
+    e.add_argument("--format", choices=("text", "md", "json"), default="text")
+    e.add_argument("-o", "--output")
+    e.set_defaults(fn=cmd_explain)
+
+    r = sub.add_parser("render", help="draw the dataflow (svg, png, pdf, dot, mmd)")
+    r.add_argument("model")
+    r.add_argument("-o", "--output", required=True)
+    r.add_argument("--level", choices=("block", "op"), default="block")
+    r.add_argument("--format", choices=("svg", "png", "pdf", "dot", "mmd", "json"), default=None)
+    r.set_defaults(fn=cmd_render)
+
+    def run_args(q, required: bool):
+        q.add_argument("--src", required=required, help='source token ids, e.g. "5 6 7"')
+        q.add_argument("--tgt", required=required, help='target token ids, e.g. "1 8"')
+        q.add_argument("--params", help=".safetensors or .npz (default: seeded random)")
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--dtype", choices=("float64", "float32"), default="float64")
+        q.add_argument("--top", type=int, default=3)
+
+    u = sub.add_parser("run", help="run the NumPy reference model on token ids")
+    u.add_argument("model")
+    run_args(u, required=True)
+    u.add_argument("--save-activations", help="write every node's activation (.safetensors/.npz)")
+    u.set_defaults(fn=cmd_run)
+
+    d = sub.add_parser("demo", help="trace, check, explain, render and run a built-in model")
+    d.add_argument("--model", default="tiny")
+    d.add_argument("--out", default="qkvflow-demo")
+    run_args(d, required=False)
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except QkvflowError as err:
+        print(f"qkvflow: error: {err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        print("qkvflow: interrupted", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
