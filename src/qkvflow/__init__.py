@@ -41,4 +41,7 @@ def __getattr__(name):
         value = getattr(importlib.import_module(f".{module}", __name__), attr)
         globals()[name] = value
         return value
+    if name in ("transformer", "testing", "graph", "kernels"):
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'qkvflow' has no attribute {name!r}")

@@ -84,20 +84,32 @@ class Context:
 
     @staticmethod
     def user_source() -> str:
-        """``file:line`` of the innermost frame outside qkvflow's machinery."""
+        """``file:line`` of the code a node came from.
+
+        The innermost frame outside the qkvflow package (the user's own
+        block, even when it calls a qkvflow helper), else the innermost
+        frame outside qkvflow's tracing machinery (a built-in block).
+        """
         frame = sys._getframe(1)
-        while frame is not None and frame.f_code.co_filename in _INTERNAL:
-            frame = frame.f_back
-        if frame is None:
-            return "?"
-        filename = frame.f_code.co_filename
-        try:
-            filename = os.path.relpath(filename)
-        except ValueError:
-            pass
-        if filename.startswith(".." + os.sep + ".."):
+        fallback = None
+        while frame is not None:
             filename = frame.f_code.co_filename
-        return f"{filename}:{frame.f_lineno}"
+            if filename not in _INTERNAL:
+                if fallback is None:
+                    fallback = frame
+                if not filename.startswith(_PACKAGE_DIR + os.sep):
+                    return _where(frame)
+            frame = frame.f_back
+        return _where(fallback) if fallback is not None else "?"
+
+
+def _where(frame) -> str:
+    filename = frame.f_code.co_filename
+    try:
+        rel = os.path.relpath(filename)
+    except ValueError:
+        rel = filename
+    return f"{filename if rel.startswith('..') else rel}:{frame.f_lineno}"
 
 
 class Eager(Context):

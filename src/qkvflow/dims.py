@@ -43,6 +43,14 @@ class Dim(int):
     def __reduce__(self):
         return (Dim, (self.name, int(self)))
 
+    def __mul__(self, other):
+        # heads * d_head stays a named dim, so reshape(B, T, H * Dh) is traceable.
+        if isinstance(other, Dim):
+            return Dim(f"{self.name}*{other.name}", int(self) * int(other))
+        return int(self) * other
+
+    __rmul__ = __mul__
+
 
 class DataDim:
     """A data dim (batch, src, tgt) whose size is only known at run time."""

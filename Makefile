@@ -1,0 +1,33 @@
+# Two commands: `make demo` runs the main job, `make test` runs the tests.
+# Each creates the virtualenv .venv (Python >= 3.11) on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+
+.PHONY: demo test diagrams bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "qkvflow needs Python >= 3.11 (set PYTHON=python3.11)"; exit 2; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	rm -f $(VENV)/.installed-*; touch $@
+
+demo: $(STAMP)
+	$(BIN)/qkvflow demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+diagrams: $(STAMP)
+	$(BIN)/qkvflow render vaswani-base -o diagrams/vaswani-base.svg
+	$(BIN)/qkvflow render vaswani-base -o diagrams/vaswani-base.mmd
+	$(BIN)/qkvflow render vaswani-base -o diagrams/vaswani-base.dot
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/cold_start.py
+	$(BIN)/python benchmarks/forward.py
+
+clean:
+	rm -rf $(VENV) qkvflow-demo .pytest_cache .hypothesis
