@@ -130,9 +130,14 @@ def _signature(g, block, rec):
         have = actual.get(arg)
         if have is not None and not _matches(tuple(want), tuple(have)):
             what = "returns" if arg == "return" else f"argument {arg!r} receives"
+            # A wrong return is shown where the returned value is made; a wrong
+            # argument at its annotation.
+            made = rec.get("output") if arg == "return" else None
+            source = (g.nodes[made].get("source") if made in g else None) \
+                or rec.get("annotation_sources", {}).get(arg) or rec["source"]
             yield _diag(g, "QKV201", block,
                         f"{rec['function']} declares {' '.join(want)} but {what} "
-                        f"{describe_shape(have, dims)}", source=rec["source"])
+                        f"{describe_shape(have, dims)}", source=source)
 
 
 _STATE_WORDS = {"memory": "the encoder's final output", "encoder": "the encoder stream",
@@ -146,6 +151,21 @@ def _origin_words(fact) -> str:
     return f"{fact['stream'] or 'no'} stream{layer} ({fact['node']})"
 
 
+def _site(rec, role: str, default: str) -> tuple[str, str | None]:
+    """Where a wrong ``role`` origin is read: (node, source or None for the node's).
+
+    The block's node that reads it, unless the block read an argument that was
+    handed the wrong state: then the line that called the block.
+    """
+    origins = rec.get("origins", {})
+    origin = origins.get(role)
+    other = origins.get("k" if role == "q" else "q")
+    handed_in = origin in rec.get("args", {}).values()
+    if handed_in and rec.get("call_source") and (rec["kind"] != "cross" or origin != other):
+        return rec["block"], rec["call_source"]
+    return rec.get("entries", {}).get(role) or default, None
+
+
 def _provenance(g):
     for block, rec in g.graph["attention"].items():
         if rec.get("problem"):
@@ -154,10 +174,10 @@ def _provenance(g):
             continue
         origins = rec.get("origins", {})
         facts = {r: describe_origin(g, block, origins.get(r)) for r in ("q", "k", "v")}
+        rec = {**rec, "block": block}
         for role, fact in facts.items():
             want = rec["declared"][role]
-            at = origins.get(role) or block
-            node = rec["scores"] if role in "qk" else rec["attend"]
+            node, source = _site(rec, role, rec["scores"] if role in "qk" else rec["attend"])
             got = _origin_words(fact)
             if want == "memory":
                 if fact["state"] == "memory":
@@ -165,26 +185,29 @@ def _provenance(g):
                 if fact["stream"] == "encoder":
                     yield _diag(g, "QKV303", node,
                                 f"{block}: {role.upper()} reads {got}, an intermediate encoder state; "
-                                f"declared: {_STATE_WORDS[want]}")
+                                f"declared: {_STATE_WORDS[want]}", source=source)
                 else:
                     yield _diag(g, "QKV301", node,
-                                f"{block}: {role.upper()} comes from {got}; declared: {_STATE_WORDS[want]}")
+                                f"{block}: {role.upper()} comes from {got}; declared: {_STATE_WORDS[want]}",
+                                source=source)
             elif fact["stream"] != want or fact["state"] == "memory":
                 yield _diag(g, "QKV301", node,
-                            f"{block}: {role.upper()} comes from {got}; declared: {_STATE_WORDS[want]}")
+                            f"{block}: {role.upper()} comes from {got}; declared: {_STATE_WORDS[want]}",
+                            source=source)
             elif fact["state"] == "stale":
                 yield _diag(g, "QKV304", node,
                             f"{block}: {role.upper()} reads {got}, not the state entering layer "
-                            f"{rec['layer']}")
-            del at
+                            f"{rec['layer']}", source=source)
         if origins.get("k") != origins.get("v"):
-            yield _diag(g, "QKV302", rec["attend"],
+            node, source = _site(rec, "v", rec["attend"])
+            yield _diag(g, "QKV302", node,
                         f"{block}: K comes from {_origin_words(facts['k'])} but V from "
-                        f"{_origin_words(facts['v'])}; they must read the same state")
+                        f"{_origin_words(facts['v'])}; they must read the same state", source=source)
         elif rec["kind"] != "cross" and origins.get("q") != origins.get("k"):
-            yield _diag(g, "QKV302", rec["scores"],
+            node, source = _site(rec, "k", rec["scores"])
+            yield _diag(g, "QKV302", node,
                         f"{block}: self-attention Q comes from {_origin_words(facts['q'])} but K and V "
-                        f"from {_origin_words(facts['k'])}")
+                        f"from {_origin_words(facts['k'])}", source=source)
 
 
 def _flow(g):

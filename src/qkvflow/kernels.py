@@ -129,7 +129,7 @@ def padding_mask(ids: Int[Array, "*b s"], pad_id: int) -> Bool[Array, "*b s"]:
     return ids != pad_id
 
 
-def causal_mask(ids: Int[Array, "*b s"]) -> Bool[Array, "s s"]:
+def causal_mask(ids: Shaped[Array, "*b s"]) -> Bool[Array, "s s"]:
     seq = ids.shape[-1]
     return np.tril(np.ones((seq, seq), dtype=bool))
 

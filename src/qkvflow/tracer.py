@@ -6,10 +6,19 @@ one node whose shape is derived by name (:mod:`qkvflow.shapes`). When an
 attention block returns, the tracer finds its scores, softmax and
 weighted-sum nodes, walks Q, K and V back to the tensors they were computed
 from, marks those edges with roles ``q``, ``k``, ``v`` and records the facts
-beside the block's declaration in ``graph.graph["attention"]``.
+beside the block's declaration in ``graph.graph["attention"]``: the origins,
+the block's nodes that read them (``entries``), the masks, the line that
+called the block and the lines of its annotations, so a finding can name
+the line of the mistake.
 """
 
+import ast
 import collections
+import functools
+import inspect
+import linecache
+import textwrap
+import tokenize
 
 import networkx as nx
 
@@ -258,6 +267,8 @@ class Tracer(Context):
             output=out.node if isinstance(out, Sym) else None,
             output_shape=out.names if isinstance(out, Sym) else None,
             nodes=len(inside),
+            call_source=self.user_source(),  # the line that called the block
+            annotation_sources=dict(_annotation_lines(record.get("source", ""))),
         )
         g.graph["attention"][path] = record
         softmaxes = [n for n in g if n in inside and g.nodes[n]["op"] == "softmax"]
@@ -276,7 +287,7 @@ class Tracer(Context):
         v_arg = next((d["arg"] for u, _, k, d in g.in_edges(attend, keys=True, data=True)
                       if u != sm and sm not in nx.ancestors(g, u)), None)
         v_edges = {d["arg"]: (u, k) for u, _, k, d in g.in_edges(attend, keys=True, data=True)}
-        origins = {}
+        origins, entries = {}, {}
         for role, (start, key, consumer) in {
             "q": (*by_arg.get(0, (None, None)), scores),
             "k": (*by_arg.get(1, (None, None)), scores),
@@ -285,11 +296,13 @@ class Tracer(Context):
             if start is None:
                 continue
             g.edges[start, consumer, key]["role"] = role
-            origins[role] = self._walk_back(start, inside, role)
+            origins[role], entry = self._walk_back(start, inside, role)
+            entries[role] = entry or consumer
         for u, _, k, d in g.in_edges(attend, keys=True, data=True):
             if d["arg"] != v_arg:
                 g.edges[u, attend, k]["role"] = "probs"
         record["origins"] = origins
+        record["entries"] = entries  # the block's node that reads each origin
         # Masks reach the softmax beside the scores product, not through Q or K.
         region, outside, stack = set(), set(), [sm]
         while stack:
@@ -303,19 +316,25 @@ class Tracer(Context):
                     outside.add(u)
         mask_ops = ("padding_mask", "causal_mask")
         masks = {n for o in outside for n in nx.ancestors(g, o) | {o} if g.nodes[n]["op"] in mask_ops}
+        masks |= {n for n in region if g.nodes[n]["op"] in mask_ops}  # a mask made inside the block
         record["masks"] = sorted(_mask_label(g, n) for n in masks)
 
-    def _walk_back(self, node: str, inside: set, role: str) -> str | None:
-        """Follow argument 0 out of the block; label the chain's edges ``role``."""
+    def _walk_back(self, node: str, inside: set, role: str) -> tuple:
+        """Follow argument 0 out of the block; label the chain's edges ``role``.
+
+        Returns the origin (the first node outside the block) and the
+        block's node that reads it (None when ``node`` is already outside).
+        """
         g = self.graph
+        entry = None
         while node in inside:
             preds = sorted(g.in_edges(node, keys=True, data=True), key=lambda e: e[3]["arg"])
             if not preds:
-                return None
+                return None, node
             u, _, k, _ = preds[0]
             g.edges[u, node, k]["role"] = role
-            node = u
-        return node
+            entry, node = node, u
+        return node, entry
 
 
 def _nearest(g, start: str, inside: set, ops: set, backwards: bool) -> str | None:
@@ -332,6 +351,29 @@ def _nearest(g, start: str, inside: set, ops: set, backwards: bool) -> str | Non
             seen.add(n)
             frontier.append(n)
     return None
+
+
+@functools.lru_cache(maxsize=256)
+def _annotation_lines(source: str) -> dict:
+    """``file:line`` of each annotated argument (and ``return``) of the function
+    defined at ``source``; {} when its source text cannot be read."""
+    path, _, line = source.rpartition(":")
+    if not line.isdigit():
+        return {}
+    try:
+        block = inspect.getblock(linecache.getlines(path)[int(line) - 1:])
+        tree = ast.parse(textwrap.dedent("".join(block)))
+    except (SyntaxError, IndexError, ValueError, tokenize.TokenError):
+        return {}
+    fn = tree.body[0] if tree.body else None
+    if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return {}
+    first = int(line) - 1
+    args = fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs
+    found = {a.arg: f"{path}:{first + a.annotation.lineno}" for a in args if a.annotation}
+    if fn.returns is not None:
+        found["return"] = f"{path}:{first + fn.returns.lineno}"
+    return found
 
 
 def _mask_label(g, node: str) -> str:
