@@ -27,6 +27,9 @@ def _emit(text: str | bytes, out: str | None) -> None:
     if out:
         from .atomic import write_atomic
         write_atomic(out, text)
+    elif isinstance(text, bytes):
+        sys.stdout.flush()
+        sys.stdout.buffer.write(text)
     else:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
 

@@ -21,6 +21,8 @@ _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("qkvflow_context", defa
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # Frames in these files are qkvflow machinery, not the code a node came from.
 _INTERNAL = {os.path.join(_PACKAGE_DIR, f) for f in ("context.py", "tracer.py", "nn.py")}
+# Code objects of entry points (``trace``): frames beyond them are the caller's.
+ENTRY_CODES: set = set()
 
 
 class Model:
@@ -92,7 +94,7 @@ class Context:
         """
         frame = sys._getframe(1)
         fallback = None
-        while frame is not None:
+        while frame is not None and frame.f_code not in ENTRY_CODES:
             filename = frame.f_code.co_filename
             if filename not in _INTERNAL:
                 if fallback is None:

@@ -111,6 +111,10 @@ class Executor:
                 if arr.shape[axis] == 0:
                     raise InputError(f"input {name} is empty along {dim}")
             values[node] = arr
+        limit = sizes.get("max_positions")
+        for dim in ("src", "tgt"):
+            if limit and sizes.get(dim) is not None and sizes[dim] > limit:
+                raise InputError(f"{dim} length {sizes[dim]} exceeds max_positions = {limit}")
         return values, sizes
 
     def run(self, feeds: dict, capture: bool = False) -> dict:

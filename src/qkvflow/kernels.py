@@ -12,7 +12,7 @@ all ``-inf`` (no key may be attended), so no NaN ever leaves it.
 import math
 
 import numpy as np
-from jaxtyping import Bool, Float, Int, Shaped
+from jaxtyping import Bool, Float, Integer, Shaped
 
 from .dims import size_of
 
@@ -21,25 +21,30 @@ __all__ = ["KERNELS", "sinusoidal_table"]
 Array = np.ndarray
 
 
-def embed(ids: Int[Array, "*b s"], weight: Float[Array, "vocab d"], scale: float) -> Float[Array, "*b s d"]:
+def embed(ids: Integer[Array, "*b s"], weight: Float[Array, "vocab d"], scale: float) -> Float[Array, "*b s d"]:
     out = weight[ids]
     return out * weight.dtype.type(scale) if scale != 1.0 else out
 
 
 def sinusoidal_table(positions: int, d: int, kind: str, dtype) -> np.ndarray:
-    """(positions, d) table. ``sinusoidal``: interleaved sin/cos (the paper);
-    ``sinusoidal_half``: sin in the first half, cos in the second (Marian)."""
+    """(positions, d) table, built in float64 then cast.
+
+    ``sinusoidal`` (the paper): PE[p, 2i] = sin(p / 10000^(2i/d)),
+    PE[p, 2i+1] = cos(p / 10000^(2i/d)). ``sinusoidal_half`` (Marian): the
+    sines of every even column in the first ceil(d/2) columns, the cosines
+    after them.
+    """
     pos = np.arange(positions, dtype=np.float64)[:, None]
-    half = d // 2
-    inv = np.power(10000.0, -(2.0 * np.arange(half, dtype=np.float64)) / d)
-    angles = pos * inv[None, :]
+    n_sin, n_cos = (d + 1) // 2, d // 2
+    inv = np.power(10000.0, -(2.0 * np.arange(n_sin, dtype=np.float64)) / d)
+    angles = pos * inv[None, :]  # (positions, ceil(d/2))
     table = np.zeros((positions, d), dtype=np.float64)
     if kind == "sinusoidal":
-        table[:, 0:2 * half:2] = np.sin(angles)
-        table[:, 1:2 * half:2] = np.cos(angles)
+        table[:, 0::2] = np.sin(angles)
+        table[:, 1::2] = np.cos(angles[:, :n_cos])
     else:
-        table[:, :half] = np.sin(angles)
-        table[:, half:2 * half] = np.cos(angles)
+        table[:, :n_sin] = np.sin(angles)
+        table[:, n_sin:] = np.cos(angles[:, :n_cos])
     return table.astype(dtype)
 
 
@@ -92,17 +97,23 @@ def add(a: Shaped[Array, "*#a"], b: Shaped[Array, "*#b"]) -> Shaped[Array, "*c"]
     return a + b
 
 
-def layer_norm(x: Float[Array, "*b d"], weight: Float[Array, "d"], bias: Float[Array, "d"] | None,
-               eps: float) -> Float[Array, "*b d"]:
+def norm(x: Float[Array, "*b d"], weight: Float[Array, "d"], bias: Float[Array, "d"] | None,
+         kind: str, eps: float) -> Float[Array, "*b d"]:
+    """``layer``: (x - mean) / sqrt(var + eps) * w + b; ``rms``: x / sqrt(mean(x^2) + eps) * w."""
+    if kind == "rms":
+        return x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps) * weight
     mu = x.mean(axis=-1, keepdims=True)
     var = ((x - mu) ** 2).mean(axis=-1, keepdims=True)
-    y = (x - mu) / np.sqrt(var + eps)
-    y = y * weight
+    y = (x - mu) / np.sqrt(var + eps) * weight
     return y + bias if bias is not None else y
 
 
-def rms_norm(x: Float[Array, "*b d"], weight: Float[Array, "d"], eps: float) -> Float[Array, "*b d"]:
-    return x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps) * weight
+def layer_norm(x, weight, bias, eps: float):
+    return norm(x, weight, bias, "layer", eps)
+
+
+def rms_norm(x, weight, eps: float):
+    return norm(x, weight, None, "rms", eps)
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -125,7 +136,7 @@ def activation(x: Float[Array, "*s"], fn: str) -> Float[Array, "*s"]:
     raise ValueError(f"unknown activation {fn!r}")
 
 
-def padding_mask(ids: Int[Array, "*b s"], pad_id: int) -> Bool[Array, "*b s"]:
+def padding_mask(ids: Integer[Array, "*b s"], pad_id: int) -> Bool[Array, "*b s"]:
     return ids != pad_id
 
 
@@ -177,18 +188,12 @@ def _where(ins, attrs, params):
     return out.astype(like.dtype, copy=False) if like is not None else out
 
 
-def _norm(ins, attrs, params):
-    if attrs["kind"] == "rms":
-        return rms_norm(ins[0], params["weight"], attrs["eps"])
-    return layer_norm(ins[0], params["weight"], params.get("bias"), attrs["eps"])
-
-
-def _positional(ins, attrs, params):
+def _positional(kernel, ins, attrs, params):
     x = ins[0]
     table = params.get("weight")
     if table is None:
         table = sinusoidal_table(attrs["offset"] + x.shape[-2], x.shape[-1], attrs["kind"], x.dtype)
-    return positional(x, table, attrs["offset"])
+    return kernel(x, table, attrs["offset"])
 
 
 def _concat(ins, attrs, params):
@@ -199,7 +204,7 @@ def _concat(ins, attrs, params):
 KERNELS = {
     "input": (None, None),  # fed by the executor
     "embed": (embed, lambda k, i, a, p, s: k(i[0], p["weight"], a.get("scale", 1.0))),
-    "positional": (positional, lambda k, i, a, p, s: _positional(i, a, p)),
+    "positional": (positional, lambda k, i, a, p, s: _positional(k, i, a, p)),
     "linear": (linear, lambda k, i, a, p, s: k(i[0], p["weight"], p.get("bias"))),
     "split_heads": (split_heads, lambda k, i, a, p, s: k(i[0], s[a["heads"]])),
     "merge_heads": (merge_heads, lambda k, i, a, p, s: k(i[0])),
@@ -208,7 +213,7 @@ KERNELS = {
     "softmax": (softmax, lambda k, i, a, p, s: k(i[0], a["axis"])),
     "attend": (attend, lambda k, i, a, p, s: k(i[0], i[1])),
     "add": (add, lambda k, i, a, p, s: k(i[0], i[1])),
-    "norm": (layer_norm, lambda k, i, a, p, s: _norm(i, a, p)),
+    "norm": (norm, lambda k, i, a, p, s: k(i[0], p["weight"], p.get("bias"), a["kind"], a["eps"])),
     "activation": (activation, lambda k, i, a, p, s: k(i[0], a["fn"])),
     "padding_mask": (padding_mask, lambda k, i, a, p, s: k(i[0], a["pad_id"])),
     "causal_mask": (causal_mask, lambda k, i, a, p, s: k(i[0])),

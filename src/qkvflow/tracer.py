@@ -22,7 +22,7 @@ import tokenize
 
 import networkx as nx
 
-from .context import Context, Model, activate
+from .context import ENTRY_CODES, Context, Model, activate
 from .dims import DataDim, Dim, size_of
 from .errors import TraceError
 from .graph import new_graph
@@ -244,10 +244,13 @@ class Tracer(Context):
             meta = infer(op, metas, attrs, params, self.dims)
         except ShapeIssue as issue:
             meta = issue.fallback  # the checker reports it; keep tracing
+        source = self.user_source()
+        if source == "?" and args:  # recorded by trace() itself, e.g. an output marker
+            source = self.graph.nodes[args[0].node]["source"]
         self.graph.add_node(
             path, op=op, path=path, shape=tuple(meta.shape), dtype=meta.dtype,
             key_axis=meta.key_axis, attrs=attrs, params=params,
-            source=self.user_source(), **self.scope_attrs(),
+            source=source, **self.scope_attrs(),
         )
         for i, a in enumerate(args):
             role = roles[i] if roles else None
@@ -409,3 +412,6 @@ def trace(model: Model) -> nx.MultiDiGraph:
                 sym = nn.output(sym, name)
         tracer.graph.graph["outputs"].append(sym.node)
     return tracer.graph
+
+
+ENTRY_CODES.add(trace.__code__)
