@@ -469,13 +469,14 @@ def attention(kind: str, *, q: str, k: str, v: str, mask: str):
                 if isinstance(ctx, Tracer):
                     path = ctx.here()
                     bound = _bind(fn, args, kwargs)
+                    start = len(ctx.order)
                     out = fn(*args, **kwargs)
                     record = {
                         "kind": kind, "declared": dict(declared), "declared_shapes": dict(shapes),
                         "stream": ctx.scope_attrs()["stream"], "layer": ctx.scope_attrs()["layer"],
                         "function": fn.__qualname__, "source": where_defined,
                     }
-                    ctx.finish_attention(path, record, bound, out)
+                    ctx.finish_attention(path, record, bound, out, start)
                     return out
                 if not checked:
                     from beartype import beartype

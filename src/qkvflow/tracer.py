@@ -214,6 +214,7 @@ class Tracer(Context):
         super().__init__(dims)
         self.graph = new_graph(dims=dict(dims), **graph_attrs)
         self.counts: collections.Counter = collections.Counter()
+        self.order: list[str] = []  # nodes in the order they were recorded
 
     def dim_for(self, name: str):
         size = size_of(name, self.dims)
@@ -252,6 +253,7 @@ class Tracer(Context):
             key_axis=meta.key_axis, attrs=attrs, params=params,
             source=source, **self.scope_attrs(),
         )
+        self.order.append(path)
         for i, a in enumerate(args):
             role = roles[i] if roles else None
             if role is None:
@@ -260,10 +262,13 @@ class Tracer(Context):
         return Sym(self, path)
 
     # --- attention blocks ----------------------------------------------------
-    def finish_attention(self, path: str, record: dict, args: dict, out) -> None:
-        """Find scores/softmax/attend inside block ``path``; trace Q, K, V back."""
+    def finish_attention(self, path: str, record: dict, args: dict, out, start: int) -> None:
+        """Find scores/softmax/attend inside block ``path``; trace Q, K, V back.
+
+        ``start`` is the length of ``self.order`` when the block was entered.
+        """
         g = self.graph
-        inside = {n for n in g if n.startswith(path + ".")}
+        inside = {n for n in self.order[start:] if n.startswith(path + ".")}
         record.update(
             args={k: v.node for k, v in args.items() if isinstance(v, Sym)},
             arg_shapes={k: v.names for k, v in args.items() if isinstance(v, Sym)},
@@ -274,7 +279,7 @@ class Tracer(Context):
             annotation_sources=dict(_annotation_lines(record.get("source", ""))),
         )
         g.graph["attention"][path] = record
-        softmaxes = [n for n in g if n in inside and g.nodes[n]["op"] == "softmax"]
+        softmaxes = [n for n in self.order[start:] if n in inside and g.nodes[n]["op"] == "softmax"]
         if not softmaxes:
             record["problem"] = "no softmax inside the block"
             return
@@ -287,8 +292,9 @@ class Tracer(Context):
         record.update(scores=scores, softmax=sm, attend=attend)
         ins = g.in_edges(scores, keys=True, data=True)
         by_arg = {d["arg"]: (u, k) for u, _, k, d in ins}
+        after_softmax = _within(g, sm, inside)  # block nodes the weights flow into
         v_arg = next((d["arg"] for u, _, k, d in g.in_edges(attend, keys=True, data=True)
-                      if u != sm and sm not in nx.ancestors(g, u)), None)
+                      if u != sm and u not in after_softmax), None)
         v_edges = {d["arg"]: (u, k) for u, _, k, d in g.in_edges(attend, keys=True, data=True)}
         origins, entries = {}, {}
         for role, (start, key, consumer) in {
@@ -338,6 +344,17 @@ class Tracer(Context):
             g.edges[u, node, k]["role"] = role
             entry, node = node, u
         return node, entry
+
+
+def _within(g, start: str, inside: set) -> set:
+    """Nodes of the block reachable from ``start`` (cost bounded by the block's size)."""
+    seen, stack = set(), [start]
+    while stack:
+        for n in g.successors(stack.pop()):
+            if n in inside and n not in seen:
+                seen.add(n)
+                stack.append(n)
+    return seen
 
 
 def _nearest(g, start: str, inside: set, ops: set, backwards: bool) -> str | None:
