@@ -22,14 +22,6 @@ from qkvflow import cli
 PRESETS = ("vaswani-base", "torch-transformer", "tiny")
 SARIF_SCHEMA = Path("/work/shared/sarif-schema-2.1.0.json")
 
-# cli.py lines 86 and 155 (``from .renderer import render``) and __init__.py line 27
-# (``"render": ("renderer", "render")``) name a module qkvflow.renderer, but the render
-# stage lives in src/qkvflow/render.py: ``qkvflow render``, ``qkvflow demo`` and
-# ``qkvflow.render`` all die with ModuleNotFoundError (a traceback, exit 1).
-RENDERER_MISSING = pytest.mark.xfail(strict=True, reason=(
-    "cli.py:86/155 and __init__.py:27 import qkvflow.renderer; the module is qkvflow/render.py"))
-
-
 def shell(*args, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "qkvflow", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=120)
@@ -297,14 +289,12 @@ def test_explain_shows_a_rewired_model(capsys, broken_model):
 
 # --- render ---------------------------------------------------------------------------------------
 
-@RENDERER_MISSING
 def test_public_render_api():
     g = qf.trace(qf.load_model("tiny"))
     text = qf.render(g, fmt="mmd")
     assert text.splitlines()[0] == "flowchart TB"
 
 
-@RENDERER_MISSING
 @pytest.mark.parametrize("suffix, head", [(".dot", "digraph"), (".mmd", "flowchart"), (".svg", "<svg")])
 def test_render_writes_the_file(tmp_path, suffix, head):
     out = tmp_path / f"tiny{suffix}"
@@ -318,7 +308,6 @@ def test_render_writes_the_file(tmp_path, suffix, head):
         assert "cross" in text
 
 
-@RENDERER_MISSING
 def test_render_to_an_unwritable_path_is_one_line(tmp_path):
     assert_usage_error(shell("render", "tiny", "-o", tmp_path / "missing" / "x.dot"), "x.dot")
 
@@ -444,7 +433,6 @@ def test_model_file_problems_are_one_line(tmp_path):
 
 # --- demo ---------------------------------------------------------------------------------------------
 
-@RENDERER_MISSING
 def test_demo_writes_its_files(tmp_path):
     out = tmp_path / "demo"
     proc = shell("demo", "--out", out)

@@ -4,13 +4,14 @@ Files are safetensors (``.safetensors``) or NumPy ``.npz``; neither is ever
 read through pickle. Writes are atomic (a temporary file, then a rename).
 """
 
+import io
 import os
-import tempfile
 from pathlib import Path
 
 import networkx as nx
 import numpy as np
 
+from .atomic import OutputError, write_atomic
 from .dims import describe_shape, size_of
 from .errors import ParamError
 
@@ -84,22 +85,17 @@ def save_params(params: dict, path: str | os.PathLike) -> Path:
     suffix = path.suffix.lower()
     if suffix not in (".safetensors", ".npz"):
         raise ParamError(f"cannot save parameters to {str(path)!r}: use a .safetensors or .npz file")
+    if suffix == ".npz":
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        payload = buffer.getvalue()
+    else:
+        from safetensors.numpy import save
+        payload = save(arrays)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", suffix=suffix)
-    except OSError as err:
-        raise ParamError(f"cannot write parameters to {str(path)!r}: {err.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            if suffix == ".npz":
-                np.savez(fh, **arrays)
-            else:
-                from safetensors.numpy import save
-                fh.write(save(arrays))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        write_atomic(path, payload)
+    except OutputError as err:
+        raise ParamError(str(err)) from None
     return path
 
 
