@@ -56,8 +56,11 @@ def positional(x: Float[Array, "*b s d"], table: Float[Array, "p d"], offset: in
 
 
 def linear(x: Float[Array, "*b i"], weight: Float[Array, "o i"], bias: Float[Array, "o"] | None) -> Float[Array, "*b o"]:
-    y = x @ weight.T
-    return y + bias if bias is not None else y
+    # One (tokens, d_in) x (d_in, d_out) GEMM instead of one per leading index.
+    y = (x.reshape(-1, x.shape[-1]) @ weight.T).reshape(*x.shape[:-1], weight.shape[0])
+    if bias is not None:
+        y += bias
+    return y
 
 
 def split_heads(x: Float[Array, "*b s hd"], heads: int) -> Float[Array, "*b h s d"]:
@@ -146,7 +149,7 @@ def causal_mask(ids: Shaped[Array, "*b s"]) -> Bool[Array, "s s"]:
 
 
 def unembed(x: Float[Array, "*b d"], weight: Float[Array, "vocab d"]) -> Float[Array, "*b vocab"]:
-    return x @ weight.T
+    return (x.reshape(-1, x.shape[-1]) @ weight.T).reshape(*x.shape[:-1], weight.shape[0])
 
 
 def identity(x: Shaped[Array, "*s"]) -> Shaped[Array, "*s"]:
