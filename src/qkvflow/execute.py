@@ -99,17 +99,15 @@ class Executor:
                 if arr.size and vocab and (arr.min() < 0 or arr.max() >= vocab):
                     bad = int(arr.max() if arr.max() >= vocab else arr.min())
                     raise InputError(f"input {name} has token id {bad}, expected ids in 0..{vocab - 1}")
-            for axis, dim in enumerate(names):
-                have = size_of(dim, sizes)
-                if have is None:
-                    sizes[dim] = arr.shape[axis]
-                elif have != arr.shape[axis]:
-                    raise InputError(
-                        f"input {name} has {dim} = {arr.shape[axis]} on axis {axis}, "
-                        f"but {dim} = {have} elsewhere in this run"
-                    )
-                if arr.shape[axis] == 0:
-                    raise InputError(f"input {name} is empty along {dim}")
+            clash = _bind(names, arr.shape, sizes)
+            if clash is not None:
+                axis, dim, have = clash
+                raise InputError(
+                    f"input {name} has {dim} = {arr.shape[axis]} on axis {axis}, "
+                    f"but {dim} = {have} elsewhere in this run"
+                )
+            if 0 in arr.shape:
+                raise InputError(f"input {name} is empty along {names[arr.shape.index(0)]}")
             values[node] = arr
         limit = sizes.get("max_positions")
         for dim in ("src", "tgt"):
@@ -159,15 +157,25 @@ class Executor:
             raise ExecutionError(
                 f"node {node} ({source}) produced {out.ndim} axes {out.shape}, expected {describe_shape(names, sizes)}"
             )
-        for axis, dim in enumerate(names):
-            want = size_of(dim, sizes)
-            if want is None:
-                sizes[dim] = out.shape[axis]
-            elif want != out.shape[axis]:
-                raise ExecutionError(
-                    f"node {node} ({source}) produced shape {out.shape}, expected "
-                    f"{describe_shape(names, sizes)}: axis {axis} ({dim}) should be {want}"
-                )
+        clash = _bind(names, out.shape, sizes)
+        if clash is not None:
+            axis, dim, want = clash
+            raise ExecutionError(
+                f"node {node} ({source}) produced shape {out.shape}, expected "
+                f"{describe_shape(names, sizes)}: axis {axis} ({dim}) should be {want}"
+            )
+
+
+def _bind(names: tuple, shape: tuple, sizes: dict) -> tuple | None:
+    """Bind free dims of ``names`` to ``shape`` in ``sizes``; the first clash
+    as (axis, dim, expected size), or None when the shape agrees."""
+    for axis, dim in enumerate(names):
+        want = size_of(dim, sizes)
+        if want is None:
+            sizes[dim] = shape[axis]
+        elif want != shape[axis]:
+            return axis, dim, want
+    return None
 
 
 def forward(graph: nx.MultiDiGraph, params: dict, src_ids, tgt_ids, *, dtype="float64",
