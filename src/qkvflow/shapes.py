@@ -412,7 +412,17 @@ def _reduce(ins, attrs, params, dims):
         if a == x.key_axis:
             key = len(shape)
         shape.append(name)
-    return Meta(tuple(shape), key, "float" if attrs["fn"] == "mean" else x.dtype)
+    out = Meta(tuple(shape), key, "float" if attrs["fn"] == "mean" else x.dtype)
+    wrong = [a for a in axes if a != x.key_axis and _is_seq(x.shape[a])]
+    if x.key_axis is not None and x.key_axis not in axes and wrong:
+        raise ShapeIssue(
+            "QKV204",
+            f"{attrs['fn']} over axis {wrong[0] - len(x.shape)} ({describe(x.shape[wrong[0]], dims)}) "
+            f"of attention scores {describe_shape(x.shape, dims)}; normalising weights runs over "
+            f"the key axis {x.key_axis - len(x.shape)} ({describe(x.shape[x.key_axis], dims)})",
+            out,
+        )
+    return out
 
 
 def _concat(ins, attrs, params, dims):

@@ -281,7 +281,8 @@ class Tracer(Context):
         g.graph["attention"][path] = record
         softmaxes = [n for n in self.order[start:] if n in inside and g.nodes[n]["op"] == "softmax"]
         if not softmaxes:
-            record["problem"] = "no softmax inside the block"
+            record["problem"] = ("no softmax inside the block; use qkvflow.nn.softmax so its scores, "
+                                 "weights and weighted sum can be identified")
             return
         sm = softmaxes[0]
         scores = _nearest(g, sm, inside, {"scores", "matmul", "einsum"}, backwards=True)

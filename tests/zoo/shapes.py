@@ -164,6 +164,24 @@ def hand_rolled_softmax(cfg):
     return tiny(cfg, encoder_self=hand_rolled_block)
 
 
+@qkvflow.attention("encoder_self", q="encoder", k="encoder", v="encoder", mask="src_padding")
+def normalise_over_queries_block(
+    x: Float[np.ndarray, "batch src d_model"],
+    src_keep: Bool[np.ndarray, "batch src"],
+) -> Float[np.ndarray, "batch src d_model"]:
+    """Encoder self-attention. Q, K, V: encoder stream; mask: source padding."""
+    q, k, v = _qkv(x, x)
+    p = nn.softmax(np.where(src_keep[:, None, None, :], scaled_scores(q, k), -np.inf), axis=-1)
+    p = p / (p.sum(axis=-2, keepdims=True) + 1e-9)  # BUG(renormalise_over_queries)
+    return merge(p @ v)
+
+
+@bug("QKV204", "encoder.layers.0.self_attn", size_silent=True)
+def renormalise_over_queries(cfg):
+    """Weights re-normalised over the query axis: both axes are src, sizes agree."""
+    return tiny(cfg, encoder_self=normalise_over_queries_block)
+
+
 # --- block signatures --------------------------------------------------------------------
 
 @qkvflow.attention("cross", q="decoder", k="memory", v="memory", mask="src_padding")
