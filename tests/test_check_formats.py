@@ -27,7 +27,7 @@ def cross_reads_decoder(
     return multi_head_attention(y, y, src_keep[:, None, None, :])  # the mistake
 
 
-@qf.attention("encoder_self", q="encoder", k="encoder", v="encoder", mask="src_padding")
+@qf.attention("encoder_self", q="encoder", k="encoder", v="encoder", mask="causal+src_padding")
 def causal_encoder(
     x: Float[np.ndarray, "batch src d_model"],
     src_keep: Bool[np.ndarray, "batch src"],
@@ -117,3 +117,23 @@ def test_assert_clean_passes_presets_and_fails_with_every_finding():
     with pytest.raises(AssertionError) as err:
         assert_clean(broken_model())
     assert "QKV301" in str(err.value) and "decoder.layers.1.cross_attn" in str(err.value)
+
+
+def test_a_damaged_graph_is_reported_not_crashed_on():
+    g = qf.trace(qf.load_model("tiny"))
+    g.nodes["decoder.layers.0.cross_attn.k_proj"]["shape"] = ("batch", "tgt", "heads*d_head")
+    found = check(g)
+    assert [d.code for d in found] == ["QKV206"] or "QKV206" in {d.code for d in found}
+    d = next(d for d in found if d.code == "QKV206")
+    assert d.node == "decoder.layers.0.cross_attn.k_proj" and "src" in d.message
+    g.add_edge("logits", "src_ids", role="x", arg=0)
+    g.nodes["masks.causal"]["op"] = "tril"
+    structural = check(g)
+    assert {d.code for d in structural} == {"QKV001"}
+    messages = " ".join(d.message for d in structural)
+    assert "cycle" in messages and "unknown op 'tril'" in messages
+
+
+def test_mask_declarations_are_validated():
+    with pytest.raises(qf.QkvflowError, match="mask='causal\\+padding'"):
+        qf.attention("decoder_self", q="decoder", k="decoder", v="decoder", mask="causal+padding")

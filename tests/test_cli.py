@@ -446,3 +446,40 @@ def test_demo_writes_its_files(tmp_path):
     g = qf.trace(qf.load_model("tiny"))
     assert set(qf.load_params(out / "params.safetensors")) == set(qf.init_params(g))
     assert "logits: shape (1, 4, 41)" in proc.stdout  # "<bos> 我 爱 中国"
+
+
+TRACE_CRASH = """
+import numpy as np
+from jaxtyping import Bool, Float
+import qkvflow as qf
+from qkvflow.transformer import build, multi_head_attention
+
+
+@qf.attention("encoder_self", q="encoder", k="encoder", v="encoder", mask="causal+src_padding")
+def block(x: Float[np.ndarray, "batch src d_model"],
+          src_keep: Bool[np.ndarray, "batch src"]) -> Float[np.ndarray, "batch src d_model"]:
+    S = x.shape[1]
+    causal = np.tril(np.ones((S, S), dtype=bool))  # a data dim has no size while tracing
+    return multi_head_attention(x, x, causal & src_keep[:, None, None, :])
+
+
+def model():
+    return build(qf.preset("tiny"), encoder_self=block)
+"""
+
+
+def test_model_code_failing_while_traced_is_one_line_naming_its_line(tmp_path):
+    path = tmp_path / "crash.py"
+    path.write_text(TRACE_CRASH)
+    result = shell("check", f"{path}:model")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert f"crash.py:{TRACE_CRASH.splitlines().index('    causal = np.tril(np.ones((S, S), dtype=bool))  # a data dim has no size while tracing') + 1}" in result.stderr
+
+
+def test_negative_size_is_a_finding_not_a_crash(tmp_path):
+    path = tmp_path / "negative.toml"
+    path.write_text('preset = "tiny"\nd_model = -3\n')
+    result = shell("check", path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "QKV103 d_model = -3" in result.stdout

@@ -25,10 +25,10 @@ from zoo import ENTRIES, SILENT_LENGTH, TINY, wiring
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-# Codes no realistic model code can trigger: a malformed graph (QKV001), a
-# recorded shape that disagrees with its own rule (QKV206), and config options
-# the config loader already rejects (QKV102, QKV104: no kv_heads key yet).
-UNREACHABLE = {"QKV001", "QKV102", "QKV104", "QKV206"}
+# Codes no model code can trigger, only a damaged graph (tested in
+# test_check_formats.py): not well formed (QKV001), a recorded shape that
+# disagrees with its own rule (QKV206).
+UNREACHABLE = {"QKV001", "QKV206"}
 # Every size different from every other: heads*d_head (15) != d_model (21).
 DISTINCT = dataclasses.replace(TINY, d_head=5)
 BY_NAME = {e.name: e for e in ENTRIES}
@@ -180,8 +180,8 @@ def test_information_flow_findings_are_real(item):
         assert future > 1e-6, "QKV401 reported, but no earlier logit depends on a later target token"
     if "QKV402" in codes:
         assert padding > 1e-6, "QKV402 reported, but no real logit depends on a padding token"
-    if not any(c.startswith("QKV2") for c in codes):
-        # With shapes named right the analysis misses nothing either.
+    if not any(c.startswith(("QKV1", "QKV2")) for c in codes):
+        # With a sound config and shapes named right the analysis misses nothing either.
         assert ("QKV401" in codes) == (future > 1e-6), f"future leak {future:.1e}, codes {sorted(codes)}"
         assert ("QKV402" in codes) == (padding > 1e-6), f"padding leak {padding:.1e}, codes {sorted(codes)}"
 

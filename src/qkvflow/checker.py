@@ -20,7 +20,7 @@ CODES = {
     "QKV101": "d_model is not divisible by heads",
     "QKV102": "heads is not divisible by kv_heads",
     "QKV103": "a size is not positive",
-    "QKV104": "an option has a value qkvflow does not know",
+    "QKV104": "an option has a value qkvflow does not know or out of its range",
     "QKV201": "named-dim mismatch",
     "QKV202": "contraction over two different dims",
     "QKV203": "reshape that reorders axes or is not a split/merge",
@@ -32,6 +32,7 @@ CODES = {
     "QKV303": "cross-attention reads a non-final encoder state",
     "QKV304": "self-attention reads another layer's state",
     "QKV305": "attention block without a recognisable scores-softmax-sum",
+    "QKV306": "the masks applied differ from the declared mask",
     "QKV401": "a decoder position depends on a future target token",
     "QKV402": "a padding position influences a real one",
     "QKV403": "encoder self-attention is causally masked",
@@ -85,6 +86,15 @@ def _config(g):
     kv = cfg.get("kv_heads")
     if kv and heads and heads % kv:
         yield _diag(g, "QKV102", "config", f"heads = {heads} is not divisible by kv_heads = {kv}", source=where)
+    eps = cfg.get("norm_eps")
+    if eps is not None and eps <= 0:
+        yield _diag(g, "QKV103", "config", f"norm_eps = {eps}, expected a positive number", source=where)
+    vocab = dims.get("vocab")
+    for key in ("pad_id", "bos_id", "eos_id"):
+        value = cfg.get(key)
+        if value is not None and vocab and vocab > 0 and not 0 <= value < vocab:
+            yield _diag(g, "QKV104", "config",
+                        f"{key} = {value} is not a token id of the vocabulary 0..{vocab - 1}", source=where)
     for key, accepted in _OPTIONS.items():
         if key in cfg and cfg[key] not in accepted:
             yield _diag(g, "QKV104", "config",
@@ -198,6 +208,14 @@ def _provenance(g):
                 yield _diag(g, "QKV304", node,
                             f"{block}: {role.upper()} reads {got}, not the state entering layer "
                             f"{rec['layer']}", source=source)
+        declared_masks = _declared_masks(rec["declared"]["mask"])
+        traced_masks = set(rec.get("masks", []))
+        if declared_masks != traced_masks:
+            missing, extra = sorted(declared_masks - traced_masks), sorted(traced_masks - declared_masks)
+            parts = ([f"declared but not applied: {', '.join(missing)}"] if missing else []) + (
+                [f"applied but not declared: {', '.join(extra)}"] if extra else [])
+            yield _diag(g, "QKV306", rec["softmax"],
+                        f"{block}: the mask differs from the declaration ({'; '.join(parts)})")
         if origins.get("k") != origins.get("v"):
             node, source = _site(rec, "v", rec["attend"])
             yield _diag(g, "QKV302", node,
@@ -208,6 +226,10 @@ def _provenance(g):
             yield _diag(g, "QKV302", node,
                         f"{block}: self-attention Q comes from {_origin_words(facts['q'])} but K and V "
                         f"from {_origin_words(facts['k'])}", source=source)
+
+
+def _declared_masks(text: str) -> set:
+    return {m.strip() for m in text.split("+") if m.strip() and m.strip() != "none"}
 
 
 def _flow(g):

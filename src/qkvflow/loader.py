@@ -72,7 +72,9 @@ def load_model(spec) -> Model:
         if isinstance(made, Config):
             return _from_config(made)
         if not isinstance(made, Model):
-            raise ModelLoadError(f"factory {spec!r} returned {type(made).__name__}, expected a qkvflow Model")
+            raise ModelLoadError(
+                f"factory {spec!r} returned {type(made).__name__}, expected a qkvflow Model or Config"
+            )
         return made
     raise ConfigError(
         f"unknown model {spec!r}: not a preset ({', '.join(sorted(PRESETS))}), "

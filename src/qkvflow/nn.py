@@ -424,6 +424,7 @@ def numpy_function(func, args, kwargs):
 
 _KIND_SCOPE = {"encoder_self": "self_attn", "decoder_self": "self_attn", "cross": "cross_attn"}
 _STATES = ("encoder", "decoder", "memory")
+_MASKS = ("none", "causal", "src_padding", "tgt_padding")
 
 
 def _declared_shapes(fn) -> dict:
@@ -450,6 +451,11 @@ def attention(kind: str, *, q: str, k: str, v: str, mask: str):
     for role, state in (("q", q), ("k", k), ("v", v)):
         if state not in _STATES:
             raise TraceError(f"attention {role}={state!r}: expected one of {', '.join(_STATES)}")
+    masks = [m.strip() for m in mask.split("+")]
+    if any(m not in _MASKS for m in masks) or ("none" in masks and len(masks) > 1):
+        raise TraceError(
+            f"attention mask={mask!r}: expected 'none' or '+'-joined {', '.join(_MASKS[1:])}"
+        )
 
     def decorate(fn):
         declared = {"q": q, "k": k, "v": v, "mask": mask}

@@ -24,7 +24,7 @@ import networkx as nx
 
 from .context import ENTRY_CODES, Context, Model, activate
 from .dims import DataDim, Dim, size_of
-from .errors import TraceError
+from .errors import QkvflowError, TraceError
 from .graph import new_graph
 from .shapes import Meta, ShapeIssue, infer
 
@@ -406,6 +406,22 @@ def _mask_label(g, node: str) -> str:
     return {"src_ids": "src_padding", "tgt_ids": "tgt_padding"}.get(name, f"{name}_padding")
 
 
+def _failing_line(err: Exception) -> str:
+    """``file:line`` of the innermost traceback frame in the user's own code:
+    outside qkvflow, the standard library and installed packages."""
+    import os
+    import sysconfig
+    import traceback
+    frames = traceback.extract_tb(err.__traceback__)
+    library = [os.path.dirname(os.path.abspath(__file__))] + [
+        os.path.abspath(sysconfig.get_path(k)) for k in ("stdlib", "purelib", "platlib")]
+    for frame in reversed(frames):
+        path = os.path.abspath(frame.filename)
+        if not any(path.startswith(root + os.sep) for root in library):
+            return f"{frame.filename}:{frame.lineno}"
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+
+
 def trace(model: Model) -> nx.MultiDiGraph:
     """Trace ``model`` into the qkvflow graph (symbolic: named dims, no numbers).
 
@@ -420,7 +436,14 @@ def trace(model: Model) -> nx.MultiDiGraph:
         raise TraceError(f"trace() needs a qkvflow Model, got {type(model).__name__}")
     tracer = Tracer(model.dims, config=dict(model.config), model=model.name)
     with activate(tracer):
-        outputs = model.build()
+        try:
+            outputs = model.build()
+        except QkvflowError:
+            raise
+        except Exception as err:  # the model's own code failed on symbolic arrays
+            raise TraceError(
+                f"tracing {model.name!r} failed at {_failing_line(err)}: {type(err).__name__}: {err}"
+            ) from err
     if not isinstance(outputs, dict) or not all(isinstance(v, Sym) for v in outputs.values()):
         raise TraceError(f"model {model.name!r}: build() must return a dict of traced outputs")
     for name, sym in outputs.items():

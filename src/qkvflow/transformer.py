@@ -99,7 +99,7 @@ def build(cfg: Config, *, encoder_self=encoder_self_attention, decoder_self=deco
 
     def embed(ids, stream: str):
         with scope("", block="embed"):
-            scale = math.sqrt(cfg.d_model) if cfg.scale_embeddings else 1.0
+            scale = math.sqrt(cfg.d_model) if cfg.scale_embeddings and cfg.d_model > 0 else 1.0
             if stream == "decoder" and cfg.tied_embeddings:
                 x = nn.embed(ids, scale=scale, name="embed", tied_to="encoder.embed.weight")
             else:

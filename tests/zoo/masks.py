@@ -84,10 +84,28 @@ def causal_encoder_block(
     return merge(p @ v)
 
 
-@bug("QKV403", "encoder.layers.0.self_attn.softmax", size_silent=True)
+@bug("QKV306", "encoder.layers.0.self_attn.softmax", size_silent=True)
 def encoder_self_causal(cfg):
-    """Encoder self-attention masked causally: source position i ignores later tokens."""
+    """A causal mask copied into encoder self-attention, which declares padding only."""
     return tiny(cfg, encoder_self=causal_encoder_block)
+
+
+@qkvflow.attention("encoder_self", q="encoder", k="encoder", v="encoder", mask="causal+src_padding")
+def declared_causal_encoder_block(
+    x: Float[np.ndarray, "batch src d_model"],
+    src_keep: Bool[np.ndarray, "batch src"],
+) -> Float[np.ndarray, "batch src d_model"]:
+    """Encoder self-attention. Q, K, V: encoder stream; mask: causal + source padding."""
+    q, k, v = _self_qkv(x)
+    keep = src_keep[:, None, None, :] & nn.causal_mask(src_keep)  # (B, 1, S, S)
+    p = nn.softmax(np.where(keep, scaled_scores(q, k), -np.inf), axis=-1)  # BUG(encoder_self_declared_causal)
+    return merge(p @ v)
+
+
+@bug("QKV403", "encoder.layers.0.self_attn.softmax", size_silent=True)
+def encoder_self_declared_causal(cfg):
+    """A deliberately causal encoder: declared, so only a warning (some models want it)."""
+    return tiny(cfg, encoder_self=declared_causal_encoder_block)
 
 
 # --- decoder self-attention -------------------------------------------------------------
