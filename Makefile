@@ -30,4 +30,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/forward.py
 
 clean:
-	rm -rf $(VENV) qkvflow-demo .pytest_cache .hypothesis
+	rm -rf $(VENV) qkvflow-demo .pytest_cache .hypothesis src/*.egg-info

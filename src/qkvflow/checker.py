@@ -329,7 +329,6 @@ def _sarif(diagnostics: list[Diagnostic]) -> dict:
         "runs": [{
             "tool": {"driver": {
                 "name": "qkvflow", "version": __version__,
-                "informationUri": "https://pypi.org/project/qkvflow/",
                 "rules": [{"id": c, "shortDescription": {"text": CODES[c]}} for c in used],
             }},
             "results": results,

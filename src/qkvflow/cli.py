@@ -191,10 +191,16 @@ def cmd_demo(args) -> int:
     vocab = {w: i for i, w in enumerate(vocab_words)}
     args.src, args.tgt = args.src or DEMO_SRC, args.tgt or DEMO_TGT
     text, params, _ = _run(g, args, vocab=vocab, words=vocab_words)
-    save_params(params, out / "params.safetensors")
+    size = sum(v.nbytes for v in params.values())
+    files = ["graph.json", "check.txt", "check.sarif", "explain.txt", "explain.zh.txt"] + written
+    if size <= 64 * 2**20:
+        save_params(params, out / "params.safetensors")
+        files.append("params.safetensors")
+    else:
+        print(f"note: params.safetensors skipped ({size / 2**20:.0f} MB of seeded random weights)")
     print(f"\n== run: {args.src!r} -> {args.tgt!r} (seeded random weights, seed {args.seed}: "
           "the numbers show the dataflow runs, not a trained translation)\n" + text)
-    print(f"\nwrote {', '.join(['graph.json', 'check.txt', 'check.sarif', 'explain.txt', 'explain.zh.txt'] + written + ['params.safetensors'])} to {out}/")
+    print(f"\nwrote {', '.join(files)} to {out}/")
     return 1 if any(d.severity == "error" for d in found) else 0
 
 
