@@ -22,7 +22,7 @@ from .tracer import Sym, Tracer
 
 __all__ = [
     "input", "embed", "positional", "linear", "split_heads", "merge_heads",
-    "scores", "mask", "softmax", "attend", "add", "residual", "norm",
+    "scores", "scale", "mask", "softmax", "attend", "add", "residual", "norm",
     "activation", "padding_mask", "causal_mask", "unembed", "output",
     "reshape", "transpose", "swapaxes", "matmul", "einsum", "where", "reduce",
     "elementwise", "concat", "concat_heads", "index", "mark_memory", "attention",
@@ -124,6 +124,11 @@ def merge_heads(x):
 def scores(q, k, scale: float):
     """q @ k^T * scale: (b, h, q_seq, d) x (b, h, k_seq, d) -> (b, h, q_seq, k_seq)."""
     return _apply("scores", [q, k], attrs={"scale": float(scale)})
+
+
+def scale(x, factor: float):
+    """``x * factor`` as its own node (e.g. the 1/sqrt(d_head) of attention scores)."""
+    return _apply("elementwise", [x], name="scale", attrs={"fn": "mul", "const": float(factor)})
 
 
 def mask(x, keep):
