@@ -380,7 +380,7 @@ def test_wrong_type_is_named(capsys, tmp_path):
     (tmp_path / "t.toml").write_text('preset = "tiny"\nheads = "3"\n', encoding="utf-8")
     code, out, err = main(capsys, "check", tmp_path / "t.toml")
     assert code == 2 and out == ""
-    assert err.strip() == "qkvflow: error: config key 'heads' must be int, got str '3'"
+    assert err.strip() == f"qkvflow: error: {tmp_path / 't.toml'}: heads must be int, got str '3'"
 
 
 def test_token_id_out_of_range():
@@ -483,3 +483,22 @@ def test_negative_size_is_a_finding_not_a_crash(tmp_path):
     result = shell("check", path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "QKV103 d_model = -3" in result.stdout
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["run", "tiny", "--src", "99999999999999999999999", "--tgt", "1"], "is not a token id"),
+    (["run", "tiny", "--src", "3", "--tgt", "1", "--seed", "-1"], "seed must be a non-negative integer"),
+    (["check", ":x"], "expected package.module:factory"),
+    (["check", "..:x"], "expected package.module:factory"),
+])
+def test_odd_arguments_are_usage_errors(argv, words):
+    result = shell(*argv)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert words in result.stderr
+
+
+def test_a_model_file_that_exits_cannot_end_the_check(tmp_path):
+    path = tmp_path / "exits.py"
+    path.write_text("import sys\nsys.exit(0)\n")
+    result = shell("check", f"{path}:model")
+    assert result.returncode == 2 and "SystemExit" in result.stderr

@@ -103,10 +103,10 @@ def _ids(text: str, what: str, vocab: dict | None):
     for tok in tokens:
         if vocab is not None and tok in vocab:
             ids.append(vocab[tok])
-        elif tok.lstrip("-").isdigit():
+        elif tok.isdigit() and len(tok) <= 18:
             ids.append(int(tok))
         else:
-            raise InputError(f"{what}: {tok!r} is not a token id (expected integers like \"5 6 7\")")
+            raise InputError(f"{what}: {tok!r} is not a token id (expected non-negative integers like \"5 6 7\")")
     return np.array([ids], dtype=np.int64)
 
 
@@ -137,9 +137,13 @@ def cmd_run(args) -> int:
     text, _, out = _run(g, args)
     print(text)
     if args.save_activations:
+        from .errors import ParamError
         from .params import save_params
-        save_params({k: v for k, v in out["activations"].items() if v.dtype.kind == "f"},
-                    args.save_activations)
+        try:
+            save_params({k: v for k, v in out["activations"].items() if v.dtype.kind == "f"},
+                        args.save_activations)
+        except ParamError as err:
+            raise ParamError(str(err).replace("parameters", "activations")) from None
         print(f"wrote {args.save_activations}")
     return 0
 
@@ -204,6 +208,12 @@ def cmd_demo(args) -> int:
     return 1 if any(d.severity == "error" for d in found) else 0
 
 
+def _seed(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"seed must be a non-negative integer, got {text!r}")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qkvflow", description=(
         "Trace, check, explain, draw and run the Q/K/V dataflow of Transformer attention. "
@@ -245,7 +255,7 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--src", required=required, help='source token ids, e.g. "5 6 7"')
         q.add_argument("--tgt", required=required, help='target token ids, e.g. "1 8"')
         q.add_argument("--params", help=".safetensors or .npz (default: seeded random)")
-        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--seed", type=_seed, default=0)
         q.add_argument("--dtype", choices=("float64", "float32"), default="float64")
         q.add_argument("--top", type=int, default=3)
 

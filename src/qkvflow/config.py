@@ -92,13 +92,13 @@ def preset(name: str) -> Config:
         ) from None
 
 
-def _expect(key: str, value, want: type) -> None:
+def _expect(key: str, value, want: type, origin: str) -> None:
     ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         ok = True
     if not ok:
         raise ConfigError(
-            f"config key {key!r} must be {want.__name__}, got {type(value).__name__} {value!r}"
+            f"{origin}: {key} must be {want.__name__}, got {type(value).__name__} {value!r}"
         )
 
 
@@ -116,7 +116,7 @@ def from_dict(values: dict, origin: str = "config") -> Config:
                 f"{origin}: unknown key {key!r}; accepted keys: preset, {', '.join(fields)}"
             )
         want = type(fields[key].default)
-        _expect(key, value, want)
+        _expect(key, value, want, origin)
         if key in CHOICES and value not in CHOICES[key]:
             raise ConfigError(
                 f"{origin}: {key} = {value!r} is not accepted; use one of: {', '.join(CHOICES[key])}"

@@ -143,6 +143,8 @@ class Executor:
             except Exception as err:
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise ExecutionError(f"node {node} ({op}, {source}) failed: {first}") from err
+            if out.dtype.kind == "f" and out.dtype != self.dtype:
+                out = out.astype(self.dtype)  # e.g. np.where(keep, 0.0, -1e9) of scalars
             if self.check:
                 self._check_shape(node, names, out, sizes, source)
             values[node] = out

@@ -171,14 +171,20 @@ _ELEMENTWISE = {
 _REDUCE = {"sum": np.sum, "mean": np.mean, "max": np.max, "min": np.min}
 
 
+def _float_like(out, inputs):
+    """A float result keeps the dtype of its float array inputs (a Python
+    scalar must not turn float32 into float64; a bool mask gives no dtype)."""
+    if not isinstance(out, np.ndarray) or out.dtype.kind != "f":
+        return out
+    floats = [x.dtype for x in inputs if isinstance(x, np.ndarray) and x.dtype.kind == "f"]
+    return out.astype(np.result_type(*floats), copy=False) if floats else out
+
+
 def elementwise(fn: str, *xs, const=None, const_first: bool = False):
     f = _ELEMENTWISE[fn]
     if const is not None:
         xs = (const, *xs) if const_first else (*xs, const)
-        out = f(*xs)
-        arr = next(x for x in xs if isinstance(x, np.ndarray))
-        return out.astype(arr.dtype, copy=False) if out.dtype.kind == "f" else out
-    return f(*xs)
+    return _float_like(f(*xs), xs)
 
 
 def _where(ins, attrs, params):
@@ -186,9 +192,7 @@ def _where(ins, attrs, params):
     cond = next(it)
     a = attrs["a"] if "a" in attrs else next(it)
     b = attrs["b"] if "b" in attrs else next(it)
-    like = next((x for x in (a, b) if isinstance(x, np.ndarray)), None)
-    out = np.where(cond, a, b)
-    return out.astype(like.dtype, copy=False) if like is not None else out
+    return _float_like(np.where(cond, a, b), (a, b))
 
 
 def _positional(kernel, ins, attrs, params):

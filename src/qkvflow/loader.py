@@ -36,13 +36,21 @@ def _import_factory(spec: str):
             module_spec.loader.exec_module(module)
         except QkvflowError:
             raise
-        except Exception as err:
+        except (Exception, SystemExit) as err:  # a model file must not end the checker
             raise ModelLoadError(f"importing {target!r} failed: {type(err).__name__}: {err}") from err
     else:
+        if not target or not all(part.isidentifier() for part in target.split(".")):
+            raise ModelLoadError(
+                f"MODEL {spec!r}: expected package.module:factory or path/to/file.py:factory"
+            )
         try:
             module = importlib.import_module(target)
-        except ImportError as err:
-            raise ModelLoadError(f"cannot import module {target!r} for MODEL {spec!r}: {err}") from err
+        except QkvflowError:
+            raise
+        except (Exception, SystemExit) as err:
+            raise ModelLoadError(
+                f"cannot import module {target!r} for MODEL {spec!r}: {type(err).__name__}: {err}"
+            ) from err
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         raise ModelLoadError(f"{target!r} has no callable {attr!r} for MODEL {spec!r}")
@@ -67,7 +75,7 @@ def load_model(spec) -> Model:
             made = factory()
         except QkvflowError:
             raise
-        except Exception as err:
+        except (Exception, SystemExit) as err:
             raise ModelLoadError(f"factory {spec!r} failed: {type(err).__name__}: {err}") from err
         if isinstance(made, Config):
             return _from_config(made)

@@ -59,10 +59,6 @@ def _apply(op: str, args: list, *, name: str | None = None, attrs: dict | None =
     return call(kernel, [np.asarray(a) for a in args], attrs, values, sizes)
 
 
-def _dname(d) -> str:
-    return name_of(d)
-
-
 # --- inputs, embeddings, positions ------------------------------------------
 
 def input(name: str, shape: tuple, dtype: str = "int"):  # noqa: A001 - mirrors the op name
@@ -84,7 +80,7 @@ def embed(ids, *, vocab="vocab", d_model="d_model", scale: float = 1.0, name: st
 
     ``tied_to`` reuses another node's weight by parameter path.
     """
-    shape = (_dname(vocab), _dname(d_model))
+    shape = (name_of(vocab), name_of(d_model))
     if tied_to:
         return _apply("embed", [ids], name=name,
                       attrs={"scale": float(scale), "tied_to": tied_to, "tied_shape": shape})
@@ -96,7 +92,7 @@ def positional(x, kind: str = "sinusoidal", *, max_positions="max_positions", of
     """Add position encodings: sinusoidal (interleaved), sinusoidal_half or learned."""
     params = None
     if kind == "learned":
-        params = {"weight": (_dname(max_positions), x.names[-1] if isinstance(x, Sym) else "d_model")}
+        params = {"weight": (name_of(max_positions), x.names[-1] if isinstance(x, Sym) else "d_model")}
     return _apply("positional", [x], name=name, attrs={"kind": kind, "offset": int(offset)}, params=params)
 
 
@@ -105,15 +101,15 @@ def positional(x, kind: str = "sinusoidal", *, max_positions="max_positions", of
 def linear(x, d_out, *, name: str, bias: bool = True):
     """``x @ W.T + b`` with W of shape (d_out, d_in); d_in is x's last dim."""
     d_in = x.names[-1] if isinstance(x, Sym) else "d_in"
-    params = {"weight": (_dname(d_out), d_in)}
+    params = {"weight": (name_of(d_out), d_in)}
     if bias:
-        params["bias"] = (_dname(d_out),)
+        params["bias"] = (name_of(d_out),)
     return _apply("linear", [x], name=name, params=params)
 
 
 def split_heads(x, heads="heads", d_head="d_head"):
     """(batch, seq, heads*d_head) -> (batch, heads, seq, d_head)."""
-    return _apply("split_heads", [x], attrs={"heads": _dname(heads), "d_head": _dname(d_head)})
+    return _apply("split_heads", [x], attrs={"heads": name_of(heads), "d_head": name_of(d_head)})
 
 
 def merge_heads(x):
@@ -184,8 +180,8 @@ def unembed(x, *, vocab="vocab", tied_to: str | None = None, name: str = "unembe
     d = x.names[-1] if isinstance(x, Sym) else "d_model"
     if tied_to:
         return _apply("unembed", [x], name=name,
-                      attrs={"tied_to": tied_to, "tied_shape": (_dname(vocab), d)})
-    return _apply("unembed", [x], name=name, params={"weight": (_dname(vocab), d)})
+                      attrs={"tied_to": tied_to, "tied_shape": (name_of(vocab), d)})
+    return _apply("unembed", [x], name=name, params={"weight": (name_of(vocab), d)})
 
 
 def output(x, name: str):
@@ -218,7 +214,7 @@ def _resolve_reshape(x: Sym, shape: tuple) -> tuple:
         else:
             raise TraceError(
                 f"reshape of {x.node} to {shape!r}: give dims by name (from .shape or "
-                "qkvflow.dim) or -1, not the bare size {d!r}"
+                f"qkvflow.dim) or -1, not the bare size {d!r}"
             )
     if unknown is not None:
         remaining = [f for n in x.names for f in n.split("*") if n != "1"]
