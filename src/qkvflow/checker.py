@@ -208,14 +208,6 @@ def _provenance(g):
                 yield _diag(g, "QKV304", node,
                             f"{block}: {role.upper()} reads {got}, not the state entering layer "
                             f"{rec['layer']}", source=source)
-        declared_masks = _declared_masks(rec["declared"]["mask"])
-        traced_masks = set(rec.get("masks", []))
-        if declared_masks != traced_masks:
-            missing, extra = sorted(declared_masks - traced_masks), sorted(traced_masks - declared_masks)
-            parts = ([f"declared but not applied: {', '.join(missing)}"] if missing else []) + (
-                [f"applied but not declared: {', '.join(extra)}"] if extra else [])
-            yield _diag(g, "QKV306", rec["softmax"],
-                        f"{block}: the mask differs from the declaration ({'; '.join(parts)})")
         if origins.get("k") != origins.get("v"):
             node, source = _site(rec, "v", rec["attend"])
             yield _diag(g, "QKV302", node,
@@ -233,7 +225,7 @@ def _declared_masks(text: str) -> set:
 
 
 def _flow(g):
-    from .flow import ALL, NONPAD, analyse
+    from .flow import ALL, NONPAD, analyse, applied_masks
     flows = analyse(g)
     future = lambda f: f in (ALL, NONPAD)  # noqa: E731 - a predicate over facts
     padding = lambda f: f == ALL  # noqa: E731
@@ -254,8 +246,20 @@ def _flow(g):
                         f"{place}: {d['op']} {node} mixes source positions without a source padding "
                         f"mask, so padding tokens influence real positions")
     for block, rec in g.graph["attention"].items():
-        if rec["kind"] == "encoder_self" and "causal" in rec.get("masks", []):
-            yield _diag(g, "QKV403", rec.get("softmax") or block,
+        if rec.get("problem"):
+            continue
+        applied = applied_masks(g, flows, rec["softmax"])
+        declared = _declared_masks(rec["declared"]["mask"])
+        if applied != declared:
+            missing, extra = sorted(declared - applied), sorted(applied - declared)
+            parts = ([f"declared but not applied: {', '.join(missing)}"] if missing else []) + (
+                [f"applied but not declared: {', '.join(extra)}"] if extra else [])
+            yield _diag(g, "QKV306", rec["softmax"],
+                        f"{block}: the masks reaching the softmax differ from the declaration "
+                        f"({'; '.join(parts)}); a mask only counts when it sets the entries it "
+                        f"rules out to -inf")
+        if rec["kind"] == "encoder_self" and "causal" in applied:
+            yield _diag(g, "QKV403", rec["softmax"],
                         f"{block}: encoder self-attention is causally masked, so source position i "
                         f"ignores source tokens after i", severity="warning")
 
