@@ -10,8 +10,6 @@ name, so ``np.sqrt(d_head)`` works) for sized dims and :class:`DataDim` for
 free ones, so user code can pass them straight back to ``reshape``.
 """
 
-import math
-
 __all__ = [
     "Dim",
     "DataDim",
@@ -47,6 +45,8 @@ class Dim(int):
         # heads * d_head stays a named dim, so reshape(B, T, H * Dh) is traceable.
         if isinstance(other, Dim):
             return Dim(f"{self.name}*{other.name}", int(self) * int(other))
+        if isinstance(other, DataDim):
+            return DataDim(f"{self.name}*{other.name}")
         return int(self) * other
 
     __rmul__ = __mul__
@@ -68,6 +68,14 @@ class DataDim:
 
     def __hash__(self) -> int:
         return hash(("DataDim", self.name))
+
+    def __mul__(self, other):
+        # batch * src: a free product, e.g. to flatten tokens for a projection.
+        if isinstance(other, (Dim, DataDim)):
+            return DataDim(f"{self.name}*{other.name}")
+        return NotImplemented
+
+    __rmul__ = __mul__
 
 
 def name_of(dim: object) -> str:
@@ -118,6 +126,3 @@ def describe_shape(shape: tuple, sizes: dict) -> str:
         parts.append(name if size is None or name == "1" else f"{name}={size}")
     return "(" + ", ".join(parts) + ")"
 
-
-def product(sizes: list[int]) -> int:
-    return math.prod(sizes)

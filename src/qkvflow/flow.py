@@ -282,8 +282,22 @@ def _last_mixing(g, node, ins, flows):
 
 
 def _reshape(g, node, ins, flows):
-    amap = reshape_map(g.nodes[ins[0]]["shape"], g.nodes[node]["shape"], g.graph["dims"]) or {}
-    return _remap(flows[0], amap)
+    src, dst = g.nodes[ins[0]]["shape"], g.nodes[node]["shape"]
+    whole = reshape_map(src, dst, g.graph["dims"])
+    if whole is None:
+        return _remap(flows[0], {})
+    # Token facts follow their sequence atom through merges and splits
+    # ((batch, src) -> (batch*src) -> (batch, src) stays pointwise); dead
+    # entries and masks only through axes kept whole.
+    atoms = {}
+    for axis, name in enumerate(dst):
+        for part in factors(name):
+            atoms.setdefault(part, axis)
+    by_atom = {axis: atoms[_seq_of(name)] for axis, name in enumerate(src)
+               if _seq_of(name) and _seq_of(name) in atoms}
+    moved = _remap(flows[0], {**whole, **by_atom})
+    kept = _remap(flows[0], whole)
+    return Flow(moved.deps, kept.minf, kept.zeros, kept.mask, kept.polarity)
 
 
 def _transpose(g, node, ins, flows):

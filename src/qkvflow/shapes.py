@@ -343,11 +343,13 @@ def _einsum(ins, attrs, params, dims):
             if have != name and clash is None:
                 clash = (letter, have, name)
     out_shape = tuple(letters[c] for c in rhs)
+    # Scores are laid out (..., queries, keys): the key axis is the last output
+    # sequence axis that one operand alone supplies ("bhqd,bhkd->bhqk": k).
     key = None
-    for pos, c in enumerate(rhs):
-        from_first = c in specs[0]
-        if not from_first and _is_seq(letters[c]):
-            key = pos
+    if len(specs) > 1:
+        for pos, c in enumerate(rhs):
+            if _is_seq(letters[c]) and sum(c in spec for spec in specs) == 1:
+                key = pos
     out = Meta(out_shape, key, "float")
     if clash is not None:
         letter, have, name = clash

@@ -293,14 +293,15 @@ class Tracer(Context):
         record.update(scores=scores, softmax=sm, attend=attend)
         ins = g.in_edges(scores, keys=True, data=True)
         by_arg = {d["arg"]: (u, k) for u, _, k, d in ins}
+        q_arg, k_arg = _query_key_args(g.nodes[scores])
         after_softmax = _within(g, sm, inside)  # block nodes the weights flow into
         v_arg = next((d["arg"] for u, _, k, d in g.in_edges(attend, keys=True, data=True)
                       if u != sm and u not in after_softmax), None)
         v_edges = {d["arg"]: (u, k) for u, _, k, d in g.in_edges(attend, keys=True, data=True)}
         origins, entries = {}, {}
         for role, (start, key, consumer) in {
-            "q": (*by_arg.get(0, (None, None)), scores),
-            "k": (*by_arg.get(1, (None, None)), scores),
+            "q": (*by_arg.get(q_arg, (None, None)), scores),
+            "k": (*by_arg.get(k_arg, (None, None)), scores),
             "v": (*v_edges.get(v_arg, (None, None)), attend),
         }.items():
             if start is None:
@@ -345,6 +346,18 @@ class Tracer(Context):
             g.edges[u, node, k]["role"] = role
             entry, node = node, u
         return node, entry
+
+
+def _query_key_args(scores: dict) -> tuple[int, int]:
+    """Argument positions of Q and K in a scores product: (0, 1), except for an
+    einsum written keys first ("bhkd,bhqd->bhqk"), told by the key axis."""
+    if scores["op"] != "einsum" or scores.get("key_axis") is None:
+        return 0, 1
+    lhs, rhs = scores["attrs"]["equation"].replace(" ", "").split("->")
+    specs = lhs.split(",")
+    key_letter = rhs[scores["key_axis"]]
+    k_arg = next((i for i, spec in enumerate(specs) if key_letter in spec), 1)
+    return (1, 0) if k_arg == 0 else (0, k_arg)
 
 
 def _within(g, start: str, inside: set) -> set:
