@@ -86,14 +86,17 @@ def test_json_and_github_formats(findings):
     assert {"code", "severity", "message", "node", "source", "model"} <= set(rows[0])
     lines = format_diagnostics(findings, "github").splitlines()
     assert len(lines) == len(findings)
-    assert all(line.startswith("::error file=") and "title=QKV" in line for line in lines)
+    kinds = [line.split(" ", 1)[0] for line in lines]
+    assert kinds == ["::" + d.severity for d in findings]
+    assert all(" file=" in line and "title=QKV" in line for line in lines)
 
 
 def test_text_format_is_compiler_style(findings):
     text = format_diagnostics(findings, "text")
     first = text.splitlines()[0]
     assert ": error: QKV" in first
-    assert text.splitlines()[-1].endswith(f"{len(findings)} error(s), 0 warning(s)")
+    errors = sum(d.severity == "error" for d in findings)
+    assert text.splitlines()[-1].endswith(f"{errors} error(s), {len(findings) - errors} warning(s)")
 
 
 def test_warning_is_not_an_error_unless_strict(capsys):

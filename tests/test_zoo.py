@@ -32,6 +32,9 @@ UNREACHABLE = {"QKV001", "QKV206"}
 # Every size different from every other: heads*d_head (15) != d_model (21).
 DISTINCT = dataclasses.replace(TINY, d_head=5)
 BY_NAME = {e.name: e for e in ENTRIES}
+# Findings that do not fail a build unless --strict: a deliberate choice
+# (QKV403), a block the checker cannot read (QKV305), wasted work (QKV308).
+WARNINGS = {"QKV305", "QKV403", "QKV308"}
 
 
 def _feeds(src_len: int, tgt_len: int) -> dict:
@@ -84,7 +87,7 @@ def test_the_mistake_is_reported_at_its_node_and_line(entry):
     assert hits, (f"{entry}: {entry.code} expected at {entry.node} ({where}); got\n"
                   + "\n".join(d.text() for d in with_code))
     assert all(d.model == entry.name and d.message for d in hits)
-    severity = "warning" if entry.code == "QKV403" else "error"
+    severity = "warning" if entry.code in WARNINGS else "error"
     assert {d.severity for d in hits} == {severity}
     assert has_errors(found) == (severity == "error")
 

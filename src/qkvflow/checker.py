@@ -31,8 +31,10 @@ CODES = {
     "QKV302": "K and V (or self-attention Q and K) from different states",
     "QKV303": "cross-attention reads a non-final encoder state",
     "QKV304": "self-attention reads another layer's state",
-    "QKV305": "attention block without a recognisable scores-softmax-sum",
+    "QKV305": "attention block without a recognisable scores-softmax-sum (cannot be checked)",
     "QKV306": "the masks applied differ from the declared mask",
+    "QKV307": "two of Q, K, V computed by one projection",
+    "QKV308": "a parametrised op whose result reaches no output",
     "QKV401": "a decoder position depends on a future target token",
     "QKV402": "a padding position influences a real one",
     "QKV403": "encoder self-attention is causally masked",
@@ -179,9 +181,10 @@ def _site(rec, role: str, default: str) -> tuple[str, str | None]:
 def _provenance(g):
     for block, rec in g.graph["attention"].items():
         if rec.get("problem"):
-            yield _diag(g, "QKV305", block, f"{ATTENTION_KINDS[rec['kind']]} {block}: {rec['problem']}",
-                        source=rec["source"])
+            yield _diag(g, "QKV305", block, f"{ATTENTION_KINDS[rec['kind']]} {block} cannot be checked: "
+                        f"{rec['problem']}", severity="warning", source=rec["source"])
             continue
+        yield from _shared_projections(g, block, rec)
         origins = rec.get("origins", {})
         facts = {r: describe_origin(g, block, origins.get(r)) for r in ("q", "k", "v")}
         rec = {**rec, "block": block}
@@ -218,6 +221,40 @@ def _provenance(g):
             yield _diag(g, "QKV302", node,
                         f"{block}: self-attention Q comes from {_origin_words(facts['q'])} but K and V "
                         f"from {_origin_words(facts['k'])}", source=source)
+
+
+def _shared_projections(g, block, rec):
+    """Q, K and V each need their own projection: ``v = q`` is a copy-paste slip."""
+    entries = rec.get("entries", {})
+    seen = {}
+    for role in ("q", "k", "v"):
+        node = entries.get(role)
+        if node in g and g.nodes[node]["op"] == "linear" and node in seen:
+            yield _diag(g, "QKV307", node,
+                        f"{block}: {role.upper()} is computed by {seen[node].upper()}'s projection "
+                        f"{node}; each of Q, K and V needs its own")
+        seen.setdefault(node, role)
+
+
+def _dead_parameters(g):
+    """Parameters of ops whose result no output depends on: work done for nothing.
+
+    One finding per dead region, at its last parametrised op (an unread
+    encoder is one finding, not one per layer).
+    """
+    live = set(g.graph.get("outputs", []))
+    for out in g.graph.get("outputs", []):
+        live |= nx.ancestors(g, out)
+    dead = {n for n, d in g.nodes(data=True)
+            if (d.get("params") or d["attrs"].get("tied_to")) and n not in live}
+    for node in sorted(dead):
+        if nx.descendants(g, node) & dead:
+            continue
+        before = len(nx.ancestors(g, node) & dead)
+        also = f" (nor on the {before} parametrised ops before it)" if before else ""
+        yield _diag(g, "QKV308", node,
+                    f"{node} ({g.nodes[node]['op']}) has parameters but no output depends on it{also}; "
+                    f"was its result meant to be used?", severity="warning")
 
 
 def _declared_masks(text: str) -> set:
@@ -268,7 +305,7 @@ def _widens(before, after, bad) -> bool:
     return any(bad(f) for f in after) and not any(bad(f) for facts in before for f in facts)
 
 
-PASSES = (_config, _shapes, _provenance, _flow)
+PASSES = (_config, _shapes, _provenance, _flow, _dead_parameters)
 
 
 def check(graph: nx.MultiDiGraph, strict: bool = False) -> list[Diagnostic]:

@@ -74,3 +74,42 @@ def cross_v_decoder_block(
 def cross_v_from_decoder(cfg):
     """Cross-attention keys come from the memory but values from the decoder."""
     return tiny(cfg, cross=cross_v_decoder_block)
+
+
+@qkvflow.attention("cross", q="decoder", k="memory", v="memory", mask="src_padding")
+def v_is_k_block(
+    y: Float[np.ndarray, "batch tgt d_model"],
+    memory: Float[np.ndarray, "batch src d_model"],
+    src_keep: Bool[np.ndarray, "batch src"],
+) -> Float[np.ndarray, "batch tgt d_model"]:
+    """Cross-attention. Q: decoder stream; K, V: the memory; mask: source padding."""
+    q = heads(nn.linear(y, "heads*d_head", name="q_proj"))
+    k = heads(nn.linear(memory, "heads*d_head", name="k_proj"))  # BUG(v_reuses_k_projection): V reuses it
+    v = k
+    return _finish(q, k, v, src_keep)
+
+
+@bug("QKV307", "decoder.layers.0.cross_attn.k_proj", size_silent=True)
+def v_reuses_k_projection(cfg):
+    """V is the K projection (a copy-paste slip): keys and values are the same vectors."""
+    return tiny(cfg, cross=v_is_k_block)
+
+
+@qkvflow.attention("cross", q="decoder", k="memory", v="memory", mask="src_padding")
+def unused_projection_block(
+    y: Float[np.ndarray, "batch tgt d_model"],
+    memory: Float[np.ndarray, "batch src d_model"],
+    src_keep: Bool[np.ndarray, "batch src"],
+) -> Float[np.ndarray, "batch tgt d_model"]:
+    """Cross-attention. Q: decoder stream; K, V: the memory; mask: source padding."""
+    q = heads(nn.linear(y, "heads*d_head", name="q_proj"))
+    k = heads(nn.linear(memory, "heads*d_head", name="k_proj"))
+    v = heads(nn.linear(memory, "heads*d_head", name="v_proj"))
+    heads(nn.linear(memory, "heads*d_head", name="v_proj_2"))  # BUG(value_projection_unused)
+    return _finish(q, k, v, src_keep)
+
+
+@bug("QKV308", "decoder.layers.0.cross_attn.v_proj_2", size_silent=True)
+def value_projection_unused(cfg):
+    """A second value projection is computed and dropped: its weights train nothing."""
+    return tiny(cfg, cross=unused_projection_block)
