@@ -65,6 +65,9 @@ MODELS = {
     "per_head_loop": lambda: build(TINY, encoder_self=per_head_loop),
     "pre_norm_learned_gelu": lambda: build(from_dict(
         {"preset": "tiny", "name": "pre", "norm": "pre", "positions": "learned", "activation": "gelu"})),
+    "half_positions_silu": lambda: build(from_dict(
+        {"preset": "tiny", "name": "marian-like", "positions": "sinusoidal_half", "activation": "silu"})),
+    "gelu_tanh": lambda: build(from_dict({"preset": "tiny", "name": "gpt-like", "activation": "gelu_tanh"})),
     "untied_final_norms": lambda: build(from_dict(
         {"preset": "tiny", "name": "untied", "tied_embeddings": False, "final_norms": True})),
 }

@@ -67,10 +67,6 @@ def _structure(g):
         yield _diag(g, "QKV001", node, problem, source="?")
 
 
-_OPTIONS = {"norm": ("post", "pre"), "activation": ("relu", "gelu", "gelu_tanh", "silu"),
-            "positions": ("sinusoidal", "sinusoidal_half", "learned")}
-
-
 def _config(g):
     cfg, dims = g.graph.get("config", {}), g.graph.get("dims", {})
     where = f"config of {g.graph.get('model', '?')}"
@@ -97,7 +93,8 @@ def _config(g):
         if value is not None and vocab and vocab > 0 and not 0 <= value < vocab:
             yield _diag(g, "QKV104", "config",
                         f"{key} = {value} is not a token id of the vocabulary 0..{vocab - 1}", source=where)
-    for key, accepted in _OPTIONS.items():
+    from .config import CHOICES
+    for key, accepted in CHOICES.items():
         if key in cfg and cfg[key] not in accepted:
             yield _diag(g, "QKV104", "config",
                         f"{key} = {cfg[key]!r} is not known; use one of {', '.join(accepted)}", source=where)

@@ -55,10 +55,11 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# The accepted values of each option: what the model builder and the kernels implement.
 CHOICES = {
     "norm": ("post", "pre"),
-    "activation": ("relu", "gelu"),
-    "positions": ("sinusoidal", "learned"),
+    "activation": ("relu", "gelu", "gelu_tanh", "silu"),
+    "positions": ("sinusoidal", "sinusoidal_half", "learned"),
 }
 
 PRESETS = {

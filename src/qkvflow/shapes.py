@@ -482,5 +482,6 @@ def infer(op: str, ins: list[Meta], attrs: dict, params: dict, dims: dict) -> Me
     try:
         rule = RULES[op]
     except KeyError:
-        raise KeyError(f"no shape rule for op {op!r}") from None
+        from .errors import GraphError
+        raise GraphError(f"no shape rule for op {op!r}; known ops: {', '.join(RULES)}") from None
     return rule(ins, attrs, params, dims)

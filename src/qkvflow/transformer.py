@@ -108,10 +108,8 @@ def build(cfg: Config, *, encoder_self=encoder_self_attention, decoder_self=deco
             return nn.positional(x, cfg.positions, name="positional")
 
     def final_norm(x):
-        if cfg.final_norms:
-            with scope("", block="final_norm"):
-                x = nn.norm(x, eps=cfg.norm_eps, name="norm")
-        elif cfg.norm == "pre":
+        # torch.nn.Transformer always adds one; a pre-norm stack needs one.
+        if cfg.final_norms or cfg.norm == "pre":
             with scope("", block="final_norm"):
                 x = nn.norm(x, eps=cfg.norm_eps, name="norm")
         return x
