@@ -291,44 +291,33 @@ class Tracer(Context):
             record["problem"] = "no scores product before the softmax or no weighted sum after it"
             return
         record.update(scores=scores, softmax=sm, attend=attend)
-        ins = g.in_edges(scores, keys=True, data=True)
-        by_arg = {d["arg"]: (u, k) for u, _, k, d in ins}
+        record["origins"], record["entries"] = self._trace_qkv(scores, sm, attend, inside)
+        record["masks"] = sorted(_mask_label(g, n) for n in _masks_beside(g, sm, scores, inside))
+
+    def _trace_qkv(self, scores: str, sm: str, attend: str, inside: set) -> tuple[dict, dict]:
+        """Label the Q, K, V (and probs) edges; return each role's origin and the
+        block's node that reads it."""
+        g = self.graph
         q_arg, k_arg = _query_key_args(g.nodes[scores])
+        into_scores = {d["arg"]: (u, k) for u, _, k, d in g.in_edges(scores, keys=True, data=True)}
+        into_attend = {d["arg"]: (u, k) for u, _, k, d in g.in_edges(attend, keys=True, data=True)}
         after_softmax = _within(g, sm, inside)  # block nodes the weights flow into
-        v_arg = next((d["arg"] for u, _, k, d in g.in_edges(attend, keys=True, data=True)
-                      if u != sm and u not in after_softmax), None)
-        v_edges = {d["arg"]: (u, k) for u, _, k, d in g.in_edges(attend, keys=True, data=True)}
+        v_arg = next((arg for arg, (u, _) in into_attend.items() if u != sm and u not in after_softmax), None)
         origins, entries = {}, {}
-        for role, (start, key, consumer) in {
-            "q": (*by_arg.get(q_arg, (None, None)), scores),
-            "k": (*by_arg.get(k_arg, (None, None)), scores),
-            "v": (*v_edges.get(v_arg, (None, None)), attend),
-        }.items():
-            if start is None:
+        for role, (first, key), consumer in (
+            ("q", into_scores.get(q_arg, (None, None)), scores),
+            ("k", into_scores.get(k_arg, (None, None)), scores),
+            ("v", into_attend.get(v_arg, (None, None)), attend),
+        ):
+            if first is None:
                 continue
-            g.edges[start, consumer, key]["role"] = role
-            origins[role], entry = self._walk_back(start, inside, role)
+            g.edges[first, consumer, key]["role"] = role
+            origins[role], entry = self._walk_back(first, inside, role)
             entries[role] = entry or consumer
-        for u, _, k, d in g.in_edges(attend, keys=True, data=True):
-            if d["arg"] != v_arg:
-                g.edges[u, attend, k]["role"] = "probs"
-        record["origins"] = origins
-        record["entries"] = entries  # the block's node that reads each origin
-        # Masks reach the softmax beside the scores product, not through Q or K.
-        region, outside, stack = set(), set(), [sm]
-        while stack:
-            for u in g.predecessors(stack.pop()):
-                if u == scores or u in region:
-                    continue
-                if u in inside:
-                    region.add(u)
-                    stack.append(u)
-                else:
-                    outside.add(u)
-        mask_ops = ("padding_mask", "causal_mask")
-        masks = {n for o in outside for n in nx.ancestors(g, o) | {o} if g.nodes[n]["op"] in mask_ops}
-        masks |= {n for n in region if g.nodes[n]["op"] in mask_ops}  # a mask made inside the block
-        record["masks"] = sorted(_mask_label(g, n) for n in masks)
+        for arg, (u, key) in into_attend.items():
+            if arg != v_arg:
+                g.edges[u, attend, key]["role"] = "probs"
+        return origins, entries
 
     def _walk_back(self, node: str, inside: set, role: str) -> tuple:
         """Follow argument 0 out of the block; label the chain's edges ``role``.
@@ -346,6 +335,24 @@ class Tracer(Context):
             g.edges[u, node, k]["role"] = role
             entry, node = node, u
         return node, entry
+
+
+def _masks_beside(g, sm: str, scores: str, inside: set) -> set:
+    """Mask ops that reach the softmax beside the scores product (not through Q or K),
+    made inside the block or handed in."""
+    region, outside, stack = set(), set(), [sm]
+    while stack:
+        for u in g.predecessors(stack.pop()):
+            if u == scores or u in region:
+                continue
+            if u in inside:
+                region.add(u)
+                stack.append(u)
+            else:
+                outside.add(u)
+    mask_ops = ("padding_mask", "causal_mask")
+    found = {n for o in outside for n in nx.ancestors(g, o) | {o} if g.nodes[n]["op"] in mask_ops}
+    return found | {n for n in region if g.nodes[n]["op"] in mask_ops}
 
 
 def _query_key_args(scores: dict) -> tuple[int, int]:
