@@ -52,12 +52,20 @@ CORRECT = {
     "where_drop": lambda s, keep: np.where(~keep, -np.inf, s),
     "additive_bias": lambda s, keep: s + (1 - keep) * -1e9,
     "nn_mask": lambda s, keep: nn.mask(s, keep),
+    "masked_fill_eq0": lambda s, keep: np.where(keep == 0, -1e9, s),
+    "minus_large": lambda s, keep: s - 1e9 * (1 - keep),
+    "keep_minus_one": lambda s, keep: s + (keep - 1) * 1e9,
+    "float_mask": lambda s, keep: s + (1.0 - keep * 1.0) * -1e9,
+    "bias_from_where": lambda s, keep: s + np.where(keep, 0.0, -np.inf),
+    "two_biases": lambda s, keep: s + np.where(keep, 0.0, -1e9) + (1 - keep) * -1e9,
 }
 WRONG_WAY = {
     "inverted_where": lambda s, keep: np.where(keep, -np.inf, s),
     "inverted_drop": lambda s, keep: np.where(~keep, s, -np.inf),
     "multiplied": lambda s, keep: s * keep,
     "wrong_sign_bias": lambda s, keep: s + keep * -1e9,
+    "fill_where_kept": lambda s, keep: np.where(keep == 0, s, -1e9),
+    "positive_bias": lambda s, keep: s + (1 - keep) * 1e9,
 }
 
 
@@ -127,3 +135,41 @@ def test_an_inverted_causal_mask_lets_the_decoder_see_the_future():
     later[:, 3] = 3 + (tgt[:, 3] - 2) % (TINY.vocab - 3)
     moved = qf.forward(g, params, src, later)["logits"]
     assert np.abs(moved[:, :3] - base[:, :3]).max() > 1e-6
+
+
+def ids_model(keep_from_ids):
+    """A one-layer encoder whose padding mask is computed from the ids by user code."""
+    cfg = TINY
+
+    @qf.attention("encoder_self", q="encoder", k="encoder", v="encoder", mask="src_padding")
+    def self_attention(
+        x: Float[np.ndarray, "batch src d_model"],
+        keep: Bool[np.ndarray, "batch 1 1 src"],
+    ) -> Float[np.ndarray, "batch src d_model"]:
+        """Q, K, V from the encoder stream; source padding masked."""
+        from qkvflow.transformer import multi_head_attention
+        return multi_head_attention(x, x, keep)
+
+    def run():
+        src = nn.input("src_ids", ("batch", "src"))
+        with qf.scope("encoder", stream="encoder"):
+            x = nn.positional(nn.embed(src, name="embed"), name="positional")
+            with qf.scope("layers.0", layer=0):
+                x = nn.residual(x, self_attention(x, keep_from_ids(src)[:, None, None, :]))
+        return {"logits": nn.unembed(x, name="unembed")}
+
+    return qf.Model("ids-mask", cfg.dims(), run, config=cfg.as_dict())
+
+
+@pytest.mark.parametrize("keep, clean", [
+    (lambda ids: ids != TINY.pad_id, True),
+    (lambda ids: ids > 0, True),            # pad_id is 0: every real id is positive
+    (lambda ids: ids != TINY.eos_id, False),  # masks end-of-sentence, not padding
+    (lambda ids: ids != 1, False),           # a pad id from another tokenizer
+])
+def test_padding_masks_computed_from_ids_must_use_the_pad_id(keep, clean):
+    g = qf.trace(ids_model(keep))
+    codes = {d.code for d in qf.check(g)}
+    assert (codes == set()) == clean, codes
+    if not clean:
+        assert {"QKV306", "QKV402"} <= codes

@@ -60,9 +60,32 @@ def per_head_loop(
     return nn.linear(o, "d_model", name="out_proj")
 
 
+def _split(t, B, L):
+    return t.reshape(B, L, qf.dim("heads"), -1).transpose(0, 2, 1, 3)  # (batch, heads, L, d_head)
+
+
+@qf.attention("cross", q="decoder", k="memory", v="memory", mask="src_padding")
+def masked_values_and_minus_one(
+    y: Float[np.ndarray, "batch tgt d_model"],
+    memory: Float[np.ndarray, "batch src d_model"],
+    src_keep: Bool[np.ndarray, "batch src"],
+) -> Float[np.ndarray, "batch tgt d_model"]:
+    """Q from the decoder stream; K, V from the memory (padded rows zeroed); padding masked."""
+    B, T, _ = y.shape
+    S = memory.shape[1]
+    memory = src_keep[:, :, None] * memory                                     # zero padded rows
+    q = _split(nn.linear(y, "d_model", name="q_proj"), B, T)                   # -1 is d_head
+    k = _split(nn.linear(memory, "d_model", name="k_proj"), B, S)
+    v = np.where(src_keep[:, None, :, None], _split(nn.linear(memory, "d_model", name="v_proj"), B, S), 0.0)
+    s = np.matmul(q, np.swapaxes(k, -1, -2)) / math.sqrt(qf.dim("d_head"))    # (batch, heads, tgt, src)
+    p = nn.softmax(np.where(src_keep[:, None, None, :] == 0, -1e9, s), axis=-1)  # masked_fill style
+    return nn.linear((p @ v).transpose(0, 2, 1, 3).reshape(B, T, -1), "d_model", name="out_proj")
+
+
 MODELS = {
     "flattened_keys_first": lambda: build(TINY, cross=flattened_keys_first),
     "per_head_loop": lambda: build(TINY, encoder_self=per_head_loop),
+    "masked_values_and_minus_one": lambda: build(TINY, cross=masked_values_and_minus_one),
     "pre_norm_learned_gelu": lambda: build(from_dict(
         {"preset": "tiny", "name": "pre", "norm": "pre", "positions": "learned", "activation": "gelu"})),
     "half_positions_silu": lambda: build(from_dict(

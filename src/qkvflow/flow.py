@@ -8,13 +8,14 @@ An abstract interpretation: for every node it computes, per token source
 * ``("nonpad",)``   — on every non-padding token of the source;
 * ``("all",)``      — on any token, future or padding included.
 
-Masks are tracked with their *polarity*: a mask tensor is ``keep`` (True
-where attending is allowed: ``padding_mask``, ``ids != pad``), ``drop``
-(True where it is not: ``~keep``, ``1 - keep``) or ``bias`` (a large
-negative number where it is not: ``(1 - keep) * -1e9``). A mask's
-restrictions are ``("causal", qa, ka)`` (key ka <= query qa) and
-``("keypad", ka, source)`` (non-padding keys). Applying a mask the right
-way round gives a tensor two kinds of dead entries:
+A mask is tracked as its *restrictions* — ``("causal", qa, ka)`` (key
+ka <= query qa) and ``("keypad", ka, source)`` (non-padding keys) — and
+the pair of values it holds where attending is allowed and where it is
+ruled out: ``padding_mask`` is (1, 0), ``~keep`` and ``keep == 0`` are
+(0, 1), ``(1 - keep) * -1e9`` is (0, -1e9). The pair follows arithmetic
+with constants, so any way of writing a mask is understood, and a mask
+counts only when it is applied the right way round. Applying one gives a
+tensor two kinds of dead entries:
 
 * ``minf``  — entries that are -inf (or very negative): a softmax ignores them;
 * ``zeros`` — entries that are exactly 0: a sum or matrix product ignores them.
@@ -40,16 +41,16 @@ EMPTY = frozenset()
 
 
 class Flow:
-    """Facts of one tensor: ``deps`` per source, dead entries, mask polarity."""
+    """Facts of one tensor: ``deps`` per source, dead entries, mask values."""
 
-    __slots__ = ("deps", "minf", "zeros", "mask", "polarity")
+    __slots__ = ("deps", "minf", "zeros", "mask", "values")
 
-    def __init__(self, deps=None, minf=EMPTY, zeros=EMPTY, mask=EMPTY, polarity=None):
+    def __init__(self, deps=None, minf=EMPTY, zeros=EMPTY, mask=EMPTY, values=None):
         self.deps = deps or {s: EMPTY for s in SEQ_DIMS}
         self.minf = frozenset(minf)
         self.zeros = frozenset(zeros)
-        self.mask = frozenset(mask)  # restrictions, when this tensor is a mask
-        self.polarity = polarity if self.mask else None
+        self.mask = frozenset(mask)  # restrictions, when this tensor is made from masks
+        self.values = values if self.mask else None  # (where allowed, where ruled out)
 
 
 def _norm(facts: set) -> frozenset:
@@ -86,7 +87,7 @@ def _remap(flow: Flow, amap: dict) -> Flow:
                 out.add(f)
         deps[s] = _norm(out)
     return Flow(deps, _remap_restrictions(flow.minf, amap), _remap_restrictions(flow.zeros, amap),
-                _remap_restrictions(flow.mask, amap), flow.polarity)
+                _remap_restrictions(flow.mask, amap), flow.values)
 
 
 def _deps_join(flows: list[Flow]) -> dict:
@@ -118,66 +119,127 @@ def _plain(g, node, ins, flows):
     return Flow(_deps_join(_aligned(g, node, ins, flows)))
 
 
+def _is_bias(f: Flow) -> bool:
+    """A mask that adds 0 where allowed and a very negative number where ruled out."""
+    return f.values is not None and f.values[0] == 0 and f.values[1] <= _LARGE_NEGATIVE
+
+
+def _is_keep(f: Flow) -> bool:
+    return f.values is not None and f.values[0] != 0 and f.values[1] == 0
+
+
+_ARITHMETIC = {
+    "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
+    "div": lambda a, b: a / b if b else None, "eq": lambda a, b: float(a == b),
+    "ne": lambda a, b: float(a != b), "lt": lambda a, b: float(a < b), "le": lambda a, b: float(a <= b),
+    "gt": lambda a, b: float(a > b), "ge": lambda a, b: float(a >= b),
+    "and": lambda a, b: float(bool(a) and bool(b)), "or": lambda a, b: float(bool(a) or bool(b)),
+}
+
+
+def _mask_values(fn: str, a: Flow, const, const_first: bool):
+    """The (allowed, ruled out) values of ``fn`` applied to a mask and a constant."""
+    if fn == "not":
+        return tuple(float(not v) for v in a.values)
+    if fn == "neg":
+        return tuple(-v for v in a.values)
+    op = _ARITHMETIC.get(fn)
+    if op is None or const is None:
+        return None
+    pair = tuple(op(const, v) if const_first else op(v, const) for v in a.values)
+    return None if None in pair or pair[0] == pair[1] else pair
+
+
+def _combine_masks(fn: str, a: Flow, b: Flow):
+    """Two masks combined elementwise: the restrictions where the result's
+    (allowed, ruled out) values still hold, or None when they do not."""
+    op = _ARITHMETIC.get(fn)
+    if op is None:
+        return None
+    allowed = op(a.values[0], b.values[0])
+    # Ruled out by either mask: the value there is the same whichever one rules it out?
+    only_a, only_b, both = op(a.values[1], b.values[0]), op(a.values[0], b.values[1]), op(a.values[1], b.values[1])
+    if None in (allowed, only_a, only_b, both):
+        return None
+    ruled = (only_a, only_b, both)
+    if allowed not in ruled:  # either mask rules out: the restrictions add up
+        if len(set(ruled)) == 1:
+            return a.mask | b.mask, (allowed, both)
+        if allowed == 0 and max(ruled) <= _LARGE_NEGATIVE:  # two biases added
+            return a.mask | b.mask, (allowed, max(ruled))
+        return None
+    if only_a == only_b == allowed != both:  # both must rule out
+        return a.mask & b.mask, (allowed, both)
+    return None
+
+
 def _add(g, node, ins, flows):
     """a + b: a bias mask kills entries; -inf entries stay -inf."""
     fs = _aligned(g, node, ins, flows)
     minf = set()
     for f in fs:
-        minf |= f.mask if f.polarity == "bias" else f.minf
+        minf |= f.mask if _is_bias(f) else f.minf
     return Flow(_deps_join(fs), minf)
 
 
-def _combine_masks(fs: list[Flow], fn: str):
-    """``and`` / ``or`` of two masks of one polarity."""
-    if len(fs) != 2 or not all(f.mask for f in fs) or fs[0].polarity != fs[1].polarity:
-        return EMPTY, None
-    pol = fs[0].polarity
-    narrower = (fn == "and") == (pol == "keep")  # keep & keep, drop | drop: both restrict
-    cons = fs[0].mask | fs[1].mask if narrower else fs[0].mask & fs[1].mask
-    return cons, pol
+def _padding_compare(g, node, ins, fn: str, const) -> Flow | None:
+    """``ids != pad_id`` (and ``ids > 0`` when pad_id is 0) is a padding mask."""
+    if g.nodes[ins[0]]["dtype"] != "int" or const is None:
+        return None
+    pad = g.graph.get("config", {}).get("pad_id", const)
+    keeps_real = {"ne": const == pad, "gt": pad == 0 and const == 0, "ge": pad == 0 and const == 1}
+    drops_real = {"eq": const == pad}
+    shape = g.nodes[node]["shape"]
+    source = _seq_of(shape[-1])
+    if source is None:
+        return None
+    if keeps_real.get(fn):
+        return Flow(mask={("keypad", len(shape) - 1, source)}, values=(1.0, 0.0))
+    if drops_real.get(fn):
+        return Flow(mask={("keypad", len(shape) - 1, source)}, values=(0.0, 1.0))
+    return Flow()
 
 
 def _elementwise(g, node, ins, flows):
     attrs = g.nodes[node]["attrs"]
-    fn, const = attrs["fn"], attrs.get("const")
+    fn, const, first = attrs["fn"], attrs.get("const"), attrs.get("const_first", False)
     fs = _aligned(g, node, ins, flows)
     deps = _deps_join(fs)
-    (a, *_) = fs
-    if fn == "not" and a.polarity in ("keep", "drop"):
-        return Flow(deps, mask=a.mask, polarity="drop" if a.polarity == "keep" else "keep")
-    if fn in ("and", "or"):
-        cons, pol = _combine_masks(fs, fn)
-        return Flow(deps, mask=cons, polarity=pol)
-    if fn in ("ne", "eq") and const is not None and g.nodes[ins[0]]["dtype"] == "int":
-        shape = g.nodes[node]["shape"]
-        source = _seq_of(shape[-1])
-        return Flow({s: EMPTY for s in SEQ_DIMS}, mask={("keypad", len(shape) - 1, source)} if source else EMPTY,
-                    polarity="keep" if fn == "ne" else "drop")
-    if len(fs) == 1 and const is not None:
-        if fn == "sub" and attrs.get("const_first") and const == 1 and a.polarity in ("keep", "drop"):
-            return Flow(deps, mask=a.mask, polarity="drop" if a.polarity == "keep" else "keep")
-        if fn == "mul" and a.polarity == "drop" and const <= _LARGE_NEGATIVE:
-            return Flow(deps, mask=a.mask, polarity="bias")
-        if a.polarity is None and ((fn in ("mul", "div") and const > 0) or fn in ("add", "sub")):
+    a = fs[0]
+    compared = _padding_compare(g, node, ins, fn, const) if len(fs) == 1 else None
+    if compared is not None:
+        return compared
+    if len(fs) == 1 and a.values is not None:
+        values = _mask_values(fn, a, const, first)
+        return Flow(deps, mask=a.mask, values=values) if values else Flow(deps)
+    if len(fs) == 2 and fs[0].values is not None and fs[1].values is not None:
+        combined = _combine_masks(fn, fs[0], fs[1])
+        return Flow(deps, mask=combined[0], values=combined[1]) if combined else Flow(deps)
+    if len(fs) == 1:
+        if fn in ("mul", "div") and const is not None and const > 0:
             return Flow(deps, a.minf, a.zeros)  # -inf and 0 survive a positive scale
+        if fn in ("add", "sub") and not first:
+            return Flow(deps, a.minf)  # -inf survives a shift; 0 does not
+        if fn == "exp":
+            return Flow(deps, zeros=a.minf)  # exp(-inf) is exactly 0
         return Flow(deps)
-    if fn == "exp" and len(fs) == 1:
-        return Flow(deps, zeros=a.minf)  # exp(-inf) is exactly 0
-    if fn == "mul" and len(fs) == 2:
+    data, other = (fs[1], fs[0]) if fs[0].values is not None else (fs[0], fs[1])
+    if fn == "add":
+        return _add(g, node, ins, flows)
+    if fn == "sub" and other.values is not None and other is fs[1]:
+        bias = other.values[0] == 0 and other.values[1] >= -_LARGE_NEGATIVE
+        return Flow(deps, data.minf | (other.mask if bias else EMPTY))
+    if fn == "mul":
         # Multiplying by a keep mask zeroes entries (valid before a sum, not a softmax).
-        zeros = set()
-        for f, other in ((fs[0], fs[1]), (fs[1], fs[0])):
-            zeros |= f.mask if f.polarity == "keep" else f.zeros
-        return Flow(deps, zeros=zeros)
-    if fn in ("add", "sub") and len(fs) == 2:
-        return _add(g, node, ins, flows) if fn == "add" else Flow(deps, fs[0].minf)
-    if fn == "div" and len(fs) == 2:
-        return Flow(deps, zeros=fs[0].zeros)
+        return Flow(deps, zeros=data.zeros | (other.mask if _is_keep(other) else other.zeros))
+    if fn == "div" and other is fs[1]:
+        return Flow(deps, zeros=data.zeros)
     return Flow(deps)
 
 
 def _where(g, node, ins, flows):
-    """where(cond, a, b): a keep mask with a -inf (or 0) other side kills entries."""
+    """where(cond, a, b): a mask choosing a very negative (or 0) fill where it
+    rules out kills entries; of two scalars it makes a new mask."""
     attrs = g.nodes[node]["attrs"]
     fs = _aligned(g, node, ins, flows)
     it = iter(fs)
@@ -185,22 +247,27 @@ def _where(g, node, ins, flows):
     a = attrs["a"] if "a" in attrs else next(it)
     b = attrs["b"] if "b" in attrs else next(it)
     deps = _deps_join(fs)
-    minf, zeros = set(), set()
-    for data, fill, pol in ((a, b, "keep"), (b, a, "drop")):
-        if isinstance(data, Flow):
-            minf |= data.minf
-            zeros |= data.zeros
-        if cond.polarity == pol and isinstance(fill, float):
-            if fill <= _LARGE_NEGATIVE:
-                minf |= cond.mask
-            elif fill == 0.0:
-                zeros |= cond.mask
-    return Flow(deps, minf, zeros)
+    if cond.values is None:
+        return Flow(deps)
+    pick = [bool(v) for v in cond.values]  # True: the `a` side, at (allowed, ruled out)
+    if not isinstance(a, Flow) and not isinstance(b, Flow):
+        values = tuple(float(a if p else b) for p in pick)
+        return Flow(deps, mask=cond.mask, values=values) if values[0] != values[1] else Flow(deps)
+    if pick[0] == pick[1]:
+        return Flow(deps)
+    data, fill = (a, b) if pick[0] else (b, a)  # what allowed entries get, what ruled out ones get
+    if not isinstance(data, Flow) or isinstance(fill, Flow):
+        return Flow(deps)
+    if fill <= _LARGE_NEGATIVE:
+        return Flow(deps, data.minf | cond.mask, data.zeros)
+    if fill == 0.0:
+        return Flow(deps, data.minf, data.zeros | cond.mask)
+    return Flow(deps)
 
 
 def _mask(g, node, ins, flows):
     scores, keep = _aligned(g, node, ins, flows)
-    minf = scores.minf | (keep.mask if keep.polarity == "keep" else EMPTY)
+    minf = scores.minf | (keep.mask if _is_keep(keep) else EMPTY)
     return Flow(scores.deps, minf, scores.zeros)
 
 
@@ -283,9 +350,9 @@ def _last_mixing(g, node, ins, flows):
 
 def _reshape(g, node, ins, flows):
     src, dst = g.nodes[ins[0]]["shape"], g.nodes[node]["shape"]
-    whole = reshape_map(src, dst, g.graph["dims"])
-    if whole is None:
-        return _remap(flows[0], {})
+    # A reshape the shape rules reject (QKV203) still keeps its sequence atoms:
+    # one mistake, one finding, not a cascade of flow findings after it.
+    whole = reshape_map(src, dst, g.graph["dims"]) or {}
     # Token facts follow their sequence atom through merges and splits
     # ((batch, src) -> (batch*src) -> (batch, src) stays pointwise); dead
     # entries and masks only through axes kept whole.
@@ -297,7 +364,7 @@ def _reshape(g, node, ins, flows):
                if _seq_of(name) and _seq_of(name) in atoms}
     moved = _remap(flows[0], {**whole, **by_atom})
     kept = _remap(flows[0], whole)
-    return Flow(moved.deps, kept.minf, kept.zeros, kept.mask, kept.polarity)
+    return Flow(moved.deps, kept.minf, kept.zeros, kept.mask, kept.values)
 
 
 def _transpose(g, node, ins, flows):
@@ -330,11 +397,11 @@ def _input(g, node, ins, flows):
 
 def _padding_mask(g, node, ins, flows):
     shape = g.nodes[node]["shape"]
-    return Flow(mask={("keypad", len(shape) - 1, _seq_of(shape[-1]))}, polarity="keep")
+    return Flow(mask={("keypad", len(shape) - 1, _seq_of(shape[-1]))}, values=(1.0, 0.0))
 
 
 def _causal_mask(g, node, ins, flows):
-    return Flow(mask={("causal", 0, 1)}, polarity="keep")
+    return Flow(mask={("causal", 0, 1)}, values=(1.0, 0.0))
 
 
 def _embed(g, node, ins, flows):

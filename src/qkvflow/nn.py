@@ -11,12 +11,13 @@ Parametrised ops (``embed``, ``linear``, ``norm``, learned ``positional``,
 """
 
 import functools
+import math
 import numbers
 
 import numpy as np
 
 from .context import Eager, current
-from .dims import DataDim, Dim, name_of
+from .dims import DataDim, Dim, name_of, size_of
 from .errors import TraceError
 from .tracer import Sym, Tracer
 
@@ -217,15 +218,38 @@ def _resolve_reshape(x: Sym, shape: tuple) -> tuple:
                 f"qkvflow.dim) or -1, not the bare size {d!r}"
             )
     if unknown is not None:
-        remaining = [f for n in x.names for f in n.split("*") if n != "1"]
-        for n in names:
-            if n is None or n == "1":
-                continue
-            for f in n.split("*"):
-                if f in remaining:
-                    remaining.remove(f)
-        names[unknown] = "*".join(remaining) or "1"
+        names[unknown] = _infer_minus_one(x, names)
     return tuple(names)
+
+
+def _infer_minus_one(x: Sym, names: list) -> str:
+    """The name of a reshape's -1: the input's dims the other names leave over,
+    or, when a sized dim is split by other names (d_model -> heads, -1), the one
+    model dim of the left-over size."""
+    remaining = [f for n in x.names if n != "1" for f in n.split("*")]
+    unmatched = []
+    for n in names:
+        if n is None or n == "1":
+            continue
+        for f in n.split("*"):
+            if f in remaining:
+                remaining.remove(f)
+            else:
+                unmatched.append(f)
+    if not unmatched:
+        return "*".join(remaining) or "1"
+    dims = x.tracer.dims
+    have = [size_of(f, dims) for f in remaining]
+    taken = [size_of(f, dims) for f in unmatched]
+    if None not in have and None not in taken and math.prod(taken) and math.prod(have) % math.prod(taken) == 0:
+        size = math.prod(have) // math.prod(taken)
+        fits = [d for d, s in dims.items() if s == size]
+        if len(fits) == 1:
+            return fits[0]
+    raise TraceError(
+        f"reshape of {x.node} {x.names} to {tuple(n or -1 for n in names)}: cannot tell which dim -1 "
+        "stands for; name it (e.g. qkvflow.dim(\"d_head\"))"
+    )
 
 
 def reshape(x, *shape):

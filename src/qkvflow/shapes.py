@@ -282,7 +282,10 @@ def reshape_map(src: tuple, dst: tuple, dims: dict) -> dict[int, int] | None:
                 kept[a[i][1]] = b[j][1]
             i, j = i + 1, j + 1
             continue
-        # Different names: allowed only as a numeric split/merge of sized dims.
+        # Different names: allowed only as a numeric split/merge of sized dims,
+        # never when one side names a dim the other side has elsewhere (a reorder).
+        if a[i][0] in {f for f, _ in b[j:]} or b[j][0] in {f for f, _ in a[i:]}:
+            return None
         si, sj = size_of(a[i][0], dims), size_of(b[j][0], dims)
         if si is None or sj is None:
             return None

@@ -320,7 +320,7 @@ class Tracer(Context):
         return origins, entries
 
     def _walk_back(self, node: str, inside: set, role: str) -> tuple:
-        """Follow argument 0 out of the block; label the chain's edges ``role``.
+        """Follow the data operand out of the block; label the chain's edges ``role``.
 
         Returns the origin (the first node outside the block) and the
         block's node that reads it (None when ``node`` is already outside).
@@ -331,10 +331,19 @@ class Tracer(Context):
             preds = sorted(g.in_edges(node, keys=True, data=True), key=lambda e: e[3]["arg"])
             if not preds:
                 return None, node
-            u, _, k, _ = preds[0]
+            u, _, k, _ = _data_operand(g, preds)
             g.edges[u, node, k]["role"] = role
             entry, node = node, u
         return node, entry
+
+
+def _data_operand(g, preds: list) -> tuple:
+    """The input edge carrying the data, not a mask: a full-shaped float
+    operand (``where(keep, v, 0)`` and ``keep * v`` lead back through v)."""
+    def rank(edge):
+        d = g.nodes[edge[0]]
+        return (d["dtype"] != "float", "1" in d["shape"], edge[3]["arg"])
+    return min(preds, key=rank)
 
 
 def _masks_beside(g, sm: str, scores: str, inside: set) -> set:

@@ -182,6 +182,28 @@ def renormalise_over_queries(cfg):
     return tiny(cfg, encoder_self=normalise_over_queries_block)
 
 
+@qkvflow.attention("cross", q="decoder", k="memory", v="memory", mask="src_padding")
+def heads_factor_order_block(
+    y: Float[np.ndarray, "batch tgt d_model"],
+    memory: Float[np.ndarray, "batch src d_model"],
+    src_keep: Bool[np.ndarray, "batch src"],
+) -> Float[np.ndarray, "batch tgt d_model"]:
+    """Cross-attention. Q: decoder stream; K, V: the memory; mask: source padding."""
+    B, T, _ = y.shape
+    H, Dh = qkvflow.dim("heads"), qkvflow.dim("d_head")
+    q = nn.linear(y, "heads*d_head", name="q_proj")
+    q = q.reshape(B, T, Dh, H).transpose(0, 3, 1, 2)  # BUG(heads_split_in_the_wrong_factor_order)
+    k, v = project(memory, "k_proj"), project(memory, "v_proj")
+    p = nn.softmax(np.where(src_keep[:, None, None, :], scaled_scores(q, k), -np.inf), axis=-1)
+    return merge(p @ v)
+
+
+@bug("QKV203", "decoder.layers.0.cross_attn.reshape", size_silent=True)
+def heads_split_in_the_wrong_factor_order(cfg):
+    """(heads*d_head) split as (d_head, heads): weights of torch or a checkpoint land in the wrong heads."""
+    return tiny(cfg, cross=heads_factor_order_block)
+
+
 # --- block signatures --------------------------------------------------------------------
 
 @qkvflow.attention("cross", q="decoder", k="memory", v="memory", mask="src_padding")
