@@ -189,18 +189,13 @@ def _provenance(g):
             want = rec["declared"][role]
             node, source = _site(rec, role, rec["scores"] if role in "qk" else rec["attend"])
             got = _origin_words(fact)
-            if want == "memory":
-                if fact["state"] == "memory":
-                    continue
-                if fact["stream"] == "encoder":
-                    yield _diag(g, "QKV303", node,
-                                f"{block}: {role.upper()} reads {got}, an intermediate encoder state; "
-                                f"declared: {_STATE_WORDS[want]}", source=source)
-                else:
-                    yield _diag(g, "QKV301", node,
-                                f"{block}: {role.upper()} comes from {got}; declared: {_STATE_WORDS[want]}",
-                                source=source)
-            elif fact["stream"] != want or fact["state"] == "memory":
+            if want == "memory" and fact["state"] == "memory":
+                continue
+            if want == "memory" and fact["stream"] == "encoder":
+                yield _diag(g, "QKV303", node,
+                            f"{block}: {role.upper()} reads {got}, an intermediate encoder state; "
+                            f"declared: {_STATE_WORDS[want]}", source=source)
+            elif want == "memory" or fact["stream"] != want or fact["state"] == "memory":
                 yield _diag(g, "QKV301", node,
                             f"{block}: {role.upper()} comes from {got}; declared: {_STATE_WORDS[want]}",
                             source=source)

@@ -48,22 +48,8 @@ def cmd_trace(args) -> int:
         from .graph import to_json
         _emit(to_json(g), args.output)
     elif args.format == "graphml":
-        import io
-
-        import networkx as nx
-        flat = g.copy()
-        for _, d in flat.nodes(data=True):
-            for k, v in list(d.items()):
-                if not isinstance(v, (str, int, float, bool)):
-                    d[k] = str(v)
-        for _, _, d in flat.edges(data=True):
-            for k, v in list(d.items()):
-                if not isinstance(v, (str, int, float, bool)):
-                    d[k] = str(v)
-        flat.graph = {"model": g.graph.get("model", "")}
-        buf = io.BytesIO()
-        nx.write_graphml(flat, buf)
-        _emit(buf.getvalue(), args.output)
+        from .graph import to_graphml
+        _emit(to_graphml(g), args.output)
     else:
         from .graph import tabular
         _emit(tabular(g), args.output)

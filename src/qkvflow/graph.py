@@ -32,6 +32,7 @@ __all__ = [
     "lint",
     "tabular",
     "to_json",
+    "to_graphml",
     "from_json",
 ]
 
@@ -145,6 +146,21 @@ def tabular(g: nx.MultiDiGraph, limit: int | None = None) -> str:
 
 def to_json(g: nx.MultiDiGraph) -> str:
     return json.dumps(nx.node_link_data(g, edges="edges"), indent=1, sort_keys=True)
+
+
+def to_graphml(g: nx.MultiDiGraph) -> bytes:
+    """GraphML, with tuple and dict attributes flattened to strings."""
+    import io
+
+    def flat(attrs: dict) -> dict:
+        return {k: v if isinstance(v, (str, int, float, bool)) else str(v) for k, v in attrs.items()}
+
+    out = nx.MultiDiGraph(model=g.graph.get("model", ""))
+    out.add_nodes_from((n, flat(d)) for n, d in g.nodes(data=True))
+    out.add_edges_from((u, v, k, flat(d)) for u, v, k, d in g.edges(keys=True, data=True))
+    buffer = io.BytesIO()
+    nx.write_graphml(out, buffer)
+    return buffer.getvalue()
 
 
 def from_json(text: str) -> nx.MultiDiGraph:

@@ -49,11 +49,9 @@ def init_params(g: nx.MultiDiGraph, seed: int = 0, dtype="float64") -> dict[str,
             value = np.zeros(sizes)
         elif op == "norm":
             value = np.ones(sizes)
-        elif op in ("embed", "unembed"):
-            value = rng.normal(0.0, sizes[-1] ** -0.5, sizes)
         elif op == "positional":
             value = rng.normal(0.0, 0.02, sizes)
-        else:
+        else:  # linear, embed, unembed: N(0, 1/fan-in)
             value = rng.normal(0.0, sizes[-1] ** -0.5, sizes)
         out[path] = value.astype(dtype)
     return out
