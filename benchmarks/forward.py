@@ -1,7 +1,7 @@
 """Forward pass of vaswani-base in float32, batch 8, 64 source + 64 target tokens.
 
 Peer: torch's CPU eager forward of the same model with the same weights
-(nn.TransformerEncoder/Decoder layers via qkvflow.torch_export), when
+(nn.TransformerEncoder/Decoder layers via qkvflow.interop.torch_export), when
 torch is installed. Also measures what runtime checking costs (check=True
 vs check=False, interleaved). Reports medians and ratios.
 
@@ -62,7 +62,7 @@ def main() -> None:
     except ImportError:
         results["torch"] = "not installed (pip install torch==2.13.0)"
     else:
-        from qkvflow.torch_export import to_torch
+        from qkvflow.interop.torch_export import to_torch
         fwd = to_torch(cfg, params)
         ts, tt = torch.from_numpy(src), torch.from_numpy(tgt)
         ours = checked.run(feeds)["logits"]

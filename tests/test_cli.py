@@ -455,7 +455,7 @@ TRACE_CRASH = """
 import numpy as np
 from jaxtyping import Bool, Float
 import qkvflow as qf
-from qkvflow.transformer import build, multi_head_attention
+from qkvflow.models.encoder_decoder import build, multi_head_attention
 
 
 @qf.attention("encoder_self", q="encoder", k="encoder", v="encoder", mask="causal+src_padding")

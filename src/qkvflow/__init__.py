@@ -4,44 +4,57 @@ One graph, four consumers: :func:`trace` a model into a networkx graph, then
 :func:`check` it, :func:`render` it, :func:`explain` it or run it
 (:func:`forward`). Stages are imported on first use, so ``qkvflow check``
 does not pay for graphviz or the executor.
+
+The package is laid out as the path of data: ``ir`` (the graph, dims, the
+op registry), ``trace`` (model code -> graph), ``passes`` (provenance,
+shapes, information flow, the checks), ``views`` (render, explain), ``run``
+(the executor and its kernels), ``models`` (configs and builders) and
+``interop`` (torch).
 """
 
-from .config import PRESETS, Config, load_toml, preset
-from .context import Model, dim, eager, scope
-from .errors import QkvflowError
-from .loader import load_model
-from .nn import attention
-from .tracer import trace
+from .ir.errors import QkvflowError
+from .models.config import PRESETS, Config, load_toml, preset
+from .models.loader import load_model
+from .trace import nn
+from .trace.context import Model, dim, eager, scope
+from .trace.nn import attention
+from .trace.tracer import trace
 
 __all__ = [
     "trace", "check", "render", "explain", "forward", "Executor",
     "init_params", "load_params", "save_params",
     "load_model", "preset", "load_toml", "Config", "PRESETS", "Model",
-    "attention", "scope", "dim", "eager", "QkvflowError", "__version__",
+    "attention", "scope", "dim", "eager", "nn", "QkvflowError", "__version__",
 ]
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "check": ("checker", "check"),
-    "render": ("renderer", "render"),
-    "explain": ("explainer", "explain"),
-    "forward": ("execute", "forward"),
-    "Executor": ("execute", "Executor"),
-    "init_params": ("params", "init_params"),
-    "load_params": ("params", "load_params"),
-    "save_params": ("params", "save_params"),
+    "check": ("passes.checks", "check"),
+    "render": ("views.render", "render"),
+    "explain": ("views.explain", "explain"),
+    "forward": ("run.execute", "forward"),
+    "Executor": ("run.execute", "Executor"),
+    "init_params": ("run.params", "init_params"),
+    "load_params": ("run.params", "load_params"),
+    "save_params": ("run.params", "save_params"),
+}
+# Modules reachable as attributes: qf.transformer.build(...), qf.graph.tabular(...).
+_MODULES = {
+    "transformer": "models.encoder_decoder",
+    "graph": "ir.graph",
+    "kernels": "run.kernels",
+    "testing": "testing",
 }
 
 
 def __getattr__(name):
+    import importlib
     if name in _LAZY:
-        import importlib
         module, attr = _LAZY[name]
         value = getattr(importlib.import_module(f".{module}", __name__), attr)
         globals()[name] = value
         return value
-    if name in ("transformer", "testing", "graph", "kernels"):
-        import importlib
-        return importlib.import_module(f".{name}", __name__)
+    if name in _MODULES:
+        return importlib.import_module(f".{_MODULES[name]}", __name__)
     raise AttributeError(f"module 'qkvflow' has no attribute {name!r}")

@@ -8,7 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import QkvflowError
+from .ir.errors import QkvflowError
 
 __all__ = ["OutputError", "write_atomic"]
 

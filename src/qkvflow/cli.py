@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import QkvflowError
+from .ir.errors import QkvflowError
 
 __all__ = ["main"]
 
@@ -18,8 +18,8 @@ DEMO_TGT = "<bos> 我 爱 中国"
 
 
 def _model(spec: str):
-    from .loader import load_model
-    from .tracer import trace
+    from .models.loader import load_model
+    from .trace.tracer import trace
     return trace(load_model(spec))
 
 
@@ -35,7 +35,7 @@ def _emit(text: str | bytes, out: str | None) -> None:
 
 
 def cmd_presets(args) -> int:
-    from .config import PRESETS
+    from .models.config import PRESETS
     width = max(len(n) for n in PRESETS)
     for name, cfg in PRESETS.items():
         print(f"{name.ljust(width)}  {cfg.description}")
@@ -45,19 +45,19 @@ def cmd_presets(args) -> int:
 def cmd_trace(args) -> int:
     g = _model(args.model)
     if args.format == "json":
-        from .graph import to_json
+        from .ir.graph import to_json
         _emit(to_json(g), args.output)
     elif args.format == "graphml":
-        from .graph import to_graphml
+        from .ir.graph import to_graphml
         _emit(to_graphml(g), args.output)
     else:
-        from .graph import tabular
+        from .ir.graph import tabular
         _emit(tabular(g), args.output)
     return 0
 
 
 def cmd_check(args) -> int:
-    from .checker import check, format_diagnostics, has_errors
+    from .passes.checks import check, format_diagnostics, has_errors
     found = []
     for spec in args.models:
         found.extend(check(_model(spec), strict=args.strict))
@@ -66,13 +66,13 @@ def cmd_check(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    from .explainer import explain
+    from .views.explain import explain
     _emit(explain(_model(args.model), lang=args.lang, fmt=args.format), args.output)
     return 0
 
 
 def cmd_render(args) -> int:
-    from .renderer import render
+    from .views.render import render
     render(_model(args.model), args.output, level=args.level, fmt=args.format)
     print(f"wrote {args.output}")
     return 0
@@ -81,7 +81,7 @@ def cmd_render(args) -> int:
 def _ids(text: str, what: str, vocab: dict | None):
     import numpy as np
 
-    from .errors import InputError
+    from .ir.errors import InputError
     tokens = text.replace(",", " ").split()
     if not tokens:
         raise InputError(f"{what} is empty; give token ids like \"5 6 7\"")
@@ -99,8 +99,8 @@ def _ids(text: str, what: str, vocab: dict | None):
 def _run(g, args, vocab=None, words=None) -> tuple[str, dict, dict]:
     import numpy as np
 
-    from .execute import forward
-    from .params import init_params, load_params
+    from .run.execute import forward
+    from .run.params import init_params, load_params
     params = load_params(args.params) if args.params else init_params(g, seed=args.seed)
     src, tgt = _ids(args.src, "--src", vocab), _ids(args.tgt, "--tgt", vocab)
     out = forward(g, params, src, tgt, dtype=args.dtype, capture=bool(getattr(args, "save_activations", None)))
@@ -123,8 +123,8 @@ def cmd_run(args) -> int:
     text, _, out = _run(g, args)
     print(text)
     if args.save_activations:
-        from .errors import ParamError
-        from .params import save_params
+        from .ir.errors import ParamError
+        from .run.params import save_params
         try:
             save_params({k: v for k, v in out["activations"].items() if v.dtype.kind == "f"},
                         args.save_activations)
@@ -141,11 +141,11 @@ def _demo_vocab(size: int) -> list[str]:
 
 def cmd_demo(args) -> int:
     from .atomic import write_atomic
-    from .checker import check, format_diagnostics
-    from .explainer import explain
-    from .graph import to_json
-    from .params import save_params
-    from .renderer import render
+    from .passes.checks import check, format_diagnostics
+    from .views.explain import explain
+    from .ir.graph import to_json
+    from .run.params import save_params
+    from .views.render import render
 
     out = Path(args.out)
     try:

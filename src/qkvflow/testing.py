@@ -4,9 +4,9 @@
 >>> assert_clean("tiny")
 """
 
-from .checker import check
-from .loader import load_model
-from .tracer import trace
+from .passes.checks import check
+from .models.loader import load_model
+from .trace.tracer import trace
 
 __all__ = ["assert_clean"]
 

@@ -1,7 +1,7 @@
 """Config mistakes (QKV1xx): constraints between values, found before any run."""
 
 import qkvflow
-from qkvflow.config import from_dict
+from qkvflow.models.config import from_dict
 
 from .registry import bug
 

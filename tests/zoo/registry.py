@@ -10,7 +10,7 @@ import numpy as np
 
 import qkvflow
 from qkvflow import nn, transformer
-from qkvflow.config import Config
+from qkvflow.models.config import Config
 
 __all__ = ["Bug", "bug", "ENTRIES", "TINY", "SILENT_LENGTH", "tiny", "heads", "merge", "project", "scaled_scores"]
 

@@ -1,0 +1,199 @@
+"""The executor: walks the traced graph and calls one NumPy kernel per node.
+
+It never re-runs model-building code. Checking has two layers:
+
+* every produced array is compared with its node's named shape under one
+  run-wide binding of the data dims (batch, src, tgt) — a dict lookup per
+  axis, always on unless ``check=False``;
+* each kernel runs under jaxtyping + beartype the first time it sees a
+  given op with given input shapes and dtypes; later calls with the same
+  signature skip it (their shapes were already verified), which keeps the
+  cost of checking small (measured in ``benchmarks/``).
+"""
+
+import weakref
+
+import networkx as nx
+import numpy as np
+
+from ..ir.dims import describe_shape, size_of
+from ..ir.errors import ExecutionError, InputError, ParamError
+from ..ir.graph import OPS, arg_nodes, check_well_formed
+from .params import param_specs, validate_params
+
+__all__ = ["Executor", "forward"]
+
+_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_CHECKED: dict = {}
+
+
+def _plan(g: nx.MultiDiGraph) -> list[tuple]:
+    """Topologically ordered steps, cached per graph."""
+    plan = _PLANS.get(g)
+    if plan is None:
+        from .kernels import KERNELS
+        check_well_formed(g)
+        plan = []
+        for node in nx.topological_sort(g):
+            d = g.nodes[node]
+            if d["op"] not in KERNELS:
+                raise ExecutionError(f"node {node}: no kernel for op {d['op']!r} (known: {', '.join(OPS)})")
+            kernel, call = KERNELS[d["op"]]
+            plan.append((node, d["op"], arg_nodes(g, node), d["attrs"], tuple(d["params"]),
+                         d["shape"], kernel, call, d.get("source", "?")))
+        _PLANS[g] = plan
+    return plan
+
+
+def _checked(op: str, kernel):
+    fn = _CHECKED.get(op)
+    if fn is None:
+        from beartype import beartype
+        from jaxtyping import jaxtyped
+        fn = _CHECKED[op] = jaxtyped(typechecker=beartype)(kernel)
+    return fn
+
+
+class Executor:
+    """A graph with its parameters validated and cast once, ready to run.
+
+    Parameters
+    ----------
+    graph : the traced graph.
+    params : path -> array (see :func:`qkvflow.init_params`).
+    dtype : "float64" (default, a reference) or "float32".
+    check : verify named shapes and kernel signatures (default True).
+    """
+
+    def __init__(self, graph: nx.MultiDiGraph, params: dict, *, dtype="float64", check: bool = True):
+        if np.dtype(dtype) not in (np.dtype("float64"), np.dtype("float32")):
+            raise ParamError(f"dtype {dtype!r} is not supported; use float64 or float32")
+        self.graph = graph
+        self.plan = _plan(graph)
+        validate_params(graph, params)
+        self.dtype = np.dtype(dtype)
+        self.params = {k: np.asarray(params[k], dtype=self.dtype) for k in param_specs(graph)}
+        self.check = check
+        self.seen: set = set()
+        for node, data in graph.nodes(data=True):
+            tied = data["attrs"].get("tied_to")
+            if tied and tied not in self.params:
+                raise ParamError(f"node {node} is tied to parameter {tied}, which the graph does not have")
+
+    def _bind_inputs(self, feeds: dict) -> tuple[dict, dict]:
+        g = self.graph
+        sizes = dict(g.graph["dims"])
+        values = {}
+        vocab = sizes.get("vocab")
+        for node in g.graph["inputs"]:
+            attrs = g.nodes[node]["attrs"]
+            name, names = attrs["name"], attrs["shape"]
+            if name not in feeds:
+                raise InputError(f"input {name} {describe_shape(names, sizes)} was not given")
+            arr = np.asarray(feeds[name])
+            if arr.ndim != len(names):
+                raise InputError(f"input {name} has {arr.ndim} axes, expected {describe_shape(names, sizes)}")
+            if attrs.get("dtype") == "int":
+                if arr.dtype.kind not in "iu":
+                    raise InputError(f"input {name} must hold integer token ids, got dtype {arr.dtype}")
+                if arr.size and vocab and (arr.min() < 0 or arr.max() >= vocab):
+                    bad = int(arr.max() if arr.max() >= vocab else arr.min())
+                    raise InputError(f"input {name} has token id {bad}, expected ids in 0..{vocab - 1}")
+            clash = _bind(names, arr.shape, sizes)
+            if clash is not None:
+                axis, dim, have = clash
+                raise InputError(
+                    f"input {name} has {dim} = {arr.shape[axis]} on axis {axis}, "
+                    f"but {dim} = {have} elsewhere in this run"
+                )
+            if 0 in arr.shape:
+                raise InputError(f"input {name} is empty along {names[arr.shape.index(0)]}")
+            values[node] = arr
+        limit = sizes.get("max_positions")
+        for dim in ("src", "tgt"):
+            if limit and sizes.get(dim) is not None and sizes[dim] > limit:
+                raise InputError(f"{dim} length {sizes[dim]} exceeds max_positions = {limit}")
+        return values, sizes
+
+    def run(self, feeds: dict, capture: bool = False) -> dict:
+        """Execute the graph. ``feeds`` maps input names (src_ids, tgt_ids) to arrays.
+
+        Returns the outputs by name; with ``capture`` also ``"activations"``:
+        every node's array by path.
+        """
+        values, sizes = self._bind_inputs(feeds)
+        params = self.params
+        for node, op, args, attrs, pnames, names, kernel, call, source in self.plan:
+            if op == "input":
+                continue
+            ins = [values[a] for a in args]
+            p = {n: params[f"{node}.{n}"] for n in pnames}
+            if "tied_to" in attrs:
+                p["weight"] = params[attrs["tied_to"]]
+            fn = kernel
+            if self.check and kernel is not None:
+                signature = (op, tuple((x.shape, x.dtype.char) for x in ins))
+                if signature not in self.seen:
+                    self.seen.add(signature)
+                    fn = _checked(op, kernel)
+            try:
+                out = call(fn, ins, attrs, p, sizes)
+            except ExecutionError:
+                raise
+            except Exception as err:
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise ExecutionError(f"node {node} ({op}, {source}) failed: {first}") from err
+            if out.dtype.kind == "f" and out.dtype != self.dtype:
+                out = out.astype(self.dtype)  # e.g. np.where(keep, 0.0, -1e9) of scalars
+            if self.check:
+                self._check_shape(node, names, out, sizes, source)
+            values[node] = out
+        result = {self.graph.nodes[o]["attrs"]["name"]: values[o] for o in self.graph.graph["outputs"]}
+        if capture:
+            result["activations"] = values
+        return result
+
+    @staticmethod
+    def _check_shape(node: str, names: tuple, out: np.ndarray, sizes: dict, source: str) -> None:
+        if out.ndim != len(names):
+            raise ExecutionError(
+                f"node {node} ({source}) produced {out.ndim} axes {out.shape}, expected {describe_shape(names, sizes)}"
+            )
+        clash = _bind(names, out.shape, sizes)
+        if clash is not None:
+            axis, dim, want = clash
+            raise ExecutionError(
+                f"node {node} ({source}) produced shape {out.shape}, expected "
+                f"{describe_shape(names, sizes)}: axis {axis} ({dim}) should be {want}"
+            )
+
+
+def _bind(names: tuple, shape: tuple, sizes: dict) -> tuple | None:
+    """Bind free dims of ``names`` to ``shape`` in ``sizes``; the first clash
+    as (axis, dim, expected size), or None when the shape agrees."""
+    for axis, dim in enumerate(names):
+        want = size_of(dim, sizes)
+        if want is None:
+            sizes[dim] = shape[axis]
+        elif want != shape[axis]:
+            return axis, dim, want
+    return None
+
+
+def forward(graph: nx.MultiDiGraph, params: dict, src_ids, tgt_ids, *, dtype="float64",
+            check: bool = True, capture: bool = False) -> dict:
+    """Run the traced encoder–decoder graph on token ids.
+
+    Returns ``{"logits": (batch, tgt, vocab) array}`` (plus ``"activations"``
+    by node path with ``capture=True``).
+
+    Examples
+    --------
+    >>> import numpy as np, qkvflow as qf
+    >>> g = qf.trace(qf.load_model("tiny"))
+    >>> out = qf.forward(g, qf.init_params(g, seed=0), np.array([[5, 6, 7]]), np.array([[1, 8]]))
+    >>> out["logits"].shape
+    (1, 2, 41)
+    """
+    feeds = {"src_ids": src_ids, "tgt_ids": tgt_ids}
+    return Executor(graph, params, dtype=dtype, check=check).run(feeds, capture=capture)

@@ -1,0 +1,238 @@
+"""NumPy kernels: the definition of every op, one small typed function each.
+
+Each kernel is annotated with jaxtyping; :data:`KERNELS` maps an op name to
+``(kernel, call)`` where ``call(kernel, inputs, attrs, params, sizes)`` adapts a
+graph node to the kernel's signature. The executor decides when to run a
+kernel under a beartype check (see :mod:`qkvflow.execute`).
+
+Fully masked rows: :func:`softmax` returns zeros for a row whose entries are
+all ``-inf`` (no key may be attended), so no NaN ever leaves it.
+"""
+
+import math
+
+import numpy as np
+from jaxtyping import Bool, Float, Integer, Shaped
+
+from ..ir.dims import size_of
+
+__all__ = ["KERNELS", "sinusoidal_table"]
+
+Array = np.ndarray
+
+
+def embed(ids: Integer[Array, "*b s"], weight: Float[Array, "vocab d"], scale: float) -> Float[Array, "*b s d"]:
+    out = weight[ids]
+    return out * weight.dtype.type(scale) if scale != 1.0 else out
+
+
+def sinusoidal_table(positions: int, d: int, kind: str, dtype) -> np.ndarray:
+    """(positions, d) table, built in float64 then cast.
+
+    ``sinusoidal`` (the paper): PE[p, 2i] = sin(p / 10000^(2i/d)),
+    PE[p, 2i+1] = cos(p / 10000^(2i/d)). ``sinusoidal_half`` (Marian): the
+    sines of every even column in the first ceil(d/2) columns, the cosines
+    after them.
+    """
+    pos = np.arange(positions, dtype=np.float64)[:, None]
+    n_sin, n_cos = (d + 1) // 2, d // 2
+    inv = np.power(10000.0, -(2.0 * np.arange(n_sin, dtype=np.float64)) / d)
+    angles = pos * inv[None, :]  # (positions, ceil(d/2))
+    table = np.zeros((positions, d), dtype=np.float64)
+    if kind == "sinusoidal":
+        table[:, 0::2] = np.sin(angles)
+        table[:, 1::2] = np.cos(angles[:, :n_cos])
+    else:
+        table[:, :n_sin] = np.sin(angles)
+        table[:, n_sin:] = np.cos(angles[:, :n_cos])
+    return table.astype(dtype)
+
+
+def positional(x: Float[Array, "*b s d"], table: Float[Array, "p d"], offset: int) -> Float[Array, "*b s d"]:
+    seq = x.shape[-2]
+    if offset + seq > table.shape[0]:
+        raise ValueError(f"position {offset + seq - 1} is beyond the table of {table.shape[0]} positions")
+    return x + table[offset:offset + seq]
+
+
+def linear(x: Float[Array, "*b i"], weight: Float[Array, "o i"], bias: Float[Array, "o"] | None) -> Float[Array, "*b o"]:
+    # One (tokens, d_in) x (d_in, d_out) GEMM instead of one per leading index.
+    y = (x.reshape(-1, x.shape[-1]) @ weight.T).reshape(*x.shape[:-1], weight.shape[0])
+    if bias is not None:
+        y += bias
+    return y
+
+
+def split_heads(x: Float[Array, "*b s hd"], heads: int) -> Float[Array, "*b h s d"]:
+    *lead, seq, hd = x.shape
+    # (..., s, h*d) -> (..., s, h, d) -> (..., h, s, d)
+    return np.swapaxes(x.reshape(*lead, seq, heads, hd // heads), -2, -3)
+
+
+def merge_heads(x: Float[Array, "*b h s d"]) -> Float[Array, "*b s hd"]:
+    *lead, h, seq, d = x.shape
+    # (..., h, s, d) -> (..., s, h, d) -> (..., s, h*d)
+    return np.swapaxes(x, -2, -3).reshape(*lead, seq, h * d)
+
+
+def scores(q: Float[Array, "*b tq d"], k: Float[Array, "*b tk d"], scale: float) -> Float[Array, "*b tq tk"]:
+    s = q @ np.swapaxes(k, -1, -2)  # (..., tq, d) @ (..., d, tk) -> (..., tq, tk)
+    return s * s.dtype.type(scale) if scale != 1.0 else s
+
+
+def mask(x: Float[Array, "*b tq tk"], keep: Bool[Array, "*#m"]) -> Float[Array, "*b tq tk"]:
+    return np.where(keep, x, -np.inf).astype(x.dtype, copy=False)
+
+
+def softmax(x: Float[Array, "*s"], axis: int) -> Float[Array, "*s"]:
+    top = np.max(x, axis=axis, keepdims=True)
+    dead = np.isneginf(top)  # a fully masked row
+    e = np.exp(x - np.where(dead, 0, top))
+    total = np.sum(e, axis=axis, keepdims=True)
+    return np.where(dead, 0, e / np.where(dead, 1, total)).astype(x.dtype, copy=False)
+
+
+def attend(p: Float[Array, "*b tq tk"], v: Float[Array, "*b tk d"]) -> Float[Array, "*b tq d"]:
+    return p @ v  # (..., tq, tk) @ (..., tk, d) -> (..., tq, d)
+
+
+def add(a: Shaped[Array, "*#a"], b: Shaped[Array, "*#b"]) -> Shaped[Array, "*c"]:
+    return a + b
+
+
+def norm(x: Float[Array, "*b d"], weight: Float[Array, "d"], bias: Float[Array, "d"] | None,
+         kind: str, eps: float) -> Float[Array, "*b d"]:
+    """``layer``: (x - mean) / sqrt(var + eps) * w + b; ``rms``: x / sqrt(mean(x^2) + eps) * w."""
+    if kind == "rms":
+        return x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps) * weight
+    mu = x.mean(axis=-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(axis=-1, keepdims=True)
+    y = (x - mu) / np.sqrt(var + eps) * weight
+    return y + bias if bias is not None else y
+
+
+def layer_norm(x, weight, bias, eps: float):
+    return norm(x, weight, bias, "layer", eps)
+
+
+def rms_norm(x, weight, eps: float):
+    return norm(x, weight, None, "rms", eps)
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    from math import erf
+    return np.vectorize(erf, otypes=[x.dtype])(x) if x.size else x
+
+
+def activation(x: Float[Array, "*s"], fn: str) -> Float[Array, "*s"]:
+    if fn == "relu":
+        return np.maximum(x, 0)
+    if fn == "gelu":
+        return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
+    if fn == "gelu_tanh":
+        return 0.5 * x * (1.0 + np.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)))
+    if fn == "silu":
+        return x / (1.0 + np.exp(-x))
+    raise ValueError(f"unknown activation {fn!r}")
+
+
+def padding_mask(ids: Integer[Array, "*b s"], pad_id: int) -> Bool[Array, "*b s"]:
+    return ids != pad_id
+
+
+def causal_mask(ids: Shaped[Array, "*b s"]) -> Bool[Array, "s s"]:
+    seq = ids.shape[-1]
+    return np.tril(np.ones((seq, seq), dtype=bool))
+
+
+def unembed(x: Float[Array, "*b d"], weight: Float[Array, "vocab d"]) -> Float[Array, "*b vocab"]:
+    return (x.reshape(-1, x.shape[-1]) @ weight.T).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def identity(x: Shaped[Array, "*s"]) -> Shaped[Array, "*s"]:
+    return x
+
+
+def matmul(a: Float[Array, "*#b m k"], b: Float[Array, "*#c k n"]) -> Float[Array, "*d m n"]:
+    return a @ b
+
+
+_ELEMENTWISE = {
+    "add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide,
+    "pow": np.power, "maximum": np.maximum, "minimum": np.minimum,
+    "eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.less_equal,
+    "gt": np.greater, "ge": np.greater_equal, "and": np.logical_and, "or": np.logical_or,
+    "neg": np.negative, "not": np.logical_not, "exp": np.exp, "log": np.log,
+    "sqrt": np.sqrt, "tanh": np.tanh, "abs": np.abs, "square": np.square,
+}
+_REDUCE = {"sum": np.sum, "mean": np.mean, "max": np.max, "min": np.min}
+
+
+def _float_like(out, inputs):
+    """A float result keeps the dtype of its float array inputs (a Python
+    scalar must not turn float32 into float64; a bool mask gives no dtype)."""
+    if not isinstance(out, np.ndarray) or out.dtype.kind != "f":
+        return out
+    floats = [x.dtype for x in inputs if isinstance(x, np.ndarray) and x.dtype.kind == "f"]
+    return out.astype(np.result_type(*floats), copy=False) if floats else out
+
+
+def elementwise(fn: str, *xs, const=None, const_first: bool = False):
+    f = _ELEMENTWISE[fn]
+    if const is not None:
+        xs = (const, *xs) if const_first else (*xs, const)
+    return _float_like(f(*xs), xs)
+
+
+def _where(ins, attrs, params):
+    it = iter(ins)
+    cond = next(it)
+    a = attrs["a"] if "a" in attrs else next(it)
+    b = attrs["b"] if "b" in attrs else next(it)
+    return _float_like(np.where(cond, a, b), (a, b))
+
+
+def _positional(kernel, ins, attrs, params):
+    x = ins[0]
+    table = params.get("weight")
+    if table is None:
+        table = sinusoidal_table(attrs["offset"] + x.shape[-2], x.shape[-1], attrs["kind"], x.dtype)
+    return kernel(x, table, attrs["offset"])
+
+
+def _concat(ins, attrs, params):
+    return np.concatenate(ins, axis=attrs["axis"])
+
+
+# op -> (typed kernel, adapter). The adapter unpacks a node for the kernel.
+KERNELS = {
+    "input": (None, None),  # fed by the executor
+    "embed": (embed, lambda k, i, a, p, s: k(i[0], p["weight"], a.get("scale", 1.0))),
+    "positional": (positional, lambda k, i, a, p, s: _positional(k, i, a, p)),
+    "linear": (linear, lambda k, i, a, p, s: k(i[0], p["weight"], p.get("bias"))),
+    "split_heads": (split_heads, lambda k, i, a, p, s: k(i[0], s[a["heads"]])),
+    "merge_heads": (merge_heads, lambda k, i, a, p, s: k(i[0])),
+    "scores": (scores, lambda k, i, a, p, s: k(i[0], i[1], a["scale"])),
+    "mask": (mask, lambda k, i, a, p, s: k(i[0], i[1])),
+    "softmax": (softmax, lambda k, i, a, p, s: k(i[0], a["axis"])),
+    "attend": (attend, lambda k, i, a, p, s: k(i[0], i[1])),
+    "add": (add, lambda k, i, a, p, s: k(i[0], i[1])),
+    "norm": (norm, lambda k, i, a, p, s: k(i[0], p["weight"], p.get("bias"), a["kind"], a["eps"])),
+    "activation": (activation, lambda k, i, a, p, s: k(i[0], a["fn"])),
+    "padding_mask": (padding_mask, lambda k, i, a, p, s: k(i[0], a["pad_id"])),
+    "causal_mask": (causal_mask, lambda k, i, a, p, s: k(i[0])),
+    "unembed": (unembed, lambda k, i, a, p, s: k(i[0], p["weight"])),
+    "output": (identity, lambda k, i, a, p, s: k(i[0])),
+    "reshape": (None, lambda k, i, a, p, s: i[0].reshape([size_of(n, s) for n in a["shape"]])),
+    "transpose": (None, lambda k, i, a, p, s: np.transpose(i[0], a["perm"])),
+    "matmul": (matmul, lambda k, i, a, p, s: k(i[0], i[1])),
+    "einsum": (None, lambda k, i, a, p, s: np.einsum(a["equation"], *i)),
+    "where": (None, lambda k, i, a, p, s: _where(i, a, p)),
+    "reduce": (None, lambda k, i, a, p, s: _REDUCE[a["fn"]](i[0], axis=tuple(a["axis"]), keepdims=a["keepdims"])),
+    "elementwise": (None, lambda k, i, a, p, s: elementwise(
+        a["fn"], *i, const=a.get("const"), const_first=a.get("const_first", False))),
+    "concat": (None, lambda k, i, a, p, s: _concat(i, a, p)),
+}

@@ -1,0 +1,117 @@
+"""Parameters named by node path: initialise, validate, save and load.
+
+Files are safetensors (``.safetensors``) or NumPy ``.npz``; neither is ever
+read through pickle. Writes are atomic (a temporary file, then a rename).
+"""
+
+import io
+import os
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+
+from ..atomic import OutputError, write_atomic
+from ..ir.dims import describe_shape, size_of
+from ..ir.errors import ParamError
+
+__all__ = ["param_specs", "init_params", "validate_params", "save_params", "load_params"]
+
+
+def param_specs(g: nx.MultiDiGraph) -> dict[str, tuple]:
+    """Every parameter of the graph: path -> named shape."""
+    specs = {}
+    for node, data in g.nodes(data=True):
+        for name, shape in data.get("params", {}).items():
+            specs[f"{node}.{name}"] = tuple(shape)
+    return specs
+
+
+def _sizes(g: nx.MultiDiGraph, shape: tuple) -> tuple:
+    return tuple(size_of(n, g.graph["dims"]) for n in shape)
+
+
+def init_params(g: nx.MultiDiGraph, seed: int = 0, dtype="float64") -> dict[str, np.ndarray]:
+    """Seeded parameters for every node of ``g``.
+
+    Linear weights ~ N(0, 1/d_in), embeddings ~ N(0, 1/d_model), learned
+    positions ~ N(0, 0.02); norm weights 1; biases 0.
+    """
+    rng = np.random.default_rng(seed)
+    out = {}
+    for path, shape in sorted(param_specs(g).items()):
+        sizes = _sizes(g, shape)
+        if any(s is None or s <= 0 for s in sizes):
+            raise ParamError(f"parameter {path} has shape {shape} without positive sizes")
+        op = g.nodes[path.rsplit(".", 1)[0]]["op"]
+        leaf = path.rsplit(".", 1)[1]
+        if leaf == "bias":
+            value = np.zeros(sizes)
+        elif op == "norm":
+            value = np.ones(sizes)
+        elif op == "positional":
+            value = rng.normal(0.0, 0.02, sizes)
+        else:  # linear, embed, unembed: N(0, 1/fan-in)
+            value = rng.normal(0.0, sizes[-1] ** -0.5, sizes)
+        out[path] = value.astype(dtype)
+    return out
+
+
+def validate_params(g: nx.MultiDiGraph, params: dict) -> None:
+    """Raise ParamError naming the first missing, misshapen or non-finite parameter."""
+    dims = g.graph["dims"]
+    for path, shape in sorted(param_specs(g).items()):
+        if path not in params:
+            raise ParamError(f"parameter {path} {describe_shape(shape, dims)} is missing")
+        value = params[path]
+        want = _sizes(g, shape)
+        if tuple(value.shape) != want:
+            raise ParamError(
+                f"parameter {path} has shape {tuple(value.shape)}, expected "
+                f"{describe_shape(shape, dims)} = {want}"
+            )
+        if value.dtype.kind != "f":
+            raise ParamError(f"parameter {path} has dtype {value.dtype}, expected a float dtype")
+        if not np.all(np.isfinite(value)):
+            raise ParamError(f"parameter {path} contains NaN or infinite values")
+
+
+def save_params(params: dict, path: str | os.PathLike) -> Path:
+    """Write ``params`` to ``.safetensors`` or ``.npz`` atomically."""
+    path = Path(path)
+    arrays = {k: np.ascontiguousarray(v) for k, v in params.items()}
+    suffix = path.suffix.lower()
+    if suffix not in (".safetensors", ".npz"):
+        raise ParamError(f"cannot save parameters to {str(path)!r}: use a .safetensors or .npz file")
+    if suffix == ".npz":
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        payload = buffer.getvalue()
+    else:
+        from safetensors.numpy import save
+        payload = save(arrays)
+    try:
+        write_atomic(path, payload)
+    except OutputError as err:
+        raise ParamError(str(err)) from None
+    return path
+
+
+def load_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read parameters from ``.safetensors`` or ``.npz`` (never via pickle)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise ParamError(f"parameter file {str(path)!r} does not exist")
+    try:
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        if suffix == ".safetensors":
+            from safetensors.numpy import load_file
+            return dict(load_file(str(path)))
+    except ParamError:
+        raise
+    except Exception as err:
+        raise ParamError(f"parameter file {str(path)!r} cannot be read: {err}") from None
+    raise ParamError(f"parameter file {str(path)!r}: expected .safetensors or .npz")

@@ -1,0 +1,187 @@
+"""Where model code runs: traced (symbolic) or eager (NumPy arrays).
+
+Model code is ordinary Python calling :mod:`qkvflow.nn` and array methods.
+Inside ``trace`` it sees :class:`~qkvflow.tracer.Sym` values and every
+operation becomes a graph node; inside :func:`eager` it sees NumPy arrays
+and runs directly. Both keep the same scope stack, so a parameter is named
+by the same path in both (``decoder.layers.1.cross_attn.k_proj.weight``).
+"""
+
+import contextlib
+import contextvars
+import os
+import sys
+
+from ..ir.dims import DataDim, Dim
+from ..ir.errors import TraceError
+
+__all__ = ["Context", "Eager", "current", "scope", "dim", "eager", "Model"]
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("qkvflow_context", default=None)
+_TRACE_DIR = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_DIR = os.path.dirname(_TRACE_DIR)
+# Frames in these files are qkvflow machinery, not the code a node came from.
+_INTERNAL = {os.path.join(_TRACE_DIR, f) for f in ("context.py", "tracer.py", "tensor.py", "nn.py")}
+# Code objects of entry points (``trace``): frames beyond them are the caller's.
+ENTRY_CODES: set = set()
+
+
+class Model:
+    """A buildable model: named dims, a config and a ``build()`` function.
+
+    ``build()`` creates its inputs with :func:`qkvflow.nn.input` and returns
+    a dict of named outputs. It runs under ``trace`` (symbolic) or
+    :func:`eager` (arrays) unchanged.
+    """
+
+    def __init__(self, name: str, dims: dict, build, config: dict | None = None) -> None:
+        self.name = name
+        self.dims = dict(dims)
+        self.build = build
+        self.config = dict(config or {})
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r})"
+
+
+class Context:
+    """Scope stack and dims table shared by tracing and eager execution."""
+
+    def __init__(self, dims: dict) -> None:
+        self.dims = dict(dims)
+        self.scopes: list[tuple[str, dict]] = []
+
+    def path(self, name: str) -> str:
+        return ".".join([s for s, _ in self.scopes if s] + [name])
+
+    def here(self) -> str:
+        """The current scope's path."""
+        return ".".join(s for s, _ in self.scopes if s)
+
+    def scope_attrs(self) -> dict:
+        attrs = {"stream": None, "layer": None, "block": None, "block_path": None, "attention": None}
+        parts = []
+        for name, extra in self.scopes:
+            if name:
+                parts.append(name)
+            for key, value in extra.items():
+                attrs[key] = value
+                if key == "block":
+                    # An unnamed block scope groups nodes without renaming them.
+                    attrs["block_path"] = ".".join(parts if name else parts + [value])
+        return attrs
+
+    @contextlib.contextmanager
+    def scope(self, name: str, **attrs):
+        self.scopes.append((name, attrs))
+        try:
+            yield
+        finally:
+            self.scopes.pop()
+
+    def dim(self, name: str):
+        if name not in self.dims:
+            raise TraceError(f"unknown dim {name!r}; known dims: {', '.join(sorted(self.dims))}")
+        size = self.dims[name]
+        return DataDim(name) if size is None else Dim(name, size)
+
+    @staticmethod
+    def user_source() -> str:
+        """``file:line`` of the code a node came from.
+
+        The innermost frame outside the qkvflow package (the user's own
+        block, even when it calls a qkvflow helper), else the innermost
+        frame outside qkvflow's tracing machinery (a built-in block).
+        """
+        frame = sys._getframe(1)
+        fallback = None
+        while frame is not None and frame.f_code not in ENTRY_CODES:
+            filename = frame.f_code.co_filename
+            if filename not in _INTERNAL:
+                if fallback is None:
+                    fallback = frame
+                if not filename.startswith(PACKAGE_DIR + os.sep):
+                    return _where(frame)
+            frame = frame.f_back
+        return _where(fallback) if fallback is not None else "?"
+
+
+def _where(frame) -> str:
+    filename = frame.f_code.co_filename
+    try:
+        rel = os.path.relpath(filename)
+    except ValueError:
+        rel = filename
+    return f"{filename if rel.startswith('..') else rel}:{frame.f_lineno}"
+
+
+class Eager(Context):
+    """Runs model code on NumPy arrays with the given parameters and inputs."""
+
+    def __init__(self, dims: dict, params: dict, feeds: dict, dtype) -> None:
+        super().__init__(dims)
+        self.params = params
+        self.feeds = feeds
+        self.dtype = dtype
+
+    def dim(self, name: str):
+        value = super().dim(name)
+        if isinstance(value, DataDim):
+            raise TraceError(f"dim {name!r} has no size outside a run; read it from an array's shape")
+        return int(value)
+
+    def param(self, path: str):
+        try:
+            return self.params[path]
+        except KeyError:
+            raise TraceError(f"parameter {path!r} is missing") from None
+
+
+def current() -> Context | None:
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def activate(ctx: Context):
+    token = _ACTIVE.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _ACTIVE.reset(token)
+
+
+@contextlib.contextmanager
+def scope(name: str, **attrs):
+    """Name a part of the model: ``with qf.scope("layers.0", layer=0): ...``.
+
+    Keyword attrs (``stream``, ``layer``, ``block``) are recorded on every
+    node created inside. Outside a trace or eager run it does nothing.
+    """
+    ctx = current()
+    if ctx is None:
+        yield
+        return
+    with ctx.scope(name, **attrs):
+        yield
+
+
+def dim(name: str):
+    """A model dim by name: a :class:`Dim` while tracing, an ``int`` when eager."""
+    ctx = current()
+    if ctx is None:
+        raise TraceError(f"dim({name!r}) needs a trace or an eager run")
+    return ctx.dim(name)
+
+
+def eager(model: Model, params: dict, feeds: dict, dtype="float64"):
+    """Run ``model.build()`` on arrays: returns its outputs as arrays.
+
+    This runs the model's own Python code (unlike :func:`qkvflow.forward`,
+    which executes the traced graph); jaxtyping checks sizes on each block.
+    """
+    import numpy as np
+
+    sizes = dict(model.dims)
+    ctx = Eager(sizes, {k: np.asarray(v, dtype=dtype) for k, v in params.items()}, feeds, np.dtype(dtype))
+    with activate(ctx):
+        return model.build()

@@ -1,0 +1,419 @@
+"""The render stage: diagrams of the Q/K/V dataflow, drawn from the graph only.
+
+Two levels: ``block`` (one node per sub-layer, grouped by ``block_path``)
+and ``op`` (one node per graph node). Both build a small :class:`_Diagram`
+first, which is then written as DOT (through the ``graphviz`` package, whose
+``dot`` program makes SVG, PNG and PDF) or as Mermaid text. Colours and line
+styles come from one mapping, :data:`ROLE_STYLE` for edges and
+:data:`OP_STYLE` for ops; Q, K and V are blue, green and orange everywhere.
+The encoder's final output (``graph.graph["memory"]``) is drawn on its own so
+that the K and V edges into every cross-attention visibly start from it.
+"""
+
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+from ..atomic import OutputError, write_atomic
+from ..ir.errors import RenderError
+from ..ir.graph import ATTENTION_KINDS, OPS, to_json
+
+__all__ = ["render", "FORMATS", "LEVELS", "ROLE_STYLE", "OP_STYLE"]
+
+FORMATS = ("svg", "png", "pdf", "dot", "mmd", "json")
+LEVELS = ("block", "op")
+_NEEDS_DOT = ("svg", "png", "pdf")
+_SUFFIXES = {".svg": "svg", ".png": "png", ".pdf": "pdf", ".dot": "dot", ".gv": "dot",
+             ".mmd": "mmd", ".mermaid": "mmd", ".json": "json"}
+_INSTALL = ("the graphviz 'dot' program is needed for {fmt}; install it "
+            "(apt-get install graphviz, brew install graphviz or conda install graphviz) "
+            "or ask for .dot or .mmd")
+
+# Edge role -> (colour, line style, pen width, legend text). One table for DOT and Mermaid.
+ROLE_STYLE = {
+    "q": ("#1f77b4", "solid", 2.0, "Q"),
+    "k": ("#2ca02c", "solid", 2.0, "K"),
+    "v": ("#ff7f0e", "solid", 2.0, "V"),
+    "residual": ("#7f7f7f", "dashed", 1.2, "residual"),
+    "mask": ("#d62728", "dotted", 1.2, "mask"),
+    "probs": ("#9467bd", "solid", 1.2, "probs"),
+    "memory": ("#8c564b", "bold", 2.0, "memory"),
+    "x": ("#333333", "solid", 1.0, "x"),
+    "ids": ("#333333", "solid", 1.0, "ids"),
+}
+
+# Op -> (node shape, fill colour). A new op in graph.OPS needs a row here.
+_IO, _MASK, _PROJ, _CORE, _HEADS, _RES, _NUMPY = (
+    ("ellipse", "#eeeeee"), ("note", "#fbe3e3"), ("box", "#dbe9f6"), ("box", "#fff2cc"),
+    ("box", "#f3f3f3"), ("box", "#e6e6e6"), ("box", "#ffffff"))
+OP_STYLE = {
+    "input": _IO, "output": _IO, "embed": _PROJ, "positional": _PROJ, "unembed": _PROJ,
+    "linear": _PROJ, "split_heads": _HEADS, "merge_heads": _HEADS, "scores": _CORE,
+    "mask": _CORE, "softmax": _CORE, "attend": _CORE, "add": _RES, "norm": _RES,
+    "activation": _PROJ, "padding_mask": _MASK, "causal_mask": _MASK, "reshape": _NUMPY,
+    "transpose": _NUMPY, "matmul": _NUMPY, "einsum": _NUMPY, "where": _NUMPY,
+    "reduce": _NUMPY, "elementwise": _NUMPY, "concat": _NUMPY,
+}
+
+# Block -> (description, fill colour); user-named blocks fall back to "block".
+_BLOCK_STYLE = {
+    "embed": ("token embedding + positions", "#dbe9f6"),
+    "self_attn": ("self-attention", "#fff2cc"),
+    "cross_attn": ("cross-attention", "#fde0c5"),
+    "ffn": ("feed-forward", "#e2f0d9"),
+    "final_norm": ("final norm", "#e6e6e6"),
+    "output": ("output projection", "#dbe9f6"),
+}
+_MEMORY_FILL = "#f4cccc"
+_BIG = 400  # diagram nodes above which dot's layout iterations are bounded
+_CLUSTERS = {"encoder": "Encoder", "decoder": "Decoder"}
+
+
+@dataclass
+class _Node:
+    label: list[str]             # lines
+    path: str                    # graph path or block path (SVG id, tooltip)
+    shape: str = "box"
+    fill: str = "#ffffff"
+    cluster: str | None = None   # stream
+    group: str | None = None     # block path, a sub-cluster at op level
+    bold: bool = False
+
+
+@dataclass
+class _Edge:
+    shapes: set = field(default_factory=set)   # shape texts of the collapsed edges
+    free: bool = False                          # drawn without constraining the layout
+    label: str = ""                             # set by _label_edges
+
+
+@dataclass
+class _Diagram:
+    nodes: dict = field(default_factory=dict)   # id -> _Node, in graph order
+    edges: dict = field(default_factory=dict)   # (tail, head, role) -> _Edge
+
+
+def _op_style(op: str) -> tuple[str, str]:
+    if op not in OP_STYLE:
+        known = "unknown to qkvflow" if op not in OPS else "without a drawing style"
+        raise RenderError(f"cannot draw op {op!r}: it is {known}")
+    return OP_STYLE[op]
+
+
+def _role_style(role: str) -> tuple:
+    if role not in ROLE_STYLE:
+        raise RenderError(f"cannot draw edge role {role!r}; known roles: {', '.join(ROLE_STYLE)}")
+    return ROLE_STYLE[role]
+
+
+def _shape_text(shape) -> str:
+    return "(" + ", ".join(shape) + ")"
+
+
+def _relative(path: str, stream: str | None) -> str:
+    """``decoder.layers.0.cross_attn`` -> ``layers.0.cross_attn`` inside its stream."""
+    prefix = f"{stream}."
+    return path[len(prefix):] if stream and path.startswith(prefix) else path
+
+
+# --- the two levels -----------------------------------------------------------
+
+def _group_of(g: nx.MultiDiGraph, node: str) -> str:
+    """The block-level node a graph node belongs to: memory, its block, or itself."""
+    if node == g.graph.get("memory"):
+        return node
+    return g.nodes[node].get("block_path") or node
+
+
+def _group_node(g: nx.MultiDiGraph, gid: str, members: list[str]) -> _Node:
+    first = g.nodes[members[0]]
+    stream = next((g.nodes[m].get("stream") for m in members if g.nodes[m].get("stream")), None)
+    if gid == g.graph.get("memory"):
+        return _Node(["memory", "encoder final output", gid, _shape_text(first["shape"])],
+                     gid, "box", _MEMORY_FILL, None, bold=True)
+    if first.get("block_path") != gid:  # a lone node: input, mask, output
+        shape, fill = _op_style(first["op"])
+        return _Node([gid, first["op"], _shape_text(first["shape"])], gid, shape, fill, stream)
+    record = g.graph.get("attention", {}).get(gid)
+    desc, fill = _BLOCK_STYLE.get(first.get("block"), ("block", "#ffffff"))
+    lines = [_relative(gid, stream)]
+    if record:
+        lines.append(ATTENTION_KINDS.get(record.get("kind"), desc))
+        lines.append("mask: " + (", ".join(record.get("masks") or []) or "none"))
+    else:
+        lines.append(desc)
+    return _Node(lines, gid, "box", fill, stream)
+
+
+def _block_diagram(g: nx.MultiDiGraph) -> _Diagram:
+    members: dict[str, list[str]] = {}
+    for node, data in g.nodes(data=True):
+        _op_style(data.get("op"))
+        members.setdefault(_group_of(g, node), []).append(node)
+    ids = {gid: f"n{i}" for i, gid in enumerate(members)}
+    diagram = _Diagram()
+    for gid, nodes in members.items():
+        diagram.nodes[ids[gid]] = _group_node(g, gid, nodes)
+    memory = g.graph.get("memory")
+    for u, v, data in g.edges(data=True):
+        gu, gv = _group_of(g, u), _group_of(g, v)
+        if gu == gv:
+            continue
+        # Mask shapes are on the mask nodes. The edge into the memory is free, so the
+        # memory sits above the decoder it feeds and the decoder beside the encoder.
+        label = None if data["role"] == "mask" else _shape_text(g.nodes[u]["shape"])
+        _add_edge(diagram, ids[gu], ids[gv], data["role"], label, free=gv == memory)
+    _label_edges(diagram)
+    return diagram
+
+
+def _op_diagram(g: nx.MultiDiGraph) -> _Diagram:
+    ids = {node: f"n{i}" for i, node in enumerate(g)}
+    diagram = _Diagram()
+    memory = g.graph.get("memory")
+    for node, data in g.nodes(data=True):
+        shape, fill = _op_style(data.get("op"))
+        tail = node.rsplit(".", 1)[-1]
+        lines = [tail, data["op"], _shape_text(data.get("shape", ()))]
+        if node == memory:
+            lines, fill = ["memory: " + tail, *lines[1:]], _MEMORY_FILL
+        diagram.nodes[ids[node]] = _Node(lines, node, shape, fill, data.get("stream"),
+                                         data.get("block_path"), bold=node == memory)
+    for u, v, data in g.edges(data=True):
+        _add_edge(diagram, ids[u], ids[v], data["role"], None)  # shapes are on the nodes
+    return diagram
+
+
+def _add_edge(diagram: _Diagram, tail: str, head: str, role: str, shape: str | None,
+              free: bool = False) -> None:
+    """Parallel edges with the same role collapse into one; their shapes are merged."""
+    _role_style(role)
+    edge = diagram.edges.setdefault((tail, head, role), _Edge())
+    edge.free = edge.free or free
+    if shape:
+        edge.shapes.add(shape)
+
+
+def _label_edges(diagram: _Diagram) -> None:
+    """``Q: (batch, src, d_model)``; a shape already shown between a pair is not repeated."""
+    shown = set()
+    for (tail, head, role), edge in diagram.edges.items():
+        text = " | ".join(sorted(edge.shapes))
+        if (tail, head, text) in shown:
+            text = ""
+        shown.add((tail, head, text))
+        letter = ROLE_STYLE[role][3] if role in ("q", "k", "v") else ""
+        edge.label = ": ".join(part for part in (letter, text) if part)
+
+
+# --- writers -----------------------------------------------------------------
+
+def _legend_html() -> str:
+    glyph = {"solid": "━━━", "bold": "━━━", "dashed": "━ ━ ━", "dotted": "· · · ·"}
+    rows = "".join(
+        f'<tr><td><font color="{colour}">{glyph[style]}</font></td>'
+        f'<td align="left"><font color="{colour}"><b>{text}</b></font></td></tr>'
+        for colour, style, _, text in ROLE_STYLE.values())
+    return f'<<table border="0" cellspacing="0" cellpadding="2">{rows}</table>>'
+
+
+def _to_dot(diagram: _Diagram, title: str, level: str) -> str:
+    try:
+        import graphviz
+    except ImportError as err:
+        raise RenderError("the graphviz Python package is needed to draw; pip install graphviz") from err
+    graph_attr = {"rankdir": "TB", "label": title, "labelloc": "t", "fontname": "Helvetica",
+                  "nodesep": "0.3", "ranksep": "0.45" if level == "block" else "0.3"}
+    if len(diagram.nodes) > _BIG:
+        # Long edges (masks, memory) become ~10^5 virtual nodes on a 1,400-node graph:
+        # unbounded network simplex takes 9 s at 520 nodes, 110 s at 700, >15 min at
+        # 1,400; bounded, 0.5 s, 1.4 s and 7.5 s, at some cost in layout quality.
+        graph_attr.update(nslimit="1", nslimit1="1")
+    dot = graphviz.Digraph(
+        title, graph_attr=graph_attr,
+        node_attr={"fontname": "Helvetica", "fontsize": "10", "style": "filled,rounded"},
+        edge_attr={"fontname": "Helvetica", "fontsize": "8", "arrowsize": "0.6"})
+    by_cluster: dict = {}
+    for nid, node in diagram.nodes.items():
+        by_cluster.setdefault(node.cluster, {}).setdefault(node.group, []).append(nid)
+    for cluster, groups in by_cluster.items():
+        if cluster is None:
+            _dot_nodes(dot, diagram, groups)
+            continue
+        with dot.subgraph(name=f"cluster_{cluster}") as sub:
+            sub.attr(label=_CLUSTERS.get(cluster, cluster), style="rounded", color="#999999")
+            _dot_nodes(sub, diagram, groups)
+    for (tail, head, role), edge in diagram.edges.items():
+        colour, style, width, _ = ROLE_STYLE[role]
+        dot.edge(tail, head, label=edge.label or None, color=colour, fontcolor=colour,
+                 style=style, penwidth=str(width), constraint="false" if edge.free else None,
+                 **{"class": role})
+    with dot.subgraph(name="cluster_legend") as sub:
+        sub.attr(label="Legend", style="rounded", color="#999999")
+        sub.node("legend", label=_legend_html(), shape="plain", id="legend", style="")
+    return dot.source
+
+
+def _dot_nodes(dot, diagram: _Diagram, groups: dict) -> None:
+    """Nodes of one stream; at op level each block becomes a nested cluster."""
+    for group, nids in groups.items():
+        if group is None:
+            for nid in nids:
+                _dot_node(dot, nid, diagram.nodes[nid])
+            continue
+        name = "cluster_" + re.sub(r"\W", "_", group)
+        with dot.subgraph(name=name) as sub:
+            sub.attr(label=_relative(group, diagram.nodes[nids[0]].cluster),
+                     style="dashed,rounded", color="#bbbbbb", fontsize="9")
+            for nid in nids:
+                _dot_node(sub, nid, diagram.nodes[nid])
+
+
+def _dot_node(dot, nid: str, node: _Node) -> None:
+    label = "\\n".join(line.replace("\\", "\\\\") for line in node.label)
+    dot.node(nid, label=label, shape=node.shape, fillcolor=node.fill, id=node.path,
+             tooltip=node.path, penwidth="2.5" if node.bold else None)
+
+
+def _pipe(source: str, fmt: str) -> str | bytes:
+    """Run ``dot`` on DOT text; a missing program is one clear RenderError."""
+    import graphviz
+
+    def missing() -> RenderError:
+        error = RenderError(_INSTALL.format(fmt=fmt))
+        error.fallback = source  # the DOT text, for callers that want to print it instead
+        return error
+
+    if shutil.which("dot") is None:
+        raise missing()
+    try:
+        out = graphviz.Source(source).pipe(format=fmt)
+    except graphviz.ExecutableNotFound as err:
+        raise missing() from err
+    except graphviz.CalledProcessError as err:
+        detail = (err.stderr or b"").decode(errors="replace").strip().splitlines()
+        raise RenderError(f"dot failed to draw {fmt}: {detail[-1] if detail else err}") from err
+    return out.decode("utf-8") if fmt == "svg" else out
+
+
+def _mermaid_id(path: str, taken: set) -> str:
+    base = "n_" + re.sub(r"\W", "_", path)
+    nid, i = base, 1
+    while nid in taken:
+        nid, i = f"{base}_{i}", i + 1
+    taken.add(nid)
+    return nid
+
+
+def _mermaid_text(text: str) -> str:
+    return text.replace('"', "#quot;").replace("<", "#lt;").replace(">", "#gt;")
+
+
+def _to_mermaid(diagram: _Diagram, title: str) -> str:
+    taken: set = set()
+    ids = {nid: _mermaid_id(node.path, taken) for nid, node in diagram.nodes.items()}
+    lines = ["flowchart TB", f"  %% {title}: Q blue, K green, V orange, residual dashed, mask dotted"]
+    for cluster in [*_CLUSTERS, None]:
+        members = [nid for nid, node in diagram.nodes.items() if node.cluster == cluster]
+        indent = "    " if cluster else "  "
+        if cluster:
+            lines.append(f'  subgraph {_CLUSTERS[cluster]}["{_CLUSTERS[cluster]}"]')
+        for nid in members:
+            node = diagram.nodes[nid]
+            label = "<br/>".join(_mermaid_text(line) for line in node.label)
+            lines.append(f'{indent}{ids[nid]}["{label}"]')
+            width = ",stroke-width:3px" if node.bold else ""
+            lines.append(f"{indent}style {ids[nid]} fill:{node.fill}{width}")
+        if cluster:
+            lines.append("  end")
+    by_role: dict = {}
+    for i, ((tail, head, role), edge) in enumerate(diagram.edges.items()):
+        arrow = "-.->" if ROLE_STYLE[role][1] in ("dashed", "dotted") else "-->"
+        link = f'|"{_mermaid_text(edge.label)}"|' if edge.label else ""
+        lines.append(f"  {ids[tail]} {arrow}{link} {ids[head]}")
+        by_role.setdefault(role, []).append(str(i))
+    for role, numbers in by_role.items():
+        colour, style, width, _ = ROLE_STYLE[role]
+        dots = ",stroke-dasharray:2 3" if style == "dotted" else ""
+        lines.append(f"  linkStyle {','.join(numbers)} stroke:{colour},stroke-width:{width}px{dots}")
+    lines.append('  subgraph Legend["Legend"]')
+    for role, (colour, style, _, text) in ROLE_STYLE.items():
+        lines.append(f'    legend_{role}["{text} ({style})"]')
+        lines.append(f"    style legend_{role} fill:#ffffff,stroke:{colour},color:{colour}")
+    lines.append("  end")
+    return "\n".join(lines) + "\n"
+
+
+# --- the public entry point --------------------------------------------------
+
+def _resolve_format(path, fmt: str | None) -> str:
+    """An explicit ``fmt`` wins; otherwise the suffix of ``path``; otherwise DOT."""
+    if fmt is not None:
+        if str(fmt).lower().lstrip(".") not in FORMATS:
+            raise RenderError(f"unknown diagram format {fmt!r}; accepted: {', '.join(FORMATS)}")
+        return str(fmt).lower().lstrip(".")
+    suffix = os.path.splitext(os.fspath(path))[1].lower() if path is not None else ".dot"
+    if suffix not in _SUFFIXES:
+        raise RenderError(f"cannot tell the diagram format of {os.fspath(path)!r}; "
+                          f"use a suffix among {', '.join(_SUFFIXES)} or pass fmt")
+    return _SUFFIXES[suffix]
+
+
+def render(graph: nx.MultiDiGraph, path=None, *, level: str = "block",
+           fmt: str | None = None) -> str | bytes:
+    """Draw the Q/K/V dataflow of a traced graph.
+
+    Parameters
+    ----------
+    graph : networkx.MultiDiGraph
+        A graph from :func:`qkvflow.trace`; only read.
+    path : str or os.PathLike, optional
+        Where to write the diagram (atomically). Its suffix gives the format
+        when ``fmt`` is None.
+    level : {"block", "op"}
+        ``block``: one node per sub-layer; ``op``: one node per graph node.
+    fmt : {"svg", "png", "pdf", "dot", "mmd", "json"}, optional
+        svg, png and pdf need the graphviz ``dot`` program; dot, mmd
+        (Mermaid) and json do not. Default: from ``path``, else ``dot``.
+
+    Returns
+    -------
+    str or bytes
+        The diagram: bytes for png and pdf, text otherwise.
+
+    Raises
+    ------
+    RenderError
+        Unknown level or format, an op or role without a style, a missing
+        ``dot`` program, or a path that cannot be written.
+
+    Examples
+    --------
+    >>> import qkvflow as qf
+    >>> text = render(qf.trace(qf.load_model("tiny")), fmt="mmd")
+    >>> text.splitlines()[0]
+    'flowchart TB'
+    """
+    if level not in LEVELS:
+        raise RenderError(f"unknown diagram level {level!r}; accepted: {', '.join(LEVELS)}")
+    fmt = _resolve_format(path, fmt)
+    title = f"{graph.graph.get('model') or 'model'} ({level} level)"
+    if fmt == "json":
+        out = to_json(graph)
+    else:
+        diagram = _block_diagram(graph) if level == "block" else _op_diagram(graph)
+        if fmt == "mmd":
+            out = _to_mermaid(diagram, title)
+        else:
+            out = _to_dot(diagram, title, level)
+            if fmt in _NEEDS_DOT:
+                out = _pipe(out, fmt)
+    if path is not None:
+        try:
+            write_atomic(path, out)
+        except OutputError as err:
+            raise RenderError(str(err)) from None
+    return out
