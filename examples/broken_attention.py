@@ -68,7 +68,7 @@ def main():
     m = model()
     g = qkvflow.trace(m)
     found = qkvflow.check(g)
-    print(qkvflow.passes.checks.format_diagnostics(found))
+    print(qkvflow.format_diagnostics(found))
 
     # The same code on arrays with src and tgt of one length: nothing complains.
     params = qkvflow.init_params(g, seed=0)

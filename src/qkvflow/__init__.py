@@ -6,7 +6,7 @@ One graph, four consumers: :func:`trace` a model into a networkx graph, then
 does not pay for graphviz or the executor.
 
 The package is laid out as the path of data: ``ir`` (the graph, dims, the
-op registry), ``trace`` (model code -> graph), ``passes`` (provenance,
+op registry), ``tracing`` (model code -> graph), ``passes`` (provenance,
 shapes, information flow, the checks), ``views`` (render, explain), ``run``
 (the executor and its kernels), ``models`` (configs and builders) and
 ``interop`` (torch).
@@ -15,13 +15,13 @@ shapes, information flow, the checks), ``views`` (render, explain), ``run``
 from .ir.errors import QkvflowError
 from .models.config import PRESETS, Config, load_toml, preset
 from .models.loader import load_model
-from .trace import nn
-from .trace.context import Model, dim, eager, scope
-from .trace.nn import attention
-from .trace.tracer import trace
+from .tracing import nn
+from .tracing.context import Model, dim, eager, scope
+from .tracing.nn import attention
+from .tracing.tracer import trace as _trace
 
 __all__ = [
-    "trace", "check", "render", "explain", "forward", "Executor",
+    "trace", "check", "format_diagnostics", "render", "explain", "forward", "Executor",
     "init_params", "load_params", "save_params",
     "load_model", "preset", "load_toml", "Config", "PRESETS", "Model",
     "attention", "scope", "dim", "eager", "nn", "QkvflowError", "__version__",
@@ -29,8 +29,31 @@ __all__ = [
 
 __version__ = "0.1.0"
 
+
+
+def trace(model):
+    """Trace ``model`` into the qkvflow graph, annotated by the provenance pass.
+
+    The tracer records every operation with named dims (no numbers); the
+    provenance pass then labels the Q, K and V edges of every attention and
+    writes its sites into ``graph.graph["attention"]``.
+
+    Examples
+    --------
+    >>> import qkvflow as qf
+    >>> g = qf.trace(qf.load_model("tiny"))
+    >>> g.nodes["decoder.layers.0.cross_attn.k_proj"]["shape"]
+    ('batch', 'src', 'heads*d_head')
+    >>> g.graph["attention"]["decoder.layers.0.cross_attn"]["sites"][0]["origins"]["k"]
+    'encoder.layers.1.norm2'
+    """
+    from .passes.provenance import annotate
+    return annotate(_trace(model))
+
+
 _LAZY = {
     "check": ("passes.checks", "check"),
+    "format_diagnostics": ("passes.formats", "format_diagnostics"),
     "render": ("views.render", "render"),
     "explain": ("views.explain", "explain"),
     "forward": ("run.execute", "forward"),

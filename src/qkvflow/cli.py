@@ -19,7 +19,7 @@ DEMO_TGT = "<bos> 我 爱 中国"
 
 def _model(spec: str):
     from .models.loader import load_model
-    from .trace.tracer import trace
+    from . import trace
     return trace(load_model(spec))
 
 
@@ -57,7 +57,8 @@ def cmd_trace(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from .passes.checks import check, format_diagnostics, has_errors
+    from .passes.checks import check, has_errors
+    from .passes.formats import format_diagnostics
     found = []
     for spec in args.models:
         found.extend(check(_model(spec), strict=args.strict))
@@ -141,7 +142,8 @@ def _demo_vocab(size: int) -> list[str]:
 
 def cmd_demo(args) -> int:
     from .atomic import write_atomic
-    from .passes.checks import check, format_diagnostics
+    from .passes.checks import check
+    from .passes.formats import format_diagnostics
     from .views.explain import explain
     from .ir.graph import to_json
     from .run.params import save_params

@@ -6,7 +6,7 @@
 
 from .passes.checks import check
 from .models.loader import load_model
-from .trace.tracer import trace
+from . import trace
 
 __all__ = ["assert_clean"]
 

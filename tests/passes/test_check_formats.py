@@ -9,7 +9,8 @@ import pytest
 from jaxtyping import Bool, Float
 
 import qkvflow as qf
-from qkvflow.passes.checks import CODES, check, format_diagnostics
+from qkvflow.passes.checks import CODES, check
+from qkvflow.passes.formats import format_diagnostics
 from qkvflow.cli import main
 from qkvflow.testing import assert_clean
 from qkvflow.models.encoder_decoder import build, multi_head_attention

@@ -144,10 +144,10 @@ def test_decoder_self_attention_without_causal_mask_shows_in_the_table():
 
 def test_stale_and_other_origins_name_the_layer_and_node(tiny):
     g = tiny.copy()
-    g.graph["attention"] = {p: {**r, "origins": dict(r["origins"])}
+    g.graph["attention"] = {p: {**r, "sites": [{**s, "origins": dict(s["origins"])} for s in r["sites"]]}
                             for p, r in tiny.graph["attention"].items()}
-    g.graph["attention"]["decoder.layers.1.self_attn"]["origins"]["k"] = "decoder.positional"
-    g.graph["attention"]["decoder.layers.1.cross_attn"]["origins"]["v"] = "encoder.layers.0.norm2"
+    g.graph["attention"]["decoder.layers.1.self_attn"]["sites"][0]["origins"]["k"] = "decoder.positional"
+    g.graph["attention"]["decoder.layers.1.cross_attn"]["sites"][0]["origins"]["v"] = "encoder.layers.0.norm2"
     rows = {r["blocks"][0]: r for r in provenance(g)}
     assert rows["decoder.layers.1.self_attn"]["k"] == (
         "decoder stream, embeddings (stale: decoder.positional)")

@@ -2,8 +2,12 @@
 
 A shape is a tuple of dim *names*. Model dims (``d_model``, ``heads``,
 ``d_head``, ``d_ff``, ``vocab``, ...) have sizes from the config; data dims
-(``batch``, ``src``, ``tgt``) are free symbols bound at run time. A name may
-be a product of names, ``"heads*d_head"``, and ``"1"`` is the broadcast dim.
+(``batch``, ``src``, ``tgt``, ``seq``, ...) are free symbols bound at run
+time. Some data dims are *sequence* dims: the token positions attention
+mixes. A model declares which (``src``/``tgt`` for an encoder–decoder,
+``seq`` for a decoder-only model, any names it likes); a
+:class:`DimTable` carries that declaration beside the sizes. A name may be a
+product of names, ``"heads*d_head"``, and ``"1"`` is the broadcast dim.
 
 While tracing, ``x.shape`` yields :class:`Dim` (an ``int`` that remembers its
 name, so ``np.sqrt(d_head)`` works) for sized dims and :class:`DataDim` for
@@ -13,16 +17,31 @@ free ones, so user code can pass them straight back to ``reshape``.
 __all__ = [
     "Dim",
     "DataDim",
-    "SEQ_DIMS",
+    "DimTable",
     "name_of",
     "factors",
     "size_of",
     "describe",
     "describe_shape",
+    "dim_table",
 ]
 
-# Sequence axes: the token positions that attention mixes.
-SEQ_DIMS = ("src", "tgt")
+
+class DimTable(dict):
+    """Sizes by dim name (None for data dims) and the set of sequence dims."""
+
+    def __init__(self, sizes: dict, seq=()) -> None:
+        super().__init__(sizes)
+        self.seq = set(seq)
+
+    def seq_of(self, name: str) -> str | None:
+        """The sequence dim a (possibly composite) dim name runs over, if any."""
+        return next((part for part in factors(name) if part in self.seq), None)
+
+
+def dim_table(graph_attrs: dict) -> DimTable:
+    """The dims table of a graph (``g.graph``) with its declared sequence dims."""
+    return DimTable(graph_attrs.get("dims", {}), graph_attrs.get("sequences", {}))
 
 
 class Dim(int):

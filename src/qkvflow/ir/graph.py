@@ -1,9 +1,9 @@
 """The one IR: a ``networkx.MultiDiGraph`` of named-dim tensor operations.
 
 Every stage (check, render, explain, execute) reads this graph and nothing
-else. This module defines the closed set of ops, the edge roles, the graph's
-well-formedness check (structure only; meaning is the checker's job) and a
-one-line-per-node printout.
+else. This module defines the edge roles, the graph's well-formedness check
+(structure only; meaning is the checker's job) and a one-line-per-node
+printout; the closed set of ops is the registry in :mod:`qkvflow.ir.ops`.
 
 Node attributes: ``op``, ``path`` (also the node key, the parameter prefix
 and the activation key), ``shape`` (dim names), ``dtype``, ``stream``,
@@ -21,9 +21,9 @@ import json
 import networkx as nx
 
 from .errors import GraphError
+from .ops import OPS, Group
 
 __all__ = [
-    "OPS",
     "ROLES",
     "ATTENTION_KINDS",
     "new_graph",
@@ -35,36 +35,6 @@ __all__ = [
     "to_graphml",
     "from_json",
 ]
-
-# The closed set of ops. Every stage dispatches on these through a table and
-# raises on an op it does not know.
-OPS = {
-    "input": "a run input (token ids); attrs: name",
-    "embed": "token embedding lookup, times attrs.scale; params: weight (vocab, d_model)",
-    "positional": "adds position encodings; attrs: kind (sinusoidal | sinusoidal_half | learned), offset",
-    "linear": "x @ weight.T + bias; params: weight (d_out, d_in), bias (d_out)",
-    "split_heads": "(batch, seq, heads*d_head) -> (batch, heads, seq, d_head)",
-    "merge_heads": "(batch, heads, seq, d_head) -> (batch, seq, heads*d_head)",
-    "scores": "q @ k^T * attrs.scale: (..., q_seq, d) x (..., k_seq, d) -> (..., q_seq, k_seq)",
-    "mask": "scores where the mask keeps, -inf elsewhere (mask True = keep)",
-    "softmax": "softmax over attrs.axis; a row that is all -inf gives zeros",
-    "attend": "probs @ v: (..., q_seq, k_seq) x (..., k_seq, d) -> (..., q_seq, d)",
-    "add": "a + b with broadcasting by dim name (residual connections)",
-    "norm": "attrs.kind layer (mean and variance) or rms; params: weight, bias (layer)",
-    "activation": "attrs.fn relu | gelu (erf) | gelu_tanh | silu",
-    "padding_mask": "ids != attrs.pad_id: True where the token is real",
-    "causal_mask": "(seq, seq) True where key position <= query position",
-    "unembed": "x @ weight.T: logits over the vocabulary; attrs.tied_to names a shared weight",
-    "output": "a run output; attrs: name",
-    "reshape": "reshape to attrs.shape (dim names): split or merge adjacent dims only",
-    "transpose": "permute axes by attrs.perm",
-    "matmul": "a @ b, batched over leading dims",
-    "einsum": "numpy einsum with attrs.equation",
-    "where": "where(cond, a, b); a scalar side is in attrs.a / attrs.b",
-    "reduce": "attrs.fn sum | mean | max | min over attrs.axis, attrs.keepdims",
-    "elementwise": "attrs.fn applied to one or two tensors; a scalar side is attrs.const",
-    "concat": "concatenate along attrs.axis",
-}
 
 ROLES = ("x", "q", "k", "v", "mask", "residual", "probs", "ids", "memory")
 
@@ -120,7 +90,59 @@ def lint(g: nx.MultiDiGraph) -> list[tuple[str, str]]:
     for out in g.graph.get("outputs", []):
         if out not in g:
             problems.append((out, f"output {out} is not a node of the graph"))
+    if not problems:
+        problems.extend(_site_problems(g))
     return problems
+
+
+def _site_problems(g: nx.MultiDiGraph) -> list[tuple[str, str]]:
+    """Where recorded attention sites (the provenance pass's facts) disagree
+    with the graph: a pattern node of the wrong op or outside its block, a
+    softmax of a block without a site, an origin that the q/k/v-labelled
+    edges do not lead back to."""
+    records = g.graph.get("attention", {})
+    annotated = [path for path, rec in records.items() if "sites" in rec]
+    if not annotated:
+        return []
+    if len(annotated) != len(records):
+        missing = next(p for p in records if p not in annotated)
+        return [(missing, f"attention block {missing} has no provenance sites while others do")]
+    problems = []
+    softmaxes = {n for n, d in g.nodes(data=True) if d.get("op") == "softmax" and d.get("attention_block")}
+    for path, rec in records.items():
+        for site in rec["sites"]:
+            sm = site.get("softmax")
+            if sm not in g or g.nodes[sm].get("op") != "softmax" or g.nodes[sm].get("attention_block") != path:
+                problems.append((path, f"block {path} records a site at {sm!r}, not a softmax of the block"))
+                continue
+            softmaxes.discard(sm)
+            if "problem" not in site:
+                problems.extend((path, p) for p in _pattern_problems(g, path, site))
+    problems.extend((sm, f"softmax {sm} of block {g.nodes[sm]['attention_block']} has no provenance site")
+                    for sm in sorted(softmaxes))
+    return problems
+
+
+def _pattern_problems(g: nx.MultiDiGraph, path: str, site: dict) -> list[str]:
+    found = []
+    for key in ("scores", "attend"):
+        node = site.get(key)
+        if node not in g or g.nodes[node].get("attention_block") != path or \
+                Group.CONTRACTION not in OPS[g.nodes[node]["op"]].groups:
+            found.append(f"block {path}: recorded {key} {node!r} is not a contraction of the block")
+    if found:
+        return found
+    for role, consumer in (("q", site["scores"]), ("k", site["scores"]), ("v", site["attend"])):
+        origin, entry = site.get("origins", {}).get(role), site.get("entries", {}).get(role)
+        if origin is None:
+            continue
+        inside = entry in g and (entry == consumer or g.nodes[entry].get("attention_block") == path)
+        if not (inside and origin in g and g.has_edge(origin, entry)
+                and g.nodes[origin].get("attention_block") != path
+                and (entry == consumer or nx.has_path(g, entry, consumer))):
+            found.append(f"block {path}: the recorded {role.upper()} origin {origin} does not feed "
+                         f"the block at {entry} on the way to {consumer}")
+    return found
 
 
 def check_well_formed(g: nx.MultiDiGraph) -> None:

@@ -1,6 +1,7 @@
 """Named-dim shape rules: one per op, shared by the tracer and the checker.
 
-A rule takes the metas of an op's inputs (dim names, the attention key axis,
+The op registry (:mod:`qkvflow.ir.ops`) names the rule of each op. A rule
+takes the metas of an op's inputs (dim names, the attention key axis,
 dtype), the op's attrs and parameter shapes, and the dims table, and returns
 the meta of its output. Rules compare *names*, never sizes: contracting
 ``d_head`` with ``tgt`` is wrong even when both are 64. A rule that finds a
@@ -14,9 +15,9 @@ self-attention, where both axes are named ``tgt``.
 
 from typing import NamedTuple
 
-from .dims import SEQ_DIMS, describe, describe_shape, factors, size_of
+from .dims import describe, describe_shape, factors, size_of
 
-__all__ = ["Meta", "ShapeIssue", "RULES", "infer", "broadcast"]
+__all__ = ["Meta", "ShapeIssue", "broadcast", "reshape_map"]
 
 
 class Meta(NamedTuple):
@@ -33,8 +34,10 @@ class ShapeIssue(Exception):
         self.fallback = fallback
 
 
-def _is_seq(name: str) -> bool:
-    return any(part in SEQ_DIMS for part in factors(name))
+def _is_seq(name: str, dims) -> bool:
+    """Whether ``name`` runs over a sequence dim of the model (see DimTable)."""
+    seq = getattr(dims, "seq", ())
+    return any(part in seq for part in factors(name))
 
 
 def broadcast(metas: list[Meta], dims: dict, code: str = "QKV201", what: str = "operands"):
@@ -78,11 +81,11 @@ def broadcast(metas: list[Meta], dims: dict, code: str = "QKV201", what: str = "
     return shape, (keys.pop() if keys else None), maps
 
 
-def _input(ins, attrs, params, dims):
+def feed(ins, attrs, params, dims):
     return Meta(tuple(attrs["shape"]), attrs.get("key_axis"), attrs.get("dtype", "float"))
 
 
-def _embed(ins, attrs, params, dims):
+def embed(ins, attrs, params, dims):
     (ids,) = ins
     vocab, d_model = params.get("weight") or attrs["tied_shape"]
     return Meta(ids.shape + (d_model,), None, "float")
@@ -107,7 +110,7 @@ def _keep_key(x: Meta, last_changed: bool = True) -> int | None:
     return x.key_axis
 
 
-def _positional(ins, attrs, params, dims):
+def positional(ins, attrs, params, dims):
     (x,) = ins
     out = Meta(x.shape, x.key_axis, x.dtype)
     if "weight" in params:
@@ -115,21 +118,21 @@ def _positional(ins, attrs, params, dims):
     return out
 
 
-def _linear(ins, attrs, params, dims):
+def linear(ins, attrs, params, dims):
     (x,) = ins
     d_out, d_in = params["weight"]
     out = Meta(x.shape[:-1] + (d_out,), _keep_key(x), "float")
     return _last_dim_must_be(x, d_in, "linear", out, dims)
 
 
-def _split_heads(ins, attrs, params, dims):
+def split_heads(ins, attrs, params, dims):
     (x,) = ins
     heads, d_head = attrs["heads"], attrs["d_head"]
     out = Meta(x.shape[:-2] + (heads, x.shape[-2], d_head), None, x.dtype)
     return _last_dim_must_be(x, f"{heads}*{d_head}", "split_heads", out, dims)
 
 
-def _merge_heads(ins, attrs, params, dims):
+def merge_heads(ins, attrs, params, dims):
     (x,) = ins
     heads, seq, d_head = x.shape[-3:]
     return Meta(x.shape[:-3] + (seq, f"{heads}*{d_head}"), None, x.dtype)
@@ -145,7 +148,7 @@ def _contract(a: Meta, b: Meta, b_axis: int, what: str, dims: dict, out: Meta) -
             f"{describe_shape(b.shape, dims)}; the contracted axes must be the same dim",
             out,
         )
-    if a.key_axis is not None and a.key_axis != len(a.shape) - 1 and _is_seq(a.shape[-1]):
+    if a.key_axis is not None and a.key_axis != len(a.shape) - 1 and _is_seq(a.shape[-1], dims):
         raise ShapeIssue(
             "QKV202",
             f"{what} contracts the query axis of the attention weights "
@@ -173,7 +176,7 @@ def _matmul_like(a: Meta, b: Meta, dims: dict, what: str, b_transposed: bool) ->
         )
     n = b.shape[-2] if b_transposed else b.shape[-1]
     tail = (a.shape[-2], n)
-    key = len(a.shape[:-2]) + 1 if (_is_seq(n) or b_transposed) else None
+    key = len(a.shape[:-2]) + 1 if (_is_seq(n, dims) or b_transposed) else None
     batch = _batch(a, b, dims, what, tail)
     key = len(batch) + 1 if key is not None else None
     out = Meta(batch + tail, key, "float")
@@ -181,23 +184,23 @@ def _matmul_like(a: Meta, b: Meta, dims: dict, what: str, b_transposed: bool) ->
     return out
 
 
-def _scores(ins, attrs, params, dims):
+def scores(ins, attrs, params, dims):
     q, k = ins
     return _matmul_like(q, k, dims, "scores", b_transposed=True)
 
 
-def _attend(ins, attrs, params, dims):
+def attend(ins, attrs, params, dims):
     probs, v = ins
     out = _matmul_like(probs, v, dims, "attend", b_transposed=False)
     return out._replace(key_axis=None)
 
 
-def _matmul(ins, attrs, params, dims):
+def matmul(ins, attrs, params, dims):
     a, b = ins
     return _matmul_like(a, b, dims, "matmul", b_transposed=False)
 
 
-def _mask(ins, attrs, params, dims):
+def mask(ins, attrs, params, dims):
     scores, keep = ins
     shape, key, _ = broadcast([scores, keep], dims, code="QKV205", what="mask and scores")
     out = Meta(scores.shape, scores.key_axis, scores.dtype)
@@ -211,7 +214,7 @@ def _mask(ins, attrs, params, dims):
     return out
 
 
-def _softmax(ins, attrs, params, dims):
+def softmax(ins, attrs, params, dims):
     (x,) = ins
     axis = attrs["axis"] % len(x.shape)
     out = Meta(x.shape, x.key_axis, "float")
@@ -226,41 +229,41 @@ def _softmax(ins, attrs, params, dims):
     return out
 
 
-def _pointwise(ins, attrs, params, dims):
+def pointwise(ins, attrs, params, dims):
     (x,) = ins
     return Meta(x.shape, x.key_axis, "float")
 
 
-def _norm(ins, attrs, params, dims):
+def norm(ins, attrs, params, dims):
     (x,) = ins
     out = Meta(x.shape, x.key_axis, "float")
     return _last_dim_must_be(x, params["weight"][0], "norm", out, dims)
 
 
-def _add(ins, attrs, params, dims):
+def add(ins, attrs, params, dims):
     shape, key, _ = broadcast(list(ins), dims, what="add")
     return Meta(shape, key, "float")
 
 
-def _padding_mask(ins, attrs, params, dims):
+def padding_mask(ins, attrs, params, dims):
     (ids,) = ins
     return Meta(ids.shape, len(ids.shape) - 1, "bool")
 
 
-def _causal_mask(ins, attrs, params, dims):
+def causal_mask(ins, attrs, params, dims):
     (ids,) = ins
     seq = ids.shape[-1]
     return Meta((seq, seq), 1, "bool")
 
 
-def _unembed(ins, attrs, params, dims):
+def unembed(ins, attrs, params, dims):
     (x,) = ins
     vocab, d_model = params.get("weight") or attrs["tied_shape"]
     out = Meta(x.shape[:-1] + (vocab,), None, "float")
     return _last_dim_must_be(x, d_model, "unembed", out, dims)
 
 
-def _output(ins, attrs, params, dims):
+def output(ins, attrs, params, dims):
     return ins[0]
 
 
@@ -306,7 +309,7 @@ def reshape_map(src: tuple, dst: tuple, dims: dict) -> dict[int, int] | None:
     return kept
 
 
-def _reshape(ins, attrs, params, dims):
+def reshape(ins, attrs, params, dims):
     (x,) = ins
     dst = tuple(attrs["shape"])
     kept = reshape_map(x.shape, dst, dims)
@@ -328,14 +331,14 @@ def _reshape(ins, attrs, params, dims):
     return out
 
 
-def _transpose(ins, attrs, params, dims):
+def transpose(ins, attrs, params, dims):
     (x,) = ins
     perm = tuple(p % len(x.shape) for p in attrs["perm"])
     key = perm.index(x.key_axis) if x.key_axis is not None else None
     return Meta(tuple(x.shape[p] for p in perm), key, x.dtype)
 
 
-def _einsum(ins, attrs, params, dims):
+def einsum(ins, attrs, params, dims):
     lhs, rhs = attrs["equation"].replace(" ", "").split("->")
     specs = lhs.split(",")
     letters: dict[str, str] = {}
@@ -351,7 +354,7 @@ def _einsum(ins, attrs, params, dims):
     key = None
     if len(specs) > 1:
         for pos, c in enumerate(rhs):
-            if _is_seq(letters[c]) and sum(c in spec for spec in specs) == 1:
+            if _is_seq(letters[c], dims) and sum(c in spec for spec in specs) == 1:
                 key = pos
     out = Meta(out_shape, key, "float")
     if clash is not None:
@@ -367,7 +370,7 @@ def _einsum(ins, attrs, params, dims):
     for spec, m in zip(specs, ins):
         if m.key_axis is None:
             continue
-        summed = [c for c in spec if c not in rhs and _is_seq(letters[c])]
+        summed = [c for c in spec if c not in rhs and _is_seq(letters[c], dims)]
         if summed and spec[m.key_axis] not in summed:
             raise ShapeIssue(
                 "QKV202",
@@ -383,7 +386,7 @@ def _mask_like(m: Meta) -> bool:
     return m.dtype == "bool"
 
 
-def _where(ins, attrs, params, dims):
+def where(ins, attrs, params, dims):
     masky = any(_mask_like(m) for m in ins)
     code = "QKV205" if masky else "QKV201"
     shape, key, _ = broadcast(list(ins), dims, code=code, what="where operands")
@@ -394,7 +397,7 @@ def _where(ins, attrs, params, dims):
 _COMPARE = {"eq", "ne", "lt", "le", "gt", "ge", "and", "or", "not"}
 
 
-def _elementwise(ins, attrs, params, dims):
+def elementwise(ins, attrs, params, dims):
     masky = any(_mask_like(m) for m in ins)
     shape, key, _ = broadcast(
         list(ins), dims, code="QKV205" if masky and len(ins) > 1 else "QKV201",
@@ -404,7 +407,7 @@ def _elementwise(ins, attrs, params, dims):
     return Meta(shape, key, dtype)
 
 
-def _reduce(ins, attrs, params, dims):
+def reduce(ins, attrs, params, dims):
     (x,) = ins
     axes = sorted({a % len(x.shape) for a in attrs["axis"]})
     keep = attrs.get("keepdims", False)
@@ -418,7 +421,7 @@ def _reduce(ins, attrs, params, dims):
             key = len(shape)
         shape.append(name)
     out = Meta(tuple(shape), key, "float" if attrs["fn"] == "mean" else x.dtype)
-    wrong = [a for a in axes if a != x.key_axis and _is_seq(x.shape[a])]
+    wrong = [a for a in axes if a != x.key_axis and _is_seq(x.shape[a], dims)]
     if x.key_axis is not None and x.key_axis not in axes and wrong:
         raise ShapeIssue(
             "QKV204",
@@ -430,7 +433,7 @@ def _reduce(ins, attrs, params, dims):
     return out
 
 
-def _concat(ins, attrs, params, dims):
+def concat(ins, attrs, params, dims):
     axis = attrs["axis"] % len(ins[0].shape)
     rest = [m.shape[:axis] + m.shape[axis + 1:] for m in ins]
     parts = [m.shape[axis] for m in ins]
@@ -449,42 +452,3 @@ def _concat(ins, attrs, params, dims):
             out,
         )
     return out
-
-
-RULES = {
-    "input": _input,
-    "embed": _embed,
-    "positional": _positional,
-    "linear": _linear,
-    "split_heads": _split_heads,
-    "merge_heads": _merge_heads,
-    "scores": _scores,
-    "mask": _mask,
-    "softmax": _softmax,
-    "attend": _attend,
-    "add": _add,
-    "norm": _norm,
-    "activation": _pointwise,
-    "padding_mask": _padding_mask,
-    "causal_mask": _causal_mask,
-    "unembed": _unembed,
-    "output": _output,
-    "reshape": _reshape,
-    "transpose": _transpose,
-    "matmul": _matmul,
-    "einsum": _einsum,
-    "where": _where,
-    "reduce": _reduce,
-    "elementwise": _elementwise,
-    "concat": _concat,
-}
-
-
-def infer(op: str, ins: list[Meta], attrs: dict, params: dict, dims: dict) -> Meta:
-    """Output meta of ``op``; raises ShapeIssue on a named-dim mistake."""
-    try:
-        rule = RULES[op]
-    except KeyError:
-        from .errors import GraphError
-        raise GraphError(f"no shape rule for op {op!r}; known ops: {', '.join(RULES)}") from None
-    return rule(ins, attrs, params, dims)

@@ -10,9 +10,9 @@ import math
 import numpy as np
 from jaxtyping import Bool, Float
 
-from ..trace import nn
+from ..tracing import nn
 from .config import Config
-from ..trace.context import Model, dim, scope
+from ..tracing.context import Model, dim, scope
 
 __all__ = [
     "encoder_self_attention",
@@ -115,8 +115,8 @@ def build(cfg: Config, *, encoder_self=encoder_self_attention, decoder_self=deco
         return x
 
     def run():
-        src = nn.input("src_ids", ("batch", "src"))
-        tgt = nn.input("tgt_ids", ("batch", "tgt"))
+        src = nn.input("src_ids", ("batch", "src"), pad_id=cfg.pad_id)
+        tgt = nn.input("tgt_ids", ("batch", "tgt"), pad_id=cfg.pad_id)
         with scope("masks"):
             src_keep = nn.padding_mask(src, cfg.pad_id, name="src_keep")
             tgt_keep = nn.padding_mask(tgt, cfg.pad_id, name="tgt_keep")
@@ -146,4 +146,5 @@ def build(cfg: Config, *, encoder_self=encoder_self_attention, decoder_self=deco
                 logits = nn.unembed(y, tied_to=tied, name="unembed")
         return {"logits": logits}
 
-    return Model(cfg.name, cfg.dims(), run, config=cfg.as_dict())
+    return Model(cfg.name, cfg.dims(), run, config=cfg.as_dict(),
+                 sequences={"src": "bidirectional", "tgt": "causal"}, streams=("encoder", "decoder"))

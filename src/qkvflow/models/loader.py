@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .config import PRESETS, Config, load_toml, preset
-from ..trace.context import Model
+from ..tracing.context import Model
 from ..ir.errors import ConfigError, ModelLoadError, QkvflowError
 
 __all__ = ["load_model"]

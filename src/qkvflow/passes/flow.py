@@ -1,7 +1,8 @@
 """Token-level information flow over the graph (the QKV4xx analysis).
 
-An abstract interpretation: for every node it computes, per token source
-(``src``, ``tgt``), which input positions an element can depend on:
+An abstract interpretation: for every node it computes, per sequence dim the
+model declares (``src`` and ``tgt``, ``seq``, or names of its own), which
+input positions an element can depend on:
 
 * ``("pos", a)``    — element i along axis a depends on token i only;
 * ``("causal", a)`` — on tokens <= i along axis a;
@@ -28,9 +29,10 @@ the future; where a ``src`` one reaches ``all``, padding leaks.
 
 import networkx as nx
 
-from ..ir.dims import SEQ_DIMS, factors
+from ..ir.dims import factors
 from ..ir.errors import GraphError
 from ..ir.graph import arg_nodes
+from ..ir.ops import implement, spec
 from ..ir.shapes import reshape_map
 
 __all__ = ["analyse", "Flow", "ALL", "NONPAD", "applied_masks"]
@@ -46,7 +48,7 @@ class Flow:
     __slots__ = ("deps", "minf", "zeros", "mask", "values")
 
     def __init__(self, deps=None, minf=EMPTY, zeros=EMPTY, mask=EMPTY, values=None):
-        self.deps = deps or {s: EMPTY for s in SEQ_DIMS}
+        self.deps = deps or {}  # sequence dim -> facts; a missing dim has none
         self.minf = frozenset(minf)
         self.zeros = frozenset(zeros)
         self.mask = frozenset(mask)  # restrictions, when this tensor is made from masks
@@ -60,9 +62,10 @@ def _norm(facts: set) -> frozenset:
     return frozenset(f for f in facts if not (f[0] == "pos" and f[1] in causal))
 
 
-def _seq_of(name: str) -> str | None:
-    parts = [p for p in factors(name) if p in SEQ_DIMS]
-    return parts[0] if parts else None
+def _seq_of(g, name: str) -> str | None:
+    """The declared sequence dim that dim ``name`` runs over, if any."""
+    sequences = g.graph.get("sequences", {})
+    return next((p for p in factors(name) if p in sequences), None)
 
 
 def _remap_restrictions(cons: frozenset, amap: dict) -> frozenset:
@@ -91,7 +94,8 @@ def _remap(flow: Flow, amap: dict) -> Flow:
 
 
 def _deps_join(flows: list[Flow]) -> dict:
-    return {s: _norm(set().union(*(f.deps[s] for f in flows))) for s in SEQ_DIMS}
+    seqs = {s for f in flows for s in f.deps}
+    return {s: _norm(set().union(*(f.deps.get(s, EMPTY) for f in flows))) for s in seqs}
 
 
 def _reduce_axis(facts: frozenset, axis: int, dead: frozenset, source: str) -> set:
@@ -114,6 +118,7 @@ def _aligned(g, node, ins, flows) -> list[Flow]:
             for f, i in zip(flows, ins)]
 
 
+@implement("transfer", "positional", "activation")
 def _plain(g, node, ins, flows):
     """Pointwise ops that keep no dead entries and make no mask."""
     return Flow(_deps_join(_aligned(g, node, ins, flows)))
@@ -173,6 +178,7 @@ def _combine_masks(fn: str, a: Flow, b: Flow):
     return None
 
 
+@implement("transfer", "add")
 def _add(g, node, ins, flows):
     """a + b: a bias mask kills entries; -inf entries stay -inf."""
     fs = _aligned(g, node, ins, flows)
@@ -182,17 +188,26 @@ def _add(g, node, ins, flows):
     return Flow(_deps_join(fs), minf)
 
 
+def _pad_id(g, seq: str, default):
+    """The pad id the token input of sequence ``seq`` declares (else the config's)."""
+    for node in g.graph.get("inputs", []):
+        attrs = g.nodes[node]["attrs"]
+        if attrs.get("dtype") == "int" and "pad_id" in attrs and tuple(attrs["shape"])[-1:] == (seq,):
+            return attrs["pad_id"]
+    return g.graph.get("config", {}).get("pad_id", default)
+
+
 def _padding_compare(g, node, ins, fn: str, const) -> Flow | None:
     """``ids != pad_id`` (and ``ids > 0`` when pad_id is 0) is a padding mask."""
     if g.nodes[ins[0]]["dtype"] != "int" or const is None:
         return None
-    pad = g.graph.get("config", {}).get("pad_id", const)
-    keeps_real = {"ne": const == pad, "gt": pad == 0 and const == 0, "ge": pad == 0 and const == 1}
-    drops_real = {"eq": const == pad}
     shape = g.nodes[node]["shape"]
-    source = _seq_of(shape[-1])
+    source = _seq_of(g, shape[-1])
     if source is None:
         return None
+    pad = _pad_id(g, source, const)
+    keeps_real = {"ne": const == pad, "gt": pad == 0 and const == 0, "ge": pad == 0 and const == 1}
+    drops_real = {"eq": const == pad}
     if keeps_real.get(fn):
         return Flow(mask={("keypad", len(shape) - 1, source)}, values=(1.0, 0.0))
     if drops_real.get(fn):
@@ -200,6 +215,7 @@ def _padding_compare(g, node, ins, fn: str, const) -> Flow | None:
     return Flow()
 
 
+@implement("transfer", "elementwise")
 def _elementwise(g, node, ins, flows):
     attrs = g.nodes[node]["attrs"]
     fn, const, first = attrs["fn"], attrs.get("const"), attrs.get("const_first", False)
@@ -237,6 +253,7 @@ def _elementwise(g, node, ins, flows):
     return Flow(deps)
 
 
+@implement("transfer", "where")
 def _where(g, node, ins, flows):
     """where(cond, a, b): a mask choosing a very negative (or 0) fill where it
     rules out kills entries; of two scalars it makes a new mask."""
@@ -265,12 +282,14 @@ def _where(g, node, ins, flows):
     return Flow(deps)
 
 
+@implement("transfer", "mask")
 def _mask(g, node, ins, flows):
     scores, keep = _aligned(g, node, ins, flows)
     minf = scores.minf | (keep.mask if _is_keep(keep) else EMPTY)
     return Flow(scores.deps, minf, scores.zeros)
 
 
+@implement("transfer", "softmax")
 def _softmax(g, node, ins, flows):
     (f,) = flows
     axis = g.nodes[node]["attrs"]["axis"] % len(g.nodes[node]["shape"])
@@ -278,6 +297,7 @@ def _softmax(g, node, ins, flows):
     return Flow(deps, zeros=f.minf)  # what was -inf is now exactly 0
 
 
+@implement("transfer", "reduce")
 def _reduce(g, node, ins, flows):
     (f,) = flows
     attrs = g.nodes[node]["attrs"]
@@ -304,7 +324,7 @@ def _contract(g, node, ins, flows, specs, out_spec):
     for f, spec in zip(flows, specs):
         for c in f.zeros:
             live.add(("causal", spec[c[1]], spec[c[2]]) if c[0] == "causal" else ("keypad", spec[c[1]], c[2]))
-    deps = {s: set() for s in SEQ_DIMS}
+    deps = {s: set() for f in flows for s in f.deps}
     for f, spec in zip(flows, specs):
         for s, facts in f.deps.items():
             for fact in facts:
@@ -324,6 +344,7 @@ def _contract(g, node, ins, flows, specs, out_spec):
 _LETTERS = "abcdefghijklmnopqrstuvw"
 
 
+@implement("transfer", "attend", "matmul")
 def _matmul(g, node, ins, flows):
     ranks = [len(g.nodes[i]["shape"]) for i in ins]
     out_rank = len(g.nodes[node]["shape"])
@@ -332,22 +353,26 @@ def _matmul(g, node, ins, flows):
     return _contract(g, node, ins, flows, specs, batch + "yx")
 
 
+@implement("transfer", "scores")
 def _scores(g, node, ins, flows):
     batch = _LETTERS[:len(g.nodes[node]["shape"]) - 2]
     return _contract(g, node, ins, flows, [batch + "yz", batch + "xz"], batch + "yx")
 
 
+@implement("transfer", "einsum")
 def _einsum(g, node, ins, flows):
     lhs, rhs = g.nodes[node]["attrs"]["equation"].replace(" ", "").split("->")
     return _contract(g, node, ins, flows, lhs.split(","), rhs)
 
 
+@implement("transfer", "linear", "norm", "unembed")
 def _last_mixing(g, node, ins, flows):
     """Ops that mix the last axis only (linear, norm, unembed)."""
     last = len(g.nodes[ins[0]]["shape"]) - 1
     return Flow(_remap(flows[0], {a: a for a in range(last)}).deps)
 
 
+@implement("transfer", "reshape")
 def _reshape(g, node, ins, flows):
     src, dst = g.nodes[ins[0]]["shape"], g.nodes[node]["shape"]
     # A reshape the shape rules reject (QKV203) still keeps its sequence atoms:
@@ -360,18 +385,20 @@ def _reshape(g, node, ins, flows):
     for axis, name in enumerate(dst):
         for part in factors(name):
             atoms.setdefault(part, axis)
-    by_atom = {axis: atoms[_seq_of(name)] for axis, name in enumerate(src)
-               if _seq_of(name) and _seq_of(name) in atoms}
+    by_atom = {axis: atoms[_seq_of(g, name)] for axis, name in enumerate(src)
+               if _seq_of(g, name) and _seq_of(g, name) in atoms}
     moved = _remap(flows[0], {**whole, **by_atom})
     kept = _remap(flows[0], whole)
     return Flow(moved.deps, kept.minf, kept.zeros, kept.mask, kept.values)
 
 
+@implement("transfer", "transpose")
 def _transpose(g, node, ins, flows):
     perm = g.nodes[node]["attrs"]["perm"]
     return _remap(flows[0], {old: new for new, old in enumerate(perm)})
 
 
+@implement("transfer", "split_heads")
 def _split_heads(g, node, ins, flows):
     rank = len(g.nodes[ins[0]]["shape"])
     amap = {a: a for a in range(rank - 2)}
@@ -379,6 +406,7 @@ def _split_heads(g, node, ins, flows):
     return _remap(flows[0], amap)
 
 
+@implement("transfer", "merge_heads")
 def _merge_heads(g, node, ins, flows):
     rank = len(g.nodes[ins[0]]["shape"])
     amap = {a: a for a in range(rank - 3)}
@@ -386,47 +414,42 @@ def _merge_heads(g, node, ins, flows):
     return _remap(flows[0], amap)
 
 
+@implement("transfer", "input")
 def _input(g, node, ins, flows):
-    deps = {s: EMPTY for s in SEQ_DIMS}
+    deps = {}
     for a, name in enumerate(g.nodes[node]["shape"]):
-        s = _seq_of(name)
+        s = _seq_of(g, name)
         if s:
             deps[s] = frozenset({("pos", a)})
     return Flow(deps)
 
 
+@implement("transfer", "padding_mask")
 def _padding_mask(g, node, ins, flows):
     shape = g.nodes[node]["shape"]
-    return Flow(mask={("keypad", len(shape) - 1, _seq_of(shape[-1]))}, values=(1.0, 0.0))
+    return Flow(mask={("keypad", len(shape) - 1, _seq_of(g, shape[-1]))}, values=(1.0, 0.0))
 
 
+@implement("transfer", "causal_mask")
 def _causal_mask(g, node, ins, flows):
     return Flow(mask={("causal", 0, 1)}, values=(1.0, 0.0))
 
 
+@implement("transfer", "embed")
 def _embed(g, node, ins, flows):
     return Flow(flows[0].deps)
 
 
+@implement("transfer", "concat")
 def _concat(g, node, ins, flows):
     rank = len(g.nodes[node]["shape"])
     axis = g.nodes[node]["attrs"]["axis"] % rank
     return Flow(_deps_join([_remap(f, {a: a for a in range(rank) if a != axis}) for f in flows]))
 
 
+@implement("transfer", "output")
 def _identity(g, node, ins, flows):
     return flows[0]
-
-
-TRANSFER = {
-    "input": _input, "embed": _embed, "positional": _plain, "linear": _last_mixing,
-    "split_heads": _split_heads, "merge_heads": _merge_heads, "scores": _scores,
-    "mask": _mask, "softmax": _softmax, "attend": _matmul, "add": _add,
-    "norm": _last_mixing, "activation": _plain, "padding_mask": _padding_mask,
-    "causal_mask": _causal_mask, "unembed": _last_mixing, "output": _identity,
-    "reshape": _reshape, "transpose": _transpose, "matmul": _matmul, "einsum": _einsum,
-    "where": _where, "reduce": _reduce, "elementwise": _elementwise, "concat": _concat,
-}
 
 
 def analyse(g: nx.MultiDiGraph) -> dict[str, Flow]:
@@ -434,10 +457,11 @@ def analyse(g: nx.MultiDiGraph) -> dict[str, Flow]:
     flows: dict[str, Flow] = {}
     for node in nx.topological_sort(g):
         op = g.nodes[node]["op"]
-        if op not in TRANSFER:
+        transfer = spec(op).transfer
+        if transfer is None:
             raise GraphError(f"node {node}: no information-flow rule for op {op!r}")
         ins = arg_nodes(g, node)
-        flows[node] = TRANSFER[op](g, node, ins, [flows[i] for i in ins])
+        flows[node] = transfer(g, node, ins, [flows[i] for i in ins])
     return flows
 
 

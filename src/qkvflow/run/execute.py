@@ -18,7 +18,8 @@ import numpy as np
 
 from ..ir.dims import describe_shape, size_of
 from ..ir.errors import ExecutionError, InputError, ParamError
-from ..ir.graph import OPS, arg_nodes, check_well_formed
+from ..ir.graph import arg_nodes, check_well_formed
+from ..ir.ops import spec
 from .params import param_specs, validate_params
 
 __all__ = ["Executor", "forward"]
@@ -31,14 +32,14 @@ def _plan(g: nx.MultiDiGraph) -> list[tuple]:
     """Topologically ordered steps, cached per graph."""
     plan = _PLANS.get(g)
     if plan is None:
-        from .kernels import KERNELS
+        from . import kernels  # noqa: F401 - attaches the kernels to the registry
         check_well_formed(g)
         plan = []
         for node in nx.topological_sort(g):
             d = g.nodes[node]
-            if d["op"] not in KERNELS:
-                raise ExecutionError(f"node {node}: no kernel for op {d['op']!r} (known: {', '.join(OPS)})")
-            kernel, call = KERNELS[d["op"]]
+            if spec(d["op"]).kernel is None:
+                raise ExecutionError(f"node {node}: no kernel for op {d['op']!r}")
+            kernel, call = spec(d["op"]).kernel
             plan.append((node, d["op"], arg_nodes(g, node), d["attrs"], tuple(d["params"]),
                          d["shape"], kernel, call, d.get("source", "?")))
         _PLANS[g] = plan
@@ -84,7 +85,6 @@ class Executor:
         g = self.graph
         sizes = dict(g.graph["dims"])
         values = {}
-        vocab = sizes.get("vocab")
         for node in g.graph["inputs"]:
             attrs = g.nodes[node]["attrs"]
             name, names = attrs["name"], attrs["shape"]
@@ -96,6 +96,7 @@ class Executor:
             if attrs.get("dtype") == "int":
                 if arr.dtype.kind not in "iu":
                     raise InputError(f"input {name} must hold integer token ids, got dtype {arr.dtype}")
+                vocab = _vocabulary(g, node)
                 if arr.size and vocab and (arr.min() < 0 or arr.max() >= vocab):
                     bad = int(arr.max() if arr.max() >= vocab else arr.min())
                     raise InputError(f"input {name} has token id {bad}, expected ids in 0..{vocab - 1}")
@@ -110,7 +111,7 @@ class Executor:
                 raise InputError(f"input {name} is empty along {names[arr.shape.index(0)]}")
             values[node] = arr
         limit = sizes.get("max_positions")
-        for dim in ("src", "tgt"):
+        for dim in g.graph.get("sequences", {}):
             if limit and sizes.get(dim) is not None and sizes[dim] > limit:
                 raise InputError(f"{dim} length {sizes[dim]} exceeds max_positions = {limit}")
         return values, sizes
@@ -168,6 +169,17 @@ class Executor:
             )
 
 
+def _vocabulary(g: nx.MultiDiGraph, node: str) -> int | None:
+    """How many token ids an input may hold: the rows of the embeddings it feeds."""
+    rows = []
+    for succ in g.successors(node):
+        d = g.nodes[succ]
+        if d["op"] == "embed":
+            vocab = (d["params"].get("weight") or d["attrs"].get("tied_shape") or (None,))[0]
+            rows.append(size_of(vocab, g.graph["dims"]) if vocab else None)
+    return min((r for r in rows if r), default=None)
+
+
 def _bind(names: tuple, shape: tuple, sizes: dict) -> tuple | None:
     """Bind free dims of ``names`` to ``shape`` in ``sizes``; the first clash
     as (axis, dim, expected size), or None when the shape agrees."""
@@ -180,12 +192,15 @@ def _bind(names: tuple, shape: tuple, sizes: dict) -> tuple | None:
     return None
 
 
-def forward(graph: nx.MultiDiGraph, params: dict, src_ids, tgt_ids, *, dtype="float64",
-            check: bool = True, capture: bool = False) -> dict:
-    """Run the traced encoder–decoder graph on token ids.
+def forward(graph: nx.MultiDiGraph, params: dict, *inputs, dtype="float64",
+            check: bool = True, capture: bool = False, **named) -> dict:
+    """Run a traced graph on its inputs, e.g. token ids.
 
-    Returns ``{"logits": (batch, tgt, vocab) array}`` (plus ``"activations"``
-    by node path with ``capture=True``).
+    Inputs are given in the order the model declares them (an
+    encoder–decoder: ``src_ids, tgt_ids``) or by name (a decoder-only model
+    with an input ``ids``: ``forward(g, params, ids=...)``). Returns the
+    outputs by name, e.g. ``{"logits": (batch, tgt, vocab) array}`` (plus
+    ``"activations"`` by node path with ``capture=True``).
 
     Examples
     --------
@@ -195,5 +210,15 @@ def forward(graph: nx.MultiDiGraph, params: dict, src_ids, tgt_ids, *, dtype="fl
     >>> out["logits"].shape
     (1, 2, 41)
     """
-    feeds = {"src_ids": src_ids, "tgt_ids": tgt_ids}
+    names = [graph.nodes[n]["attrs"]["name"] for n in graph.graph["inputs"]]
+    if len(inputs) > len(names):
+        raise InputError(f"forward got {len(inputs)} positional inputs; the model takes "
+                         f"{len(names)}: {', '.join(names)}")
+    feeds = dict(zip(names, inputs))
+    for name, value in named.items():
+        if name not in names:
+            raise InputError(f"forward got an input {name!r}; the model's inputs are {', '.join(names)}")
+        if name in feeds:
+            raise InputError(f"forward got input {name!r} twice, by position and by name")
+        feeds[name] = value
     return Executor(graph, params, dtype=dtype, check=check).run(feeds, capture=capture)

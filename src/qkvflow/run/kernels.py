@@ -1,9 +1,10 @@
 """NumPy kernels: the definition of every op, one small typed function each.
 
-Each kernel is annotated with jaxtyping; :data:`KERNELS` maps an op name to
-``(kernel, call)`` where ``call(kernel, inputs, attrs, params, sizes)`` adapts a
+Each kernel is annotated with jaxtyping and attached to its op's registry
+entry (:mod:`qkvflow.ir.ops`) as a :class:`~qkvflow.ir.ops.Kernel`
+``(fn, call)``, where ``call(fn, inputs, attrs, params, sizes)`` adapts a
 graph node to the kernel's signature. The executor decides when to run a
-kernel under a beartype check (see :mod:`qkvflow.execute`).
+kernel under a beartype check (see :mod:`qkvflow.run.execute`).
 
 Fully masked rows: :func:`softmax` returns zeros for a row whose entries are
 all ``-inf`` (no key may be attended), so no NaN ever leaves it.
@@ -15,8 +16,9 @@ import numpy as np
 from jaxtyping import Bool, Float, Integer, Shaped
 
 from ..ir.dims import size_of
+from ..ir.ops import Kernel, implement
 
-__all__ = ["KERNELS", "sinusoidal_table"]
+__all__ = ["sinusoidal_table"]
 
 Array = np.ndarray
 
@@ -207,32 +209,37 @@ def _concat(ins, attrs, params):
     return np.concatenate(ins, axis=attrs["axis"])
 
 
-# op -> (typed kernel, adapter). The adapter unpacks a node for the kernel.
-KERNELS = {
-    "input": (None, None),  # fed by the executor
-    "embed": (embed, lambda k, i, a, p, s: k(i[0], p["weight"], a.get("scale", 1.0))),
-    "positional": (positional, lambda k, i, a, p, s: _positional(k, i, a, p)),
-    "linear": (linear, lambda k, i, a, p, s: k(i[0], p["weight"], p.get("bias"))),
-    "split_heads": (split_heads, lambda k, i, a, p, s: k(i[0], s[a["heads"]])),
-    "merge_heads": (merge_heads, lambda k, i, a, p, s: k(i[0])),
-    "scores": (scores, lambda k, i, a, p, s: k(i[0], i[1], a["scale"])),
-    "mask": (mask, lambda k, i, a, p, s: k(i[0], i[1])),
-    "softmax": (softmax, lambda k, i, a, p, s: k(i[0], a["axis"])),
-    "attend": (attend, lambda k, i, a, p, s: k(i[0], i[1])),
-    "add": (add, lambda k, i, a, p, s: k(i[0], i[1])),
-    "norm": (norm, lambda k, i, a, p, s: k(i[0], p["weight"], p.get("bias"), a["kind"], a["eps"])),
-    "activation": (activation, lambda k, i, a, p, s: k(i[0], a["fn"])),
-    "padding_mask": (padding_mask, lambda k, i, a, p, s: k(i[0], a["pad_id"])),
-    "causal_mask": (causal_mask, lambda k, i, a, p, s: k(i[0])),
-    "unembed": (unembed, lambda k, i, a, p, s: k(i[0], p["weight"])),
-    "output": (identity, lambda k, i, a, p, s: k(i[0])),
-    "reshape": (None, lambda k, i, a, p, s: i[0].reshape([size_of(n, s) for n in a["shape"]])),
-    "transpose": (None, lambda k, i, a, p, s: np.transpose(i[0], a["perm"])),
-    "matmul": (matmul, lambda k, i, a, p, s: k(i[0], i[1])),
-    "einsum": (None, lambda k, i, a, p, s: np.einsum(a["equation"], *i)),
-    "where": (None, lambda k, i, a, p, s: _where(i, a, p)),
-    "reduce": (None, lambda k, i, a, p, s: _REDUCE[a["fn"]](i[0], axis=tuple(a["axis"]), keepdims=a["keepdims"])),
-    "elementwise": (None, lambda k, i, a, p, s: elementwise(
-        a["fn"], *i, const=a.get("const"), const_first=a.get("const_first", False))),
-    "concat": (None, lambda k, i, a, p, s: _concat(i, a, p)),
-}
+# Each op's kernel and the adapter ``call(fn, inputs, attrs, params, sizes)``
+# that unpacks a node for it, attached to the op's registry entry.
+
+def _kernel(op: str, fn, call) -> None:
+    implement("kernel", op)(Kernel(fn, call))
+
+
+_kernel("input", None, None)  # fed by the executor
+_kernel("embed", embed, lambda k, i, a, p, s: k(i[0], p["weight"], a.get("scale", 1.0)))
+_kernel("positional", positional, lambda k, i, a, p, s: _positional(k, i, a, p))
+_kernel("linear", linear, lambda k, i, a, p, s: k(i[0], p["weight"], p.get("bias")))
+_kernel("split_heads", split_heads, lambda k, i, a, p, s: k(i[0], s[a["heads"]]))
+_kernel("merge_heads", merge_heads, lambda k, i, a, p, s: k(i[0]))
+_kernel("scores", scores, lambda k, i, a, p, s: k(i[0], i[1], a["scale"]))
+_kernel("mask", mask, lambda k, i, a, p, s: k(i[0], i[1]))
+_kernel("softmax", softmax, lambda k, i, a, p, s: k(i[0], a["axis"]))
+_kernel("attend", attend, lambda k, i, a, p, s: k(i[0], i[1]))
+_kernel("add", add, lambda k, i, a, p, s: k(i[0], i[1]))
+_kernel("norm", norm, lambda k, i, a, p, s: k(i[0], p["weight"], p.get("bias"), a["kind"], a["eps"]))
+_kernel("activation", activation, lambda k, i, a, p, s: k(i[0], a["fn"]))
+_kernel("padding_mask", padding_mask, lambda k, i, a, p, s: k(i[0], a["pad_id"]))
+_kernel("causal_mask", causal_mask, lambda k, i, a, p, s: k(i[0]))
+_kernel("unembed", unembed, lambda k, i, a, p, s: k(i[0], p["weight"]))
+_kernel("output", identity, lambda k, i, a, p, s: k(i[0]))
+_kernel("reshape", None, lambda k, i, a, p, s: i[0].reshape([size_of(n, s) for n in a["shape"]]))
+_kernel("transpose", None, lambda k, i, a, p, s: np.transpose(i[0], a["perm"]))
+_kernel("matmul", matmul, lambda k, i, a, p, s: k(i[0], i[1]))
+_kernel("einsum", None, lambda k, i, a, p, s: np.einsum(a["equation"], *i))
+_kernel("where", None, lambda k, i, a, p, s: _where(i, a, p))
+_kernel("reduce", None, lambda k, i, a, p, s: _REDUCE[a["fn"]](
+    i[0], axis=tuple(a["axis"]), keepdims=a["keepdims"]))
+_kernel("elementwise", None, lambda k, i, a, p, s: elementwise(
+    a["fn"], *i, const=a.get("const"), const_first=a.get("const_first", False)))
+_kernel("concat", None, lambda k, i, a, p, s: _concat(i, a, p))

@@ -14,6 +14,7 @@ import numpy as np
 from ..atomic import OutputError, write_atomic
 from ..ir.dims import describe_shape, size_of
 from ..ir.errors import ParamError
+from ..ir.ops import spec
 
 __all__ = ["param_specs", "init_params", "validate_params", "save_params", "load_params"]
 
@@ -32,10 +33,10 @@ def _sizes(g: nx.MultiDiGraph, shape: tuple) -> tuple:
 
 
 def init_params(g: nx.MultiDiGraph, seed: int = 0, dtype="float64") -> dict[str, np.ndarray]:
-    """Seeded parameters for every node of ``g``.
-
-    Linear weights ~ N(0, 1/d_in), embeddings ~ N(0, 1/d_model), learned
-    positions ~ N(0, 0.02); norm weights 1; biases 0.
+    """Seeded parameters for every node of ``g``, by each op's initialisers
+    (:data:`qkvflow.ir.ops.INITS`): linear weights ~ N(0, 1/d_in),
+    embeddings ~ N(0, 1/d_model), learned positions ~ N(0, 0.02); norm
+    weights 1; biases 0.
     """
     rng = np.random.default_rng(seed)
     out = {}
@@ -43,15 +44,15 @@ def init_params(g: nx.MultiDiGraph, seed: int = 0, dtype="float64") -> dict[str,
         sizes = _sizes(g, shape)
         if any(s is None or s <= 0 for s in sizes):
             raise ParamError(f"parameter {path} has shape {shape} without positive sizes")
-        op = g.nodes[path.rsplit(".", 1)[0]]["op"]
-        leaf = path.rsplit(".", 1)[1]
-        if leaf == "bias":
+        node, leaf = path.rsplit(".", 1)
+        init = spec(g.nodes[node]["op"]).init.get(leaf, "fan_in")
+        if init == "zeros":
             value = np.zeros(sizes)
-        elif op == "norm":
+        elif init == "ones":
             value = np.ones(sizes)
-        elif op == "positional":
+        elif init == "small":
             value = rng.normal(0.0, 0.02, sizes)
-        else:  # linear, embed, unembed: N(0, 1/fan-in)
+        else:  # fan_in
             value = rng.normal(0.0, sizes[-1] ** -0.5, sizes)
         out[path] = value.astype(dtype)
     return out

@@ -2,8 +2,11 @@
 
 :func:`provenance` derives the provenance table of the design (attention
 kind, purpose, Q/K/V source, mask) from a traced graph: the sources come
-from the traced origins (``describe_origin``), the mask from the traced
-masks, never from the declarations, so a rewired model shows its rewiring.
+from the origins the provenance pass found (``describe_origin``), the mask
+from the masks it found, never from the declarations, so a rewired model
+shows its rewiring. A model with one stream and no cross-attention (a
+decoder-only or encoder-only model) gets the words of its family: masked
+or bidirectional self-attention.
 :func:`explain` formats that table, plus the consequences the graph
 supports, as aligned text, GitHub markdown or JSON, in English or Chinese.
 """
@@ -13,8 +16,10 @@ import unicodedata
 
 import networkx as nx
 
+from ..ir.dims import dim_table
 from ..ir.errors import ConfigError
 from ..ir.graph import ATTENTION_KINDS, describe_origin
+from ..passes.provenance import ensure
 
 __all__ = ["LANGS", "FORMATS", "provenance", "consequences", "explain"]
 
@@ -22,6 +27,14 @@ LANGS = ("en", "zh")
 FORMATS = ("text", "md", "json")
 COLUMNS = ("attention", "purpose", "q", "k", "v", "mask", "count")
 MASK_ORDER = ("causal", "tgt_padding", "src_padding")
+# Words for a single-stream model (decoder-only or encoder-only).
+SINGLE = {
+    "en": {"kinds": {"encoder_self": "bidirectional self-attention", "decoder_self": "masked self-attention"},
+           "purposes": {"encoder_self": "context from the whole sequence",
+                        "decoder_self": "context inside what was generated so far"}},
+    "zh": {"kinds": {"encoder_self": "双向自注意力", "decoder_self": "带掩码的自注意力"},
+           "purposes": {"encoder_self": "理解整个序列的上下文", "decoder_self": "理解已生成序列的上下文"}},
+}
 
 TEXT = {
     "en": {
@@ -34,6 +47,8 @@ TEXT = {
         "headers": ("attention kind", "purpose", "Q from", "K from", "V from", "mask", "blocks"),
         "masks": {"causal": "causal", "tgt_padding": "target padding",
                   "src_padding": "source padding"},
+        "padding": "{dim} padding", "tokens": {"tgt": "target tokens", "src": "source tokens"},
+        "dim_tokens": "{dim} tokens",
         "streams": {"encoder": "encoder", "decoder": "decoder"},
         "none": "none", "unknown": "unknown",
         "current": "{stream} stream", "memory": "encoder final output",
@@ -46,10 +61,10 @@ TEXT = {
                  "{inputs} and can be computed once per source."),
         "none_once": ("None of the {m} cross-attention blocks reads both K and V from the "
                       "encoder final output {memory}: none can be computed once per source."),
-        "causal": ("Decoder position t depends on target tokens <= t only: all {n} attention "
-                   "blocks that read K/V from the decoder stream are causally masked."),
-        "future": ("No causal mask on {blocks}: they read K/V from the decoder stream, so "
-                   "decoder position t can see target tokens after t."),
+        "causal": ("{Stream} position t depends on {tokens} <= t only: all {n} attention "
+                   "blocks that read K/V from the {stream} stream are causally masked."),
+        "future": ("No causal mask on {blocks}: they read K/V from the {stream} stream, so "
+                   "{stream} position t can see {tokens} after t."),
     },
     "zh": {
         "kinds": {"encoder_self": "编码器自注意力", "decoder_self": "带掩码的解码器自注意力",
@@ -60,6 +75,8 @@ TEXT = {
         "headers": ("注意力类型", "目的", "Query (Q) 来源", "Key (K) 来源", "Value (V) 来源",
                     "掩码", "数量"),
         "masks": {"causal": "因果掩码", "tgt_padding": "目标端填充", "src_padding": "源端填充"},
+        "padding": "{dim} 填充", "tokens": {"tgt": "目标端位置", "src": "源端位置"},
+        "dim_tokens": "{dim} 位置",
         "streams": {"encoder": "编码器", "decoder": "解码器"},
         "none": "无", "unknown": "未知",
         "current": "{stream}的输入", "memory": "编码器的最终输出",
@@ -71,18 +88,28 @@ TEXT = {
                  "{memory}：它们的 K/V 投影只依赖 {inputs}，每个源序列只需计算一次。"),
         "none_once": ("{m} 个交叉注意力块都没有同时从编码器的最终输出 {memory} 读取 K 和 V："
                       "没有一个能每个源序列只计算一次。"),
-        "causal": ("解码器位置 t 只依赖目标端位置 <= t 的词元：从解码器流读取 K/V 的 {n} "
+        "causal": ("{Stream}位置 t 只依赖{tokens} <= t 的词元：从{stream}流读取 K/V 的 {n} "
                    "个注意力块都带因果掩码。"),
-        "future": ("{blocks} 从解码器流读取 K/V 却没有因果掩码，解码器位置 t 能看到 t 之后的"
-                   "目标词元。"),
+        "future": ("{blocks} 从{stream}流读取 K/V 却没有因果掩码，{stream}位置 t 能看到 t 之后的"
+                   "{tokens}。"),
     },
 }
 
 
-def _words(lang: str) -> dict:
+def _words(lang: str, graph: nx.MultiDiGraph | None = None) -> dict:
+    """The words of ``lang``; those of its family for a single-stream model."""
     if lang not in TEXT:
         raise ConfigError(f"explain: unknown lang {lang!r}; accepted: {', '.join(LANGS)}")
-    return TEXT[lang]
+    w = TEXT[lang]
+    if graph is not None and _single_stream(graph):
+        w = {**w, "kinds": {**w["kinds"], **SINGLE[lang]["kinds"]},
+             "purposes": {**w["purposes"], **SINGLE[lang]["purposes"]}}
+    return w
+
+
+def _single_stream(graph: nx.MultiDiGraph) -> bool:
+    records = graph.graph["attention"].values()
+    return len(graph.graph.get("streams", [])) <= 1 and not any(r["kind"] == "cross" for r in records)
 
 
 def _source(origin: dict, w: dict) -> str:
@@ -102,30 +129,45 @@ def _source(origin: dict, w: dict) -> str:
         stream=stream, where=where, node=origin["node"])
 
 
+def _mask_words(mask: str, w: dict) -> str:
+    if mask in w["masks"]:
+        return w["masks"][mask]
+    if mask.endswith("_padding"):
+        return w["padding"].format(dim=mask[: -len("_padding")])
+    return mask
+
+
 def _mask(masks: list | None, w: dict) -> str:
     if masks is None:
         return w["unknown"]
     if not masks:
         return w["none"]
     ordered = sorted(masks, key=lambda m: (MASK_ORDER.index(m) if m in MASK_ORDER else 99, m))
-    return " + ".join(w["masks"].get(m, m.replace("_", " ")) for m in ordered)
+    return " + ".join(_mask_words(m, w) for m in ordered)
 
 
-def _row(g: nx.MultiDiGraph, path: str, record: dict, w: dict) -> dict:
-    kind, origins = record["kind"], record.get("origins", {})
-    row = {"kind": kind, "attention": w["kinds"].get(kind, kind),
-           "purpose": w["purposes"].get(kind, "")}
-    for role in ("q", "k", "v"):
-        row[role] = _source(describe_origin(g, path, origins.get(role)), w)
-    row["mask"] = _mask(record.get("masks"), w)
-    return row
+def _rows(g: nx.MultiDiGraph, path: str, record: dict, w: dict) -> list[dict]:
+    """One row per distinct wiring among the block's sites (one per softmax)."""
+    kind = record["kind"]
+    rows = []
+    for site in record["sites"] or [{}]:
+        origins = site.get("origins", {})
+        row = {"kind": kind, "attention": w["kinds"].get(kind, kind), "purpose": w["purposes"].get(kind, "")}
+        for role in ("q", "k", "v"):
+            row[role] = _source(describe_origin(g, path, origins.get(role)), w)
+        row["mask"] = _mask(site.get("masks"), w)
+        if row not in rows:
+            rows.append(row)
+    return rows
 
 
 def provenance(graph: nx.MultiDiGraph, lang: str = "en") -> list[dict]:
     """The provenance table of ``graph``: one row per distinct wiring.
 
     Rows group the attention blocks that share kind, purpose, Q/K/V source
-    and mask, in the order of the kinds and then of first appearance.
+    and mask, in the order of the kinds and then of first appearance. A
+    block whose heads are wired differently (one softmax per head) counts
+    in the row of each of its wirings.
 
     Parameters
     ----------
@@ -148,37 +190,60 @@ def provenance(graph: nx.MultiDiGraph, lang: str = "en") -> list[dict]:
     >>> [(r["attention"], r["k"], r["mask"], r["count"]) for r in rows][2]
     ('cross-attention', 'encoder final output', 'source padding', 2)
     """
-    w, groups = _words(lang), {}
+    ensure(graph)
+    w, groups = _words(lang, graph), {}
     for path, record in graph.graph["attention"].items():
-        row = _row(graph, path, record, w)
-        key = tuple(row.values())
-        groups.setdefault(key, {**row, "count": 0, "blocks": []})
-        groups[key]["count"] += 1
-        groups[key]["blocks"].append(path)
+        for row in _rows(graph, path, record, w):
+            key = tuple(row.values())
+            groups.setdefault(key, {**row, "count": 0, "blocks": []})
+            groups[key]["count"] += 1
+            groups[key]["blocks"].append(path)
     order = list(ATTENTION_KINDS)
     return sorted(groups.values(), key=lambda r: order.index(r["kind"]) if r["kind"] in order else 99)
 
 
 def consequences(graph: nx.MultiDiGraph, lang: str = "en") -> list[str]:
     """Facts that follow from the wiring: K/V computed once, causality."""
-    w, att, memory = _words(lang), graph.graph["attention"], graph.graph.get("memory")
+    ensure(graph)
+    w, att, memory = _words(lang, graph), graph.graph["attention"], graph.graph.get("memory")
+    sites = {path: [s for s in r["sites"] if "origins" in s] for path, r in att.items()}
     lines = []
-    cross = [r for r in att.values() if r["kind"] == "cross"]
+    cross = [p for p, r in att.items() if r["kind"] == "cross"]
     if cross and memory in graph:
-        same = [r for r in cross if r.get("origins", {}).get("k") == memory
-                and r.get("origins", {}).get("v") == memory]
+        same = [p for p in cross if sites[p] and all(
+            s["origins"].get("k") == memory and s["origins"].get("v") == memory for s in sites[p])]
         inputs = sorted(graph.nodes[n].get("attrs", {}).get("name", n)
                         for n in nx.ancestors(graph, memory) if graph.nodes[n]["op"] == "input")
         template = w["once" if same else "none_once"]
         lines.append(template.format(n=len(same), m=len(cross), memory=memory, inputs=", ".join(inputs)))
-    reading = {p: r for p, r in att.items() if any(
-        graph.nodes[n].get("stream") == "decoder" for role, n in r.get("origins", {}).items()
-        if role in ("k", "v") and n in graph)}
-    unmasked = [p for p, r in reading.items() if "causal" not in r.get("masks", [])]
-    if unmasked:
-        lines.append(w["future"].format(blocks=", ".join(unmasked)))
-    elif reading:
-        lines.append(w["causal"].format(n=len(reading)))
+    lines.extend(_causality(graph, sites, w))
+    return lines
+
+
+def _causality(graph: nx.MultiDiGraph, sites: dict, w: dict) -> list[str]:
+    """Per causal sequence: are all blocks reading K/V over it causally masked?"""
+    dims, causal = dim_table(graph.graph), {s for s, rule in graph.graph.get("sequences", {}).items()
+                                            if rule == "causal"}
+    lines = []
+    for seq in sorted(causal):
+        reading, stream = [], None
+        for path, found in sites.items():
+            for site in found:
+                kv = [site["origins"].get(r) for r in ("k", "v") if site["origins"].get(r) in graph]
+                over = [n for n in kv if any(dims.seq_of(d) == seq for d in graph.nodes[n]["shape"])]
+                if over:
+                    reading.append((path, "causal" in site.get("masks", [])))
+                    stream = stream or graph.nodes[over[0]].get("stream")
+        if not reading:
+            continue
+        word = w["streams"].get(stream, stream or seq)
+        words = {"stream": word, "Stream": word[:1].upper() + word[1:],
+                 "tokens": w["tokens"].get(seq, w["dim_tokens"].format(dim=seq))}
+        unmasked = list(dict.fromkeys(p for p, masked in reading if not masked))
+        if unmasked:
+            lines.append(w["future"].format(blocks=", ".join(unmasked), **words))
+        else:
+            lines.append(w["causal"].format(n=len({p for p, _ in reading}), **words))
     return lines
 
 

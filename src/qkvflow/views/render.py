@@ -5,7 +5,8 @@ and ``op`` (one node per graph node). Both build a small :class:`_Diagram`
 first, which is then written as DOT (through the ``graphviz`` package, whose
 ``dot`` program makes SVG, PNG and PDF) or as Mermaid text. Colours and line
 styles come from one mapping, :data:`ROLE_STYLE` for edges and
-:data:`OP_STYLE` for ops; Q, K and V are blue, green and orange everywhere.
+:data:`STYLES` for the drawing style each op's registry entry names; Q, K
+and V are blue, green and orange everywhere.
 The encoder's final output (``graph.graph["memory"]``) is drawn on its own so
 that the K and V edges into every cross-attention visibly start from it.
 """
@@ -19,9 +20,11 @@ import networkx as nx
 
 from ..atomic import OutputError, write_atomic
 from ..ir.errors import RenderError
-from ..ir.graph import ATTENTION_KINDS, OPS, to_json
+from ..ir.graph import ATTENTION_KINDS, to_json
+from ..ir.ops import OPS
+from ..passes.provenance import ensure
 
-__all__ = ["render", "FORMATS", "LEVELS", "ROLE_STYLE", "OP_STYLE"]
+__all__ = ["render", "FORMATS", "LEVELS", "ROLE_STYLE", "STYLES"]
 
 FORMATS = ("svg", "png", "pdf", "dot", "mmd", "json")
 LEVELS = ("block", "op")
@@ -45,17 +48,11 @@ ROLE_STYLE = {
     "ids": ("#333333", "solid", 1.0, "ids"),
 }
 
-# Op -> (node shape, fill colour). A new op in graph.OPS needs a row here.
-_IO, _MASK, _PROJ, _CORE, _HEADS, _RES, _NUMPY = (
-    ("ellipse", "#eeeeee"), ("note", "#fbe3e3"), ("box", "#dbe9f6"), ("box", "#fff2cc"),
-    ("box", "#f3f3f3"), ("box", "#e6e6e6"), ("box", "#ffffff"))
-OP_STYLE = {
-    "input": _IO, "output": _IO, "embed": _PROJ, "positional": _PROJ, "unembed": _PROJ,
-    "linear": _PROJ, "split_heads": _HEADS, "merge_heads": _HEADS, "scores": _CORE,
-    "mask": _CORE, "softmax": _CORE, "attend": _CORE, "add": _RES, "norm": _RES,
-    "activation": _PROJ, "padding_mask": _MASK, "causal_mask": _MASK, "reshape": _NUMPY,
-    "transpose": _NUMPY, "matmul": _NUMPY, "einsum": _NUMPY, "where": _NUMPY,
-    "reduce": _NUMPY, "elementwise": _NUMPY, "concat": _NUMPY,
+# Drawing style of an op (its registry entry's ``style``) -> (node shape, fill colour).
+STYLES = {
+    "io": ("ellipse", "#eeeeee"), "mask": ("note", "#fbe3e3"), "projection": ("box", "#dbe9f6"),
+    "core": ("box", "#fff2cc"), "heads": ("box", "#f3f3f3"), "residual": ("box", "#e6e6e6"),
+    "numpy": ("box", "#ffffff"),
 }
 
 # Block -> (description, fill colour); user-named blocks fall back to "block".
@@ -69,7 +66,6 @@ _BLOCK_STYLE = {
 }
 _MEMORY_FILL = "#f4cccc"
 _BIG = 400  # diagram nodes above which dot's layout iterations are bounded
-_CLUSTERS = {"encoder": "Encoder", "decoder": "Decoder"}
 
 
 @dataclass
@@ -94,13 +90,15 @@ class _Edge:
 class _Diagram:
     nodes: dict = field(default_factory=dict)   # id -> _Node, in graph order
     edges: dict = field(default_factory=dict)   # (tail, head, role) -> _Edge
+    streams: list = field(default_factory=list)  # clusters, in the model's order
 
 
 def _op_style(op: str) -> tuple[str, str]:
-    if op not in OP_STYLE:
-        known = "unknown to qkvflow" if op not in OPS else "without a drawing style"
-        raise RenderError(f"cannot draw op {op!r}: it is {known}")
-    return OP_STYLE[op]
+    if op not in OPS:
+        raise RenderError(f"cannot draw op {op!r}: it is unknown to qkvflow")
+    if OPS[op].style not in STYLES:
+        raise RenderError(f"cannot draw op {op!r}: its style {OPS[op].style!r} has no drawing")
+    return STYLES[OPS[op].style]
 
 
 def _role_style(role: str) -> tuple:
@@ -111,6 +109,17 @@ def _role_style(role: str) -> tuple:
 
 def _shape_text(shape) -> str:
     return "(" + ", ".join(shape) + ")"
+
+
+def _cluster_label(stream: str) -> str:
+    """``encoder`` -> ``Encoder``: a stream's cluster title."""
+    return stream[:1].upper() + stream[1:]
+
+
+def _streams(g: nx.MultiDiGraph) -> list:
+    """The model's streams, then any other stream a node names."""
+    named = [d.get("stream") for _, d in g.nodes(data=True) if d.get("stream")]
+    return list(dict.fromkeys([*g.graph.get("streams", []), *named]))
 
 
 def _relative(path: str, stream: str | None) -> str:
@@ -132,7 +141,7 @@ def _group_node(g: nx.MultiDiGraph, gid: str, members: list[str]) -> _Node:
     first = g.nodes[members[0]]
     stream = next((g.nodes[m].get("stream") for m in members if g.nodes[m].get("stream")), None)
     if gid == g.graph.get("memory"):
-        return _Node(["memory", "encoder final output", gid, _shape_text(first["shape"])],
+        return _Node(["memory", f"{first.get('stream') or 'the'} final output", gid, _shape_text(first["shape"])],
                      gid, "box", _MEMORY_FILL, None, bold=True)
     if first.get("block_path") != gid:  # a lone node: input, mask, output
         shape, fill = _op_style(first["op"])
@@ -142,7 +151,8 @@ def _group_node(g: nx.MultiDiGraph, gid: str, members: list[str]) -> _Node:
     lines = [_relative(gid, stream)]
     if record:
         lines.append(ATTENTION_KINDS.get(record.get("kind"), desc))
-        lines.append("mask: " + (", ".join(record.get("masks") or []) or "none"))
+        masks = sorted({m for site in record["sites"] for m in site.get("masks", [])})
+        lines.append("mask: " + (", ".join(masks) or "none"))
     else:
         lines.append(desc)
     return _Node(lines, gid, "box", fill, stream)
@@ -154,7 +164,7 @@ def _block_diagram(g: nx.MultiDiGraph) -> _Diagram:
         _op_style(data.get("op"))
         members.setdefault(_group_of(g, node), []).append(node)
     ids = {gid: f"n{i}" for i, gid in enumerate(members)}
-    diagram = _Diagram()
+    diagram = _Diagram(streams=_streams(g))
     for gid, nodes in members.items():
         diagram.nodes[ids[gid]] = _group_node(g, gid, nodes)
     memory = g.graph.get("memory")
@@ -172,7 +182,7 @@ def _block_diagram(g: nx.MultiDiGraph) -> _Diagram:
 
 def _op_diagram(g: nx.MultiDiGraph) -> _Diagram:
     ids = {node: f"n{i}" for i, node in enumerate(g)}
-    diagram = _Diagram()
+    diagram = _Diagram(streams=_streams(g))
     memory = g.graph.get("memory")
     for node, data in g.nodes(data=True):
         shape, fill = _op_style(data.get("op"))
@@ -244,7 +254,7 @@ def _to_dot(diagram: _Diagram, title: str, level: str) -> str:
             _dot_nodes(dot, diagram, groups)
             continue
         with dot.subgraph(name=f"cluster_{cluster}") as sub:
-            sub.attr(label=_CLUSTERS.get(cluster, cluster), style="rounded", color="#999999")
+            sub.attr(label=_cluster_label(cluster), style="rounded", color="#999999")
             _dot_nodes(sub, diagram, groups)
     for (tail, head, role), edge in diagram.edges.items():
         colour, style, width, _ = ROLE_STYLE[role]
@@ -316,11 +326,13 @@ def _to_mermaid(diagram: _Diagram, title: str) -> str:
     taken: set = set()
     ids = {nid: _mermaid_id(node.path, taken) for nid, node in diagram.nodes.items()}
     lines = ["flowchart TB", f"  %% {title}: Q blue, K green, V orange, residual dashed, mask dotted"]
-    for cluster in [*_CLUSTERS, None]:
+    for i, cluster in enumerate([*diagram.streams, None]):
         members = [nid for nid, node in diagram.nodes.items() if node.cluster == cluster]
         indent = "    " if cluster else "  "
         if cluster:
-            lines.append(f'  subgraph {_CLUSTERS[cluster]}["{_CLUSTERS[cluster]}"]')
+            label = _cluster_label(cluster)
+            sid = label if label.isidentifier() and label.isascii() else f"stream_{i}"
+            lines.append(f'  subgraph {sid}["{_mermaid_text(label)}"]')
         for nid in members:
             node = diagram.nodes[nid]
             label = "<br/>".join(_mermaid_text(line) for line in node.label)
@@ -401,6 +413,7 @@ def render(graph: nx.MultiDiGraph, path=None, *, level: str = "block",
         raise RenderError(f"unknown diagram level {level!r}; accepted: {', '.join(LEVELS)}")
     fmt = _resolve_format(path, fmt)
     title = f"{graph.graph.get('model') or 'model'} ({level} level)"
+    ensure(graph)  # the provenance pass labels the Q, K and V edges
     if fmt == "json":
         out = to_json(graph)
     else:

@@ -32,13 +32,27 @@ class Model:
     ``build()`` creates its inputs with :func:`qkvflow.nn.input` and returns
     a dict of named outputs. It runs under ``trace`` (symbolic) or
     :func:`eager` (arrays) unchanged.
+
+    ``dims`` maps each dim name to its size, None for data dims (batch and
+    sequence lengths). ``sequences`` declares which data dims are token
+    sequences and how positions may read each other: ``"causal"`` (position
+    t depends on tokens <= t only, as in a decoder) or ``"bidirectional"``
+    (on every non-padding token), e.g. ``{"src": "bidirectional", "tgt":
+    "causal"}`` or ``{"seq": "causal"}``. ``streams`` names the model's
+    residual streams (the ``stream=`` of its scopes), e.g. ``("encoder",
+    "decoder")``. Undeclared, the sequences are the last dims of the token-id
+    inputs, causal where a ``decoder_self`` block reads them, and the streams
+    are those the scopes name.
     """
 
-    def __init__(self, name: str, dims: dict, build, config: dict | None = None) -> None:
+    def __init__(self, name: str, dims: dict, build, config: dict | None = None, *,
+                 sequences: dict | None = None, streams=None) -> None:
         self.name = name
         self.dims = dict(dims)
         self.build = build
         self.config = dict(config or {})
+        self.sequences = None if sequences is None else dict(sequences)
+        self.streams = None if streams is None else tuple(streams)
 
     def __repr__(self) -> str:
         return f"Model({self.name!r})"
@@ -46,6 +60,8 @@ class Model:
 
 class Context:
     """Scope stack and dims table shared by tracing and eager execution."""
+
+    tracing = False  # a Tracer records nodes; other contexts compute
 
     def __init__(self, dims: dict) -> None:
         self.dims = dict(dims)
@@ -59,7 +75,8 @@ class Context:
         return ".".join(s for s, _ in self.scopes if s)
 
     def scope_attrs(self) -> dict:
-        attrs = {"stream": None, "layer": None, "block": None, "block_path": None, "attention": None}
+        attrs = {"stream": None, "layer": None, "block": None, "block_path": None, "attention": None,
+                 "attention_block": None}
         parts = []
         for name, extra in self.scopes:
             if name:
@@ -69,6 +86,8 @@ class Context:
                 if key == "block":
                     # An unnamed block scope groups nodes without renaming them.
                     attrs["block_path"] = ".".join(parts if name else parts + [value])
+                elif key == "attention":  # a declared attention block: its nodes know it
+                    attrs["attention_block"] = ".".join(parts)
         return attrs
 
     @contextlib.contextmanager

@@ -12,7 +12,8 @@ import pytest
 import qkvflow as qf
 from qkvflow.ir import graph as ir
 from qkvflow.ir.errors import GraphError
-from qkvflow.ir.graph import ATTENTION_KINDS, OPS, ROLES, lint, tabular
+from qkvflow.ir.graph import ATTENTION_KINDS, ROLES, lint, tabular
+from qkvflow.ir.ops import OPS
 
 PRESETS = ("tiny", "vaswani-base", "torch-transformer")
 
@@ -191,6 +192,13 @@ def _walk(g, node, role):
         chain.append(ins[0])
 
 
+def _one_site(g, block: str) -> dict:
+    """A block's declaration merged with the one attention site the provenance pass found in it."""
+    record = g.graph["attention"][block]
+    assert len(record["sites"]) == 1, block
+    return {**record, **record["sites"][0]}
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_every_cross_attention_reads_k_and_v_from_the_memory(graphs, name):
     g = graphs[name]
@@ -199,7 +207,7 @@ def test_every_cross_attention_reads_k_and_v_from_the_memory(graphs, name):
     cross = [b for b, r in g.graph["attention"].items() if r["kind"] == "cross"]
     assert len(cross) == g.graph["config"]["decoder_layers"]
     for block in cross:
-        rec = g.graph["attention"][block]
+        rec = _one_site(g, block)
         k_chain = _walk(g, rec["scores"], "k")
         v_chain = _walk(g, rec["attend"], "v")
         assert k_chain[-1] == memory and v_chain[-1] == memory, (k_chain, v_chain)
@@ -232,7 +240,8 @@ def test_attention_records_for_all_three_kinds(graphs):
         "cross": ({"q": "decoder", "k": "memory", "v": "memory", "mask": "src_padding"},
                   ["src_padding"], "decoder"),
     }
-    for block, rec in records.items():
+    for block in records:
+        rec = _one_site(g, block)
         declared, masks, stream = want[rec["kind"]]
         assert rec["declared"] == declared, block
         assert rec["masks"] == masks, block
@@ -242,7 +251,7 @@ def test_attention_records_for_all_three_kinds(graphs):
         path, _ = _file_line(rec["source"])
         assert path.name == "encoder_decoder.py"
     # declared shapes name query and key lengths apart
-    cross = records["decoder.layers.0.cross_attn"]
+    cross = _one_site(g, "decoder.layers.0.cross_attn")
     assert tuple(cross["declared_shapes"]["y"]) == ("batch", "tgt", "d_model")
     assert tuple(cross["declared_shapes"]["memory"]) == ("batch", "src", "d_model")
     assert g.nodes[cross["scores"]]["shape"] == ("batch", "heads", "tgt", "src")
@@ -250,7 +259,7 @@ def test_attention_records_for_all_three_kinds(graphs):
 
 def test_self_attention_origins_are_the_state_entering_the_layer(graphs):
     g = graphs["tiny"]
-    rec = g.graph["attention"]
+    rec = {block: _one_site(g, block) for block in g.graph["attention"]}
     assert rec["encoder.layers.0.self_attn"]["origins"] == dict.fromkeys("qkv", "encoder.positional")
     assert rec["encoder.layers.1.self_attn"]["origins"] == dict.fromkeys("qkv", "encoder.layers.0.norm2")
     assert rec["decoder.layers.1.self_attn"]["origins"] == dict.fromkeys("qkv", "decoder.layers.0.norm3")

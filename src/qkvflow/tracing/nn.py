@@ -1,0 +1,265 @@
+"""The ops model code calls: one function per op, traced or eager.
+
+Every function works on :class:`~qkvflow.tracing.tensor.Sym` values while
+tracing (recording one node) and on NumPy arrays in an eager run (computing
+with the kernel of the same op). Array methods and NumPy functions on a
+``Sym`` (``reshape``, ``transpose``, ``@``, ``np.einsum``, ``np.where``,
+...) are recorded by :mod:`qkvflow.tracing.tensor` and re-exported here, so a
+block written in plain NumPy style is traced as written.
+
+Parametrised ops (``embed``, ``linear``, ``norm``, learned ``positional``,
+``unembed``) take a ``name``: the parameter path is ``<scope>.<name>.weight``.
+"""
+
+import functools
+import re
+
+import numpy as np
+
+from ..ir.dims import name_of
+from ..ir.errors import TraceError
+from .context import Eager, current
+from .tensor import (Sym, apply, concat, einsum, elementwise, index, matmul, reduce, reshape,
+                     swapaxes, tracer, transpose, where)
+
+__all__ = [
+    "input", "embed", "positional", "linear", "split_heads", "merge_heads",
+    "scores", "scale", "mask", "softmax", "attend", "add", "residual", "norm",
+    "activation", "padding_mask", "causal_mask", "unembed", "output",
+    "reshape", "transpose", "swapaxes", "matmul", "einsum", "where", "reduce",
+    "elementwise", "concat", "concat_heads", "index", "mark_memory", "attention",
+]
+
+
+def concat_heads(parts):
+    """Concatenate per-head outputs (batch, seq, d_head) x heads -> (batch, seq, heads*d_head)."""
+    return concat(parts, axis=-1)
+
+
+# --- inputs, embeddings, positions ------------------------------------------
+
+def input(name: str, shape: tuple, dtype: str = "int", *, pad_id: int | None = None):  # noqa: A001
+    """A run input, e.g. ``input("src_ids", ("batch", "src"), pad_id=0)``.
+
+    An ``int`` input holds token ids; its last dim is a sequence dim, and
+    ``pad_id`` (if any) is the id of its padding token.
+    """
+    active = tracer()
+    if active is not None:
+        attrs = {"name": name, "shape": tuple(name_of(d) for d in shape), "dtype": dtype}
+        if pad_id is not None:
+            attrs["pad_id"] = int(pad_id)
+        return active.record_input(name, attrs)
+    ctx = current()
+    if not isinstance(ctx, Eager) or name not in ctx.feeds:
+        raise TraceError(f"input {name!r} was not given")
+    return np.asarray(ctx.feeds[name])
+
+
+def embed(ids, *, vocab="vocab", d_model="d_model", scale: float = 1.0, name: str = "embed",
+          tied_to: str | None = None):
+    """Token embedding lookup: (batch, seq) ids -> (batch, seq, d_model).
+
+    ``tied_to`` reuses another node's weight by parameter path.
+    """
+    shape = (name_of(vocab), name_of(d_model))
+    if tied_to:
+        return apply("embed", [ids], name=name,
+                      attrs={"scale": float(scale), "tied_to": tied_to, "tied_shape": shape})
+    return apply("embed", [ids], name=name, attrs={"scale": float(scale)}, params={"weight": shape})
+
+
+def positional(x, kind: str = "sinusoidal", *, max_positions="max_positions", offset: int = 0,
+               name: str = "positional"):
+    """Add position encodings: sinusoidal (interleaved), sinusoidal_half or learned."""
+    params = None
+    if kind == "learned":
+        params = {"weight": (name_of(max_positions), x.names[-1] if isinstance(x, Sym) else "d_model")}
+    return apply("positional", [x], name=name, attrs={"kind": kind, "offset": int(offset)}, params=params)
+
+
+# --- projections and attention ---------------------------------------------
+
+def linear(x, d_out, *, name: str, bias: bool = True):
+    """``x @ W.T + b`` with W of shape (d_out, d_in); d_in is x's last dim."""
+    d_in = x.names[-1] if isinstance(x, Sym) else "d_in"
+    params = {"weight": (name_of(d_out), d_in)}
+    if bias:
+        params["bias"] = (name_of(d_out),)
+    return apply("linear", [x], name=name, params=params)
+
+
+def split_heads(x, heads="heads", d_head="d_head"):
+    """(batch, seq, heads*d_head) -> (batch, heads, seq, d_head)."""
+    return apply("split_heads", [x], attrs={"heads": name_of(heads), "d_head": name_of(d_head)})
+
+
+def merge_heads(x):
+    """(batch, heads, seq, d_head) -> (batch, seq, heads*d_head)."""
+    return apply("merge_heads", [x])
+
+
+def scores(q, k, scale: float):
+    """q @ k^T * scale: (b, h, q_seq, d) x (b, h, k_seq, d) -> (b, h, q_seq, k_seq)."""
+    return apply("scores", [q, k], attrs={"scale": float(scale)})
+
+
+def scale(x, factor: float):
+    """``x * factor`` as its own node (e.g. the 1/sqrt(d_head) of attention scores)."""
+    return apply("elementwise", [x], name="scale", attrs={"fn": "mul", "const": float(factor)})
+
+
+def mask(x, keep):
+    """Scores where ``keep`` is True, -inf elsewhere."""
+    return apply("mask", [x, keep])
+
+
+def softmax(x, axis: int = -1):
+    """Softmax over ``axis``; a row that is all -inf gives zeros, not NaN."""
+    return apply("softmax", [x], attrs={"axis": int(axis)})
+
+
+def attend(probs, v):
+    """probs @ v: (b, h, q_seq, k_seq) x (b, h, k_seq, d) -> (b, h, q_seq, d)."""
+    return apply("attend", [probs, v], roles=["probs", "v"])
+
+
+def add(a, b):
+    return apply("add", [a, b])
+
+
+def residual(x, y):
+    """``x + y`` where x is the residual stream."""
+    return apply("add", [x, y], roles=["residual", "x"])
+
+
+def norm(x, kind: str = "layer", *, eps: float = 1e-5, name: str, bias: bool = True):
+    """LayerNorm (kind="layer") or RMSNorm (kind="rms") over the last dim."""
+    d = x.names[-1] if isinstance(x, Sym) else "d"
+    params = {"weight": (d,)}
+    if kind == "layer" and bias:
+        params["bias"] = (d,)
+    return apply("norm", [x], name=name, attrs={"kind": kind, "eps": float(eps)}, params=params)
+
+
+def activation(x, fn: str):
+    """relu, gelu (erf), gelu_tanh or silu."""
+    return apply("activation", [x], name=fn, attrs={"fn": fn})
+
+
+def padding_mask(ids, pad_id: int, *, name: str = "padding_mask"):
+    """True where the token is not padding: (batch, seq) -> (batch, seq)."""
+    return apply("padding_mask", [ids], name=name, attrs={"pad_id": int(pad_id)})
+
+
+def causal_mask(ids, *, name: str = "causal_mask"):
+    """(seq, seq), True where key position <= query position."""
+    return apply("causal_mask", [ids], name=name)
+
+
+def unembed(x, *, vocab="vocab", tied_to: str | None = None, name: str = "unembed"):
+    """Logits: x @ W.T with W (vocab, d_model); ``tied_to`` reuses a weight by path."""
+    d = x.names[-1] if isinstance(x, Sym) else "d_model"
+    if tied_to:
+        return apply("unembed", [x], name=name,
+                      attrs={"tied_to": tied_to, "tied_shape": (name_of(vocab), d)})
+    return apply("unembed", [x], name=name, params={"weight": (name_of(vocab), d)})
+
+
+def output(x, name: str):
+    active = tracer()
+    if active is None:
+        return x
+    return active.record("output", [x], name=name, attrs={"name": name})
+
+
+def mark_memory(x):
+    """Mark ``x`` as the encoder's final output that cross-attention reads."""
+    active = tracer()
+    if active is not None:
+        active.graph.graph["memory"] = x.node
+    return x
+
+
+# --- declared attention blocks -----------------------------------------------------
+
+_KIND_SCOPE = {"encoder_self": "self_attn", "decoder_self": "self_attn", "cross": "cross_attn"}
+_MASK_WORD = re.compile(r"causal|[A-Za-z_]\w*_padding")
+
+
+def _declared_shapes(fn) -> dict:
+    shapes = {}
+    for arg, ann in getattr(fn, "__annotations__", {}).items():
+        dim_str = getattr(ann, "dim_str", None)
+        if dim_str is not None:
+            shapes[arg] = tuple(dim_str.split())
+    return shapes
+
+
+def attention(kind: str, *, q: str, k: str, v: str, mask: str):
+    """Declare an attention block: its kind, Q/K/V provenance and mask.
+
+    ``kind`` is ``encoder_self`` (bidirectional self-attention),
+    ``decoder_self`` (masked self-attention) or ``cross``; ``q``, ``k``,
+    ``v`` name the state each is read from: a stream of the model (``encoder``,
+    ``decoder`` or the model's own names: that stream's current state) or
+    ``memory`` (the final output another stream reads, see ``mark_memory``);
+    ``mask`` is ``none``, or ``+``-joined ``causal`` and ``<dim>_padding``
+    for a sequence dim (``src_padding``, ``tgt_padding``, ``seq_padding``).
+    Shapes are declared with jaxtyping annotations on the function. The
+    provenance pass compares these declarations with what the code does.
+    """
+    if kind not in _KIND_SCOPE:
+        raise TraceError(f"attention kind {kind!r}: expected one of {', '.join(_KIND_SCOPE)}")
+    for role, state in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(state, str) or not state.isidentifier():
+            raise TraceError(f"attention {role}={state!r}: expected a stream name or 'memory'")
+    masks = [m.strip() for m in str(mask).split("+")]
+    if masks != ["none"] and not all(_MASK_WORD.fullmatch(m) for m in masks):
+        raise TraceError(
+            f"attention mask={mask!r}: expected 'none' or '+'-joined 'causal' and "
+            "'<sequence dim>_padding' (e.g. 'causal+tgt_padding')"
+        )
+
+    def decorate(fn):
+        declared = {"q": q, "k": k, "v": v, "mask": mask}
+        shapes = _declared_shapes(fn)
+        code = fn.__code__
+        where_defined = f"{code.co_filename}:{code.co_firstlineno}"
+        checked = []
+
+        @functools.wraps(fn)
+        def block(*args, name: str | None = None, **kwargs):
+            ctx = current()
+            scope_name = name or _KIND_SCOPE[kind]
+            if ctx is None:
+                return fn(*args, **kwargs)
+            block_name = _KIND_SCOPE[kind]
+            with ctx.scope(scope_name, block=block_name, attention=kind):
+                if ctx.tracing:
+                    bound = _bind(fn, args, kwargs)
+                    out = fn(*args, **kwargs)
+                    ctx.declare_attention({
+                        "kind": kind, "declared": dict(declared), "declared_shapes": dict(shapes),
+                        "function": fn.__qualname__, "source": where_defined,
+                    }, bound, out)
+                    return out
+                if not checked:
+                    from beartype import beartype
+                    from jaxtyping import jaxtyped
+                    checked.append(jaxtyped(typechecker=beartype)(fn))
+                return checked[0](*args, **kwargs)
+
+        block.declaration = {"kind": kind, **declared}
+        return block
+
+    return decorate
+
+
+def _bind(fn, args, kwargs) -> dict:
+    import inspect
+    try:
+        bound = inspect.signature(fn).bind(*args, **kwargs)
+    except TypeError as err:
+        raise TraceError(f"calling attention block {fn.__qualname__}: {err}") from err
+    return dict(bound.arguments)

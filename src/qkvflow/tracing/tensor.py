@@ -1,0 +1,457 @@
+"""Symbolic tensors and the NumPy-level ops they record.
+
+:class:`Sym` is what model code holds while it is traced: a graph node with
+NumPy-style methods. Its methods, the operators and the NumPy functions and
+ufuncs called on it (``reshape``, ``transpose``, ``@``, ``np.einsum``,
+``np.where``, sums, ...) all land in the functions below, which record one
+node each through :func:`apply`, or compute on arrays in an eager run. The
+model-level ops users call (``linear``, ``softmax``, ...) are in
+:mod:`qkvflow.tracing.nn`, built on the same :func:`apply`.
+"""
+
+import math
+import numbers
+
+import numpy as np
+
+from ..ir.dims import DataDim, Dim, name_of, size_of
+from ..ir.errors import TraceError
+from ..ir.shapes import Meta
+from .context import Eager, current
+
+__all__ = [
+    "Sym", "apply", "reshape", "transpose", "swapaxes", "matmul", "einsum", "where", "reduce",
+    "elementwise", "concat", "index", "numpy_ufunc", "numpy_function",
+]
+
+
+def tracer():
+    """The active tracer, or None outside a trace."""
+    ctx = current()
+    return ctx if ctx is not None and ctx.tracing else None
+
+
+def _eager_params(name: str, spec: dict, attrs: dict) -> dict:
+    ctx = current()
+    if not isinstance(ctx, Eager):
+        raise TraceError(f"{name} has parameters: run it inside qkvflow.eager(...) or trace it")
+    params = {p: ctx.param(ctx.path(f"{name}.{p}")) for p in (spec or {})}
+    if attrs.get("tied_to"):
+        params["weight"] = ctx.param(attrs["tied_to"])
+    return params
+
+
+def apply(op: str, args: list, *, name: str | None = None, attrs: dict | None = None,
+           params: dict | None = None, roles: list | None = None):
+    """Record ``op`` while tracing, or run its kernel on arrays."""
+    attrs = attrs or {}
+    active = tracer()
+    if active is not None:
+        return active.record(op, args, name=name, attrs=attrs, params=params, roles=roles)
+    from ..ir.ops import spec
+    from ..run import kernels  # noqa: F401 - attaches the kernels to the registry
+    kernel, call = spec(op).kernel
+    values = _eager_params(name or op, params, attrs) if (params or attrs.get("tied_to")) else {}
+    ctx = current()
+    sizes = dict(ctx.dims) if ctx is not None else {}
+    return call(kernel, [np.asarray(a) for a in args], attrs, values, sizes)
+
+
+class Sym:
+    """A symbolic tensor: a graph node plus NumPy-style methods."""
+
+    __slots__ = ("tracer", "node")
+    __array_priority__ = 1000
+
+    def __init__(self, tracer: "Tracer", node: str) -> None:
+        self.tracer = tracer
+        self.node = node
+
+    # --- what the node knows -------------------------------------------------
+    @property
+    def meta(self) -> Meta:
+        d = self.tracer.graph.nodes[self.node]
+        return Meta(d["shape"], d["key_axis"], d["dtype"])
+
+    @property
+    def names(self) -> tuple:
+        return self.tracer.graph.nodes[self.node]["shape"]
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.tracer.dim_for(n) for n in self.names)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.names)
+
+    @property
+    def dtype(self) -> str:
+        return self.tracer.graph.nodes[self.node]["dtype"]
+
+    def __repr__(self) -> str:
+        return f"Sym({self.node}: ({', '.join(self.names)}))"
+
+    def __bool__(self):
+        raise TraceError(
+            f"the truth value of traced tensor {self.node} is unknown while tracing; "
+            "use qkvflow.where instead of an if on array values"
+        )
+
+    def __len__(self) -> int:
+        raise TraceError(f"len() of traced tensor {self.node}: use .shape[0]")
+
+    # --- NumPy-style methods, all recorded through qkvflow.nn ----------------
+    def reshape(self, *shape):
+        return reshape(self, *shape)
+
+    def transpose(self, *axes):
+        return transpose(self, *axes)
+
+    def swapaxes(self, a: int, b: int):
+        return swapaxes(self, a, b)
+
+    @property
+    def T(self):
+        return transpose(self)
+
+    @property
+    def mT(self):
+        return swapaxes(self, -1, -2)
+
+    def sum(self, axis=None, keepdims=False):
+        return reduce("sum", self, axis, keepdims)
+
+    def mean(self, axis=None, keepdims=False):
+        return reduce("mean", self, axis, keepdims)
+
+    def max(self, axis=None, keepdims=False):
+        return reduce("max", self, axis, keepdims)
+
+    def min(self, axis=None, keepdims=False):
+        return reduce("min", self, axis, keepdims)
+
+    def __getitem__(self, idx):
+        return index(self, idx)
+
+    def __matmul__(self, other):
+        return matmul(self, other)
+
+    def __rmatmul__(self, other):
+        return matmul(other, self)
+
+    def _binary(self, fn, other, reverse=False):
+        return elementwise(fn, other, self) if reverse else elementwise(fn, self, other)
+
+    def __add__(self, o):
+        return self._binary("add", o)
+
+    def __radd__(self, o):
+        return self._binary("add", o, True)
+
+    def __sub__(self, o):
+        return self._binary("sub", o)
+
+    def __rsub__(self, o):
+        return self._binary("sub", o, True)
+
+    def __mul__(self, o):
+        return self._binary("mul", o)
+
+    def __rmul__(self, o):
+        return self._binary("mul", o, True)
+
+    def __truediv__(self, o):
+        return self._binary("div", o)
+
+    def __rtruediv__(self, o):
+        return self._binary("div", o, True)
+
+    def __pow__(self, o):
+        return self._binary("pow", o)
+
+    def __and__(self, o):
+        return self._binary("and", o)
+
+    def __rand__(self, o):
+        return self._binary("and", o, True)
+
+    def __or__(self, o):
+        return self._binary("or", o)
+
+    def __ror__(self, o):
+        return self._binary("or", o, True)
+
+    def __eq__(self, o):  # noqa: D105 - elementwise like NumPy
+        return self._binary("eq", o)
+
+    def __ne__(self, o):
+        return self._binary("ne", o)
+
+    def __lt__(self, o):
+        return self._binary("lt", o)
+
+    def __le__(self, o):
+        return self._binary("le", o)
+
+    def __gt__(self, o):
+        return self._binary("gt", o)
+
+    def __ge__(self, o):
+        return self._binary("ge", o)
+
+    __hash__ = object.__hash__
+
+    def __neg__(self):
+        return elementwise("neg", self)
+
+    def __invert__(self):
+        return elementwise("not", self)
+
+    # NumPy functions and ufuncs called on a Sym are recorded too.
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        return numpy_ufunc(ufunc, method, inputs, kwargs)
+
+    def __array_function__(self, func, types, args, kwargs):
+        return numpy_function(func, args, kwargs)
+
+
+
+# --- NumPy-level ops ----------------------------------------------------------
+
+def _resolve_reshape(x: Sym, shape: tuple) -> tuple:
+    names, unknown = [], None
+    for i, d in enumerate(shape):
+        if isinstance(d, (Dim, DataDim, str)):
+            names.append(name_of(d))
+        elif isinstance(d, numbers.Integral) and int(d) == 1:
+            names.append("1")
+        elif isinstance(d, numbers.Integral) and int(d) == -1 and unknown is None:
+            unknown = i
+            names.append(None)
+        else:
+            raise TraceError(
+                f"reshape of {x.node} to {shape!r}: give dims by name (from .shape or "
+                f"qkvflow.dim) or -1, not the bare size {d!r}"
+            )
+    if unknown is not None:
+        names[unknown] = _infer_minus_one(x, names)
+    return tuple(names)
+
+
+def _infer_minus_one(x: Sym, names: list) -> str:
+    """The name of a reshape's -1: the input's dims the other names leave over,
+    or, when a sized dim is split by other names (d_model -> heads, -1), the one
+    model dim of the left-over size."""
+    remaining = [f for n in x.names if n != "1" for f in n.split("*")]
+    unmatched = []
+    for n in names:
+        if n is None or n == "1":
+            continue
+        for f in n.split("*"):
+            if f in remaining:
+                remaining.remove(f)
+            else:
+                unmatched.append(f)
+    if not unmatched:
+        return "*".join(remaining) or "1"
+    dims = x.tracer.dims
+    have = [size_of(f, dims) for f in remaining]
+    taken = [size_of(f, dims) for f in unmatched]
+    if None not in have and None not in taken and math.prod(taken) and math.prod(have) % math.prod(taken) == 0:
+        size = math.prod(have) // math.prod(taken)
+        fits = [d for d, s in dims.items() if s == size]
+        if len(fits) == 1:
+            return fits[0]
+    raise TraceError(
+        f"reshape of {x.node} {x.names} to {tuple(n or -1 for n in names)}: cannot tell which dim -1 "
+        "stands for; name it (e.g. qkvflow.dim(\"d_head\"))"
+    )
+
+
+def reshape(x, *shape):
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    if not isinstance(x, Sym):
+        return np.reshape(x, tuple(int(s) for s in shape))
+    return apply("reshape", [x], attrs={"shape": _resolve_reshape(x, shape)})
+
+
+def transpose(x, *axes):
+    if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
+        axes = tuple(axes[0])
+    if not isinstance(x, Sym):
+        return np.transpose(x, axes or None)
+    perm = tuple(int(a) % x.ndim for a in axes) if axes else tuple(reversed(range(x.ndim)))
+    if sorted(perm) != list(range(x.ndim)):
+        raise TraceError(f"transpose of {x.node} with axes {axes!r} is not a permutation of {x.ndim} axes")
+    return apply("transpose", [x], attrs={"perm": perm})
+
+
+def swapaxes(x, a: int, b: int):
+    if not isinstance(x, Sym):
+        return np.swapaxes(x, a, b)
+    perm = list(range(x.ndim))
+    a, b = a % x.ndim, b % x.ndim
+    perm[a], perm[b] = perm[b], perm[a]
+    return apply("transpose", [x], attrs={"perm": tuple(perm)})
+
+
+def matmul(a, b):
+    if not isinstance(a, Sym) and not isinstance(b, Sym):
+        return np.matmul(a, b)
+    return apply("matmul", [_need_sym(a, "matmul"), _need_sym(b, "matmul")])
+
+
+def einsum(equation: str, *operands):
+    if not any(isinstance(o, Sym) for o in operands):
+        return np.einsum(equation, *operands)
+    if "..." in equation or "->" not in equation:
+        raise TraceError(f"einsum '{equation}': write it with an explicit '->' and no '...' to be traced")
+    return apply("einsum", [_need_sym(o, "einsum") for o in operands], attrs={"equation": equation})
+
+
+def _scalar(v):
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, numbers.Number) or (isinstance(v, np.ndarray) and v.ndim == 0):
+        return float(v)
+    return None
+
+
+def _need_sym(v, what: str) -> Sym:
+    if isinstance(v, Sym):
+        return v
+    raise TraceError(
+        f"{what} got a constant {type(v).__name__} while tracing; make it a parameter or an input"
+    )
+
+
+def where(cond, a, b):
+    """``np.where`` that traces; a scalar side (e.g. ``-np.inf``) is kept as a constant."""
+    if not any(isinstance(v, Sym) for v in (cond, a, b)):
+        return np.where(cond, a, b)
+    args, attrs = [_need_sym(cond, "where")], {}
+    for key, v in (("a", a), ("b", b)):
+        s = _scalar(v)
+        if s is not None:
+            attrs[key] = s
+        else:
+            args.append(_need_sym(v, "where"))
+    return apply("where", args, attrs=attrs)
+
+
+def reduce(fn: str, x, axis=None, keepdims: bool = False):
+    if not isinstance(x, Sym):
+        return getattr(np, fn)(x, axis=axis, keepdims=keepdims)
+    axes = tuple(range(x.ndim)) if axis is None else ((axis,) if isinstance(axis, int) else tuple(axis))
+    return apply("reduce", [x], attrs={"fn": fn, "axis": tuple(a % x.ndim for a in axes),
+                                        "keepdims": bool(keepdims)})
+
+
+def elementwise(fn: str, a, b=None):
+    """A NumPy elementwise function of one or two operands, one may be a scalar."""
+    if b is None:
+        return apply("elementwise", [_need_sym(a, fn)], attrs={"fn": fn})
+    sa, sb = _scalar(a), _scalar(b)
+    if isinstance(a, Sym) and isinstance(b, Sym):
+        return apply("elementwise", [a, b], attrs={"fn": fn})
+    if isinstance(a, Sym) and sb is not None:
+        return apply("elementwise", [a], attrs={"fn": fn, "const": sb})
+    if isinstance(b, Sym) and sa is not None:
+        return apply("elementwise", [b], attrs={"fn": fn, "const": sa, "const_first": True})
+    raise TraceError(f"{fn} of a traced tensor and a {type(b if isinstance(a, Sym) else a).__name__}: "
+                     "only scalars or traced tensors can be combined")
+
+
+def concat(parts, axis: int = -1):
+    if not any(isinstance(p, Sym) for p in parts):
+        return np.concatenate(parts, axis=axis)
+    syms = [_need_sym(p, "concatenate") for p in parts]
+    attrs = {"axis": int(axis)}
+    ctx = current()
+    heads = ctx.dims.get("heads") if ctx is not None else None
+    if heads is not None and len(syms) == heads:
+        attrs["count_name"] = "heads"
+    return apply("concat", syms, attrs=attrs)
+
+
+def index(x, idx):
+    """``x[:, None, ...]``: only new axes (None), full slices and Ellipsis trace."""
+    if not isinstance(x, Sym):
+        return x[idx]
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if sum(i is Ellipsis for i in idx) > 1:
+        raise TraceError(f"index {idx!r} of {x.node} has more than one '...'")
+    if Ellipsis in idx:
+        pos = idx.index(Ellipsis)
+        fill = x.ndim - sum(1 for i in idx if i is not None and i is not Ellipsis)
+        idx = idx[:pos] + (slice(None),) * fill + idx[pos + 1:]
+    names, axis = [], 0
+    for i in idx:
+        if i is None:
+            names.append("1")
+        elif isinstance(i, slice) and i == slice(None):
+            names.append(x.names[axis])
+            axis += 1
+        else:
+            raise TraceError(
+                f"indexing {x.node} with {i!r}: only None, ':' and '...' can be traced"
+            )
+    names.extend(x.names[axis:])
+    return apply("reshape", [x], attrs={"shape": tuple(names)})
+
+
+# --- NumPy protocol hooks used by Sym ------------------------------------------
+
+_UFUNCS = {
+    "add": "add", "subtract": "sub", "multiply": "mul", "divide": "div", "true_divide": "div",
+    "power": "pow", "maximum": "maximum", "minimum": "minimum", "equal": "eq", "not_equal": "ne",
+    "less": "lt", "less_equal": "le", "greater": "gt", "greater_equal": "ge",
+    "logical_and": "and", "logical_or": "or", "logical_not": "not", "negative": "neg",
+    "exp": "exp", "log": "log", "sqrt": "sqrt", "tanh": "tanh", "absolute": "abs", "square": "square",
+    "matmul": None,
+}
+
+
+def numpy_ufunc(ufunc, method, inputs, kwargs):
+    if method != "__call__" or kwargs or ufunc.__name__ not in _UFUNCS:
+        raise TraceError(f"numpy.{ufunc.__name__} ({method}) cannot be traced; see qkvflow.nn")
+    if ufunc.__name__ == "matmul":
+        return matmul(*inputs)
+    return elementwise(_UFUNCS[ufunc.__name__], *inputs)
+
+
+def _np_sum(a, axis=None, keepdims=False, **_):
+    return reduce("sum", a, axis, keepdims)
+
+
+def _np_mean(a, axis=None, keepdims=False, **_):
+    return reduce("mean", a, axis, keepdims)
+
+
+def _np_max(a, axis=None, keepdims=False, **_):
+    return reduce("max", a, axis, keepdims)
+
+
+def _np_min(a, axis=None, keepdims=False, **_):
+    return reduce("min", a, axis, keepdims)
+
+
+_FUNCTIONS = {
+    "einsum": einsum, "matmul": matmul, "where": where, "concatenate": concat,
+    "transpose": transpose, "swapaxes": swapaxes, "reshape": reshape,
+    "sum": _np_sum, "mean": _np_mean, "max": _np_max, "amax": _np_max, "min": _np_min, "amin": _np_min,
+}
+
+
+def numpy_function(func, args, kwargs):
+    fn = _FUNCTIONS.get(func.__name__)
+    if fn is None:
+        raise TraceError(f"numpy.{func.__name__} cannot be traced; see qkvflow.nn for what can")
+    if func.__name__ == "concatenate":
+        return concat(args[0], kwargs.get("axis", args[1] if len(args) > 1 else 0))
+    if func.__name__ == "reshape":
+        shape = args[1] if len(args) > 1 else kwargs["newshape" if "newshape" in kwargs else "shape"]
+        return reshape(args[0], *(shape if isinstance(shape, tuple) else (shape,)))
+    return fn(*args, **kwargs)

@@ -1,0 +1,223 @@
+"""The tracer: runs model code on symbolic tensors and records the graph.
+
+:func:`trace` calls ``model.build()`` with a :class:`Tracer` active. Every
+:mod:`qkvflow.nn` call and every array operation on a
+:class:`~qkvflow.tracing.tensor.Sym` becomes one node whose shape is derived
+by name (the op's rule in :mod:`qkvflow.ir.ops`). A declared attention
+block adds its declaration to ``graph.graph["attention"]``: kind, declared
+Q/K/V states, mask and shapes, what it was handed and returned, the line
+that called it and the lines of its annotations, so a finding can name the
+line of a mistake. The tracer only records: where Q, K and V really come
+from is worked out by the provenance pass (:mod:`qkvflow.passes.provenance`).
+"""
+
+import ast
+import collections
+import functools
+import inspect
+import linecache
+import textwrap
+import tokenize
+
+import networkx as nx
+
+from ..ir.dims import DataDim, Dim, DimTable, size_of
+from ..ir.errors import QkvflowError, TraceError
+from ..ir.graph import new_graph
+from ..ir.ops import infer
+from ..ir.shapes import ShapeIssue
+from .context import ENTRY_CODES, PACKAGE_DIR, Context, Model, activate
+from .tensor import Sym
+
+__all__ = ["trace", "Tracer"]
+
+SEQUENCE_RULES = ("causal", "bidirectional")
+
+
+class Tracer(Context):
+    """Records operations into a MultiDiGraph with named-dim shapes."""
+
+    tracing = True
+
+    def __init__(self, dims: dict, sequences: dict | None = None, **graph_attrs) -> None:
+        super().__init__(dims)
+        # Declared sequence dims, or (undeclared) grown from the token-id inputs.
+        self.declared_sequences = sequences
+        self.dims = DimTable(dims, sequences or ())
+        self.graph = new_graph(dims=dict(dims), **graph_attrs)
+        self.counts: collections.Counter = collections.Counter()
+
+    def dim_for(self, name: str):
+        size = size_of(name, self.dims)
+        return DataDim(name) if size is None else Dim(name, size)
+
+    def unique_path(self, name: str, must_be_new: bool) -> str:
+        path = self.path(name)
+        if path not in self.graph:
+            return path
+        if must_be_new:
+            raise TraceError(f"two parametrised ops are both named {path!r}; give them different names")
+        while True:
+            self.counts[path] += 1
+            candidate = f"{path}_{self.counts[path]}"
+            if candidate not in self.graph:
+                return candidate
+
+    def record(self, op: str, args: list, *, name: str | None = None, attrs: dict | None = None,
+               params: dict | None = None, roles: list | None = None) -> Sym:
+        attrs = dict(attrs or {})
+        params = {k: tuple(v) for k, v in (params or {}).items()}
+        for a in args:
+            if not isinstance(a, Sym) or a.tracer is not self:
+                raise TraceError(f"{op} got {type(a).__name__} where a traced tensor was expected")
+        path = self.unique_path(name or op, must_be_new=bool(params))
+        metas = [a.meta for a in args]
+        try:
+            meta = infer(op, metas, attrs, params, self.dims)
+        except ShapeIssue as issue:
+            meta = issue.fallback  # the checker reports it; keep tracing
+        source = self.user_source()
+        if source == "?" and args:  # recorded by trace() itself, e.g. an output marker
+            source = self.graph.nodes[args[0].node]["source"]
+        self.graph.add_node(
+            path, op=op, path=path, shape=tuple(meta.shape), dtype=meta.dtype,
+            key_axis=meta.key_axis, attrs=attrs, params=params,
+            source=source, **self.scope_attrs(),
+        )
+        for i, a in enumerate(args):
+            role = roles[i] if roles else None
+            if role is None:
+                role = {"bool": "mask", "int": "ids"}.get(a.dtype, "x")
+            self.graph.add_edge(a.node, path, role=role, arg=i)
+        return Sym(self, path)
+
+    def record_input(self, name: str, attrs: dict) -> Sym:
+        if any(self.graph.nodes[n]["attrs"]["name"] == name for n in self.graph.graph["inputs"]):
+            raise TraceError(f"two inputs are both named {name!r}")
+        sym = self.record("input", [], name=name, attrs=attrs)
+        self.graph.graph["inputs"].append(sym.node)
+        shape = attrs["shape"]
+        if attrs["dtype"] == "int" and shape and self.declared_sequences is None:
+            if self.dims.get(shape[-1], 0) is None:  # token ids: (..., sequence)
+                self.dims.seq.add(shape[-1])
+        return sym
+
+    def declare_attention(self, record: dict, args: dict, out) -> None:
+        """Record an attention block's declaration and what it was handed and returned."""
+        path = self.here()
+        if path in self.graph.graph["attention"]:
+            raise TraceError(f"two attention blocks share the path {path!r}; call them with different names")
+        where = self.scope_attrs()
+        record.update(
+            stream=where["stream"], layer=where["layer"],
+            args={k: v.node for k, v in args.items() if isinstance(v, Sym)},
+            arg_shapes={k: v.names for k, v in args.items() if isinstance(v, Sym)},
+            output=out.node if isinstance(out, Sym) else None,
+            output_shape=out.names if isinstance(out, Sym) else None,
+            call_source=self.user_source(),  # the line that called the block
+            annotation_sources=dict(_annotation_lines(record.get("source", ""))),
+        )
+        self.graph.graph["attention"][path] = record
+
+@functools.lru_cache(maxsize=256)
+def _annotation_lines(source: str) -> dict:
+    """``file:line`` of each annotated argument (and ``return``) of the function
+    defined at ``source``; {} when its source text cannot be read."""
+    path, _, line = source.rpartition(":")
+    if not line.isdigit():
+        return {}
+    try:
+        block = inspect.getblock(linecache.getlines(path)[int(line) - 1:])
+        tree = ast.parse(textwrap.dedent("".join(block)))
+    except (SyntaxError, IndexError, ValueError, tokenize.TokenError):
+        return {}
+    fn = tree.body[0] if tree.body else None
+    if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return {}
+    first = int(line) - 1
+    args = fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs
+    found = {a.arg: f"{path}:{first + a.annotation.lineno}" for a in args if a.annotation}
+    if fn.returns is not None:
+        found["return"] = f"{path}:{first + fn.returns.lineno}"
+    return found
+
+
+def _failing_line(err: Exception) -> str:
+    """``file:line`` of the innermost traceback frame in the user's own code:
+    outside qkvflow, the standard library and installed packages."""
+    import os
+    import sysconfig
+    import traceback
+    frames = traceback.extract_tb(err.__traceback__)
+    library = [PACKAGE_DIR] + [
+        os.path.abspath(sysconfig.get_path(k)) for k in ("stdlib", "purelib", "platlib")]
+    for frame in reversed(frames):
+        path = os.path.abspath(frame.filename)
+        if not any(path.startswith(root + os.sep) for root in library):
+            return f"{frame.filename}:{frame.lineno}"
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+
+
+def trace(model: Model) -> nx.MultiDiGraph:
+    """Record ``model`` into a graph (symbolic: named dims, no numbers).
+
+    The graph holds operations and declarations only; :func:`qkvflow.trace`
+    also runs the provenance pass over it.
+    """
+    if not isinstance(model, Model):
+        raise TraceError(f"trace() needs a qkvflow Model, got {type(model).__name__}")
+    _check_declarations(model)
+    tracer = Tracer(model.dims, model.sequences, config=dict(model.config), model=model.name)
+    with activate(tracer):
+        try:
+            outputs = model.build()
+        except QkvflowError:
+            raise
+        except Exception as err:  # the model's own code failed on symbolic arrays
+            raise TraceError(
+                f"tracing {model.name!r} failed at {_failing_line(err)}: {type(err).__name__}: {err}"
+            ) from err
+    if not isinstance(outputs, dict) or not all(isinstance(v, Sym) for v in outputs.values()):
+        raise TraceError(f"model {model.name!r}: build() must return a dict of traced outputs")
+    for name, sym in outputs.items():
+        if tracer.graph.nodes[sym.node]["op"] != "output":
+            from . import nn
+            with activate(tracer):
+                sym = nn.output(sym, name)
+        tracer.graph.graph["outputs"].append(sym.node)
+    g = tracer.graph
+    g.graph["sequences"] = model.sequences or _derived_sequences(g, tracer.dims.seq)
+    g.graph["streams"] = list(model.streams or _derived_streams(g))
+    undeclared = sorted({d["stream"] for _, d in g.nodes(data=True) if d["stream"]} - set(g.graph["streams"]))
+    if undeclared:
+        raise TraceError(f"model {model.name!r}: scopes name the stream(s) {', '.join(undeclared)}, "
+                         f"which the model does not declare (streams: {', '.join(g.graph['streams'])})")
+    return g
+
+
+def _check_declarations(model: Model) -> None:
+    free = [name for name, size in model.dims.items() if size is None]
+    for name, rule in (model.sequences or {}).items():
+        if name not in free:
+            raise TraceError(f"model {model.name!r} declares sequence dim {name!r}, which is not a data "
+                             f"dim of its dims table (data dims, of size None: {', '.join(free) or 'none'})")
+        if rule not in SEQUENCE_RULES:
+            raise TraceError(f"model {model.name!r}: sequence dim {name!r} is {rule!r}; "
+                             f"expected one of {', '.join(SEQUENCE_RULES)}")
+    if model.streams is not None and not all(isinstance(s, str) and s for s in model.streams):
+        raise TraceError(f"model {model.name!r}: streams must be names, got {model.streams!r}")
+
+
+def _derived_sequences(g: nx.MultiDiGraph, seq: set) -> dict:
+    """Undeclared: the token inputs' sequence dims, causal where a ``decoder_self``
+    (masked self-attention) block is handed them."""
+    causal = {name for rec in g.graph["attention"].values() if rec["kind"] == "decoder_self"
+              for shape in rec["arg_shapes"].values() for name in shape if name in seq}
+    return {name: "causal" if name in causal else "bidirectional" for name in sorted(seq)}
+
+
+def _derived_streams(g: nx.MultiDiGraph) -> list:
+    return list(dict.fromkeys(d["stream"] for _, d in g.nodes(data=True) if d["stream"]))
+
+
+ENTRY_CODES.add(trace.__code__)
