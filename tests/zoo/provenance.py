@@ -113,3 +113,28 @@ def unused_projection_block(
 def value_projection_unused(cfg):
     """A second value projection is computed and dropped: its weights train nothing."""
     return tiny(cfg, cross=unused_projection_block)
+
+
+@qkvflow.attention("cross", q="decoder", k="memory", v="memory", mask="src_padding")
+def cross_head_loop_block(
+    y: Float[np.ndarray, "batch tgt d_model"],
+    memory: Float[np.ndarray, "batch src d_model"],
+    src_keep: Bool[np.ndarray, "batch src"],
+) -> Float[np.ndarray, "batch tgt d_model"]:
+    """Cross-attention written as a loop over heads, one softmax per head.
+    Q: decoder stream; K, V: the memory; mask: source padding."""
+    outputs = []
+    for h in range(qkvflow.dim("heads")):
+        q = nn.linear(y, "d_head", name=f"head{h}.q_proj")                     # (batch, tgt, d_head)
+        k = nn.linear(y if h == 1 else memory, "d_head", name=f"head{h}.k_proj")  # BUG(cross_head_loop_k_from_decoder)
+        v = nn.linear(memory, "d_head", name=f"head{h}.v_proj")
+        s = q @ k.swapaxes(-1, -2) / np.sqrt(qkvflow.dim("d_head"))             # (batch, tgt, src)
+        p = nn.softmax(np.where(src_keep[:, None, :], s, -np.inf), axis=-1)
+        outputs.append(p @ v)                                                   # (batch, tgt, d_head)
+    return nn.linear(np.concatenate(outputs, axis=-1), "d_model", name="out_proj")
+
+
+@bug("QKV301", "decoder.layers.0.cross_attn.head1.k_proj", size_silent=True, coincide="src==tgt")
+def cross_head_loop_k_from_decoder(cfg):
+    """A per-head loop whose second head projects K from the decoder stream."""
+    return tiny(cfg, cross=cross_head_loop_block)

@@ -138,8 +138,20 @@ def _masks_beside(g, sm: str, scores: str, inside: set) -> set:
                 stack.append(u)
             else:
                 outside.add(u)
-    found = {n for o in outside for n in nx.ancestors(g, o) | {o} if in_group(g.nodes[n]["op"], Group.MASK)}
-    return found | {n for n in region if in_group(g.nodes[n]["op"], Group.MASK)}
+    found = {n for o in outside for n in nx.ancestors(g, o) | {o} if _makes_mask(g, n)}
+    return found | {n for n in region if _makes_mask(g, n)}
+
+
+_COMPARISONS = ("eq", "ne", "lt", "le", "gt", "ge")
+
+
+def _makes_mask(g, node: str) -> bool:
+    """A mask op, or token ids compared with a constant (``ids != pad_id``)."""
+    d = g.nodes[node]
+    if in_group(d["op"], Group.MASK):
+        return True
+    return (d["op"] == "elementwise" and d["attrs"].get("fn") in _COMPARISONS and "const" in d["attrs"]
+            and all(g.nodes[u]["dtype"] == "int" for u in g.predecessors(node)))
 
 
 def _mask_label(g, node: str) -> str:

@@ -45,7 +45,10 @@ def init_params(g: nx.MultiDiGraph, seed: int = 0, dtype="float64") -> dict[str,
         if any(s is None or s <= 0 for s in sizes):
             raise ParamError(f"parameter {path} has shape {shape} without positive sizes")
         node, leaf = path.rsplit(".", 1)
-        init = spec(g.nodes[node]["op"]).init.get(leaf, "fan_in")
+        op = g.nodes[node]["op"]
+        init = spec(op).init.get(leaf)
+        if init is None:
+            raise ParamError(f"parameter {path}: op {op!r} declares no initialiser for {leaf!r}")
         if init == "zeros":
             value = np.zeros(sizes)
         elif init == "ones":

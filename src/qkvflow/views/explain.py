@@ -48,7 +48,7 @@ TEXT = {
         "masks": {"causal": "causal", "tgt_padding": "target padding",
                   "src_padding": "source padding"},
         "padding": "{dim} padding", "tokens": {"tgt": "target tokens", "src": "source tokens"},
-        "dim_tokens": "{dim} tokens",
+        "dim_tokens": "{dim} tokens", "of_stream": "The {stream} stream's",
         "streams": {"encoder": "encoder", "decoder": "decoder"},
         "none": "none", "unknown": "unknown",
         "current": "{stream} stream", "memory": "encoder final output",
@@ -76,7 +76,7 @@ TEXT = {
                     "掩码", "数量"),
         "masks": {"causal": "因果掩码", "tgt_padding": "目标端填充", "src_padding": "源端填充"},
         "padding": "{dim} 填充", "tokens": {"tgt": "目标端位置", "src": "源端位置"},
-        "dim_tokens": "{dim} 位置",
+        "dim_tokens": "{dim} 位置", "of_stream": "{stream} 流的",
         "streams": {"encoder": "编码器", "decoder": "解码器"},
         "none": "无", "unknown": "未知",
         "current": "{stream}的输入", "memory": "编码器的最终输出",
@@ -237,7 +237,8 @@ def _causality(graph: nx.MultiDiGraph, sites: dict, w: dict) -> list[str]:
         if not reading:
             continue
         word = w["streams"].get(stream, stream or seq)
-        words = {"stream": word, "Stream": word[:1].upper() + word[1:],
+        known = stream in w["streams"]
+        words = {"stream": word, "Stream": word[:1].upper() + word[1:] if known else w["of_stream"].format(stream=word),
                  "tokens": w["tokens"].get(seq, w["dim_tokens"].format(dim=seq))}
         unmasked = list(dict.fromkeys(p for p, masked in reading if not masked))
         if unmasked:
