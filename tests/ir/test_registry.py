@@ -83,3 +83,30 @@ def test_a_stage_without_code_for_an_op_says_so():
             flow.analyse(g)
     finally:
         entry.transfer = saved
+
+
+def test_attribute_choices_are_what_the_kernels_run():
+    import numpy as np
+    assert set(spec("elementwise").choices["fn"]) == set(kernels._ELEMENTWISE)
+    assert set(spec("reduce").choices["fn"]) == set(kernels._REDUCE)
+    x = np.linspace(-2.0, 2.0, 5)
+    for fn in spec("activation").choices["fn"]:
+        assert kernels.activation(x, fn).shape == (5,)
+    for kind in spec("norm").choices["kind"]:
+        assert kernels.norm(x[None], np.ones(5), np.zeros(5), kind, 1e-5).shape == (1, 5)
+    for kind in spec("positional").choices["kind"]:
+        table = np.zeros((9, 5)) if kind == "learned" else None
+        attrs = {"kind": kind, "offset": 0}
+        out = spec("positional").kernel.call(kernels.positional, [np.zeros((1, 4, 5))], attrs,
+                                             {"weight": table} if table is not None else {}, {})
+        assert out.shape == (1, 4, 5)
+
+
+def test_an_attribute_value_no_kernel_runs_is_qkv104_at_its_node():
+    g = qf.trace(qf.load_model("tiny"))
+    g.nodes["encoder.layers.0.relu"]["attrs"]["fn"] = "swish"
+    found = [d for d in qf.check(g) if d.code == "QKV104"]
+    assert [(d.node, d.message) for d in found] == [(
+        "encoder.layers.0.relu",
+        "activation encoder.layers.0.relu has fn = 'swish', which qkvflow does not run; "
+        "use one of relu, gelu, gelu_tanh, silu")]

@@ -2,7 +2,8 @@
 
 An :class:`OpSpec` says what an op means (``doc``), which :class:`Group`
 it belongs to, its named-dim shape rule (:mod:`qkvflow.ir.shapes`), how each
-of its parameters is initialised and which drawing style it gets. The two
+of its parameters is initialised, which drawing style it gets and which
+values its attributes may take (``choices``: what the kernels implement). The two
 stages whose code per op would not belong in the IR attach it to the op's
 entry: the executor's NumPy kernel (:mod:`qkvflow.run.kernels`) and the
 information-flow transfer (:mod:`qkvflow.passes.flow`), each with
@@ -69,6 +70,7 @@ class OpSpec:
     shape: Callable  # (input metas, attrs, params, dims) -> Meta; raises ShapeIssue
     style: str
     init: dict = dataclasses.field(default_factory=dict)  # parameter name -> INITS key
+    choices: dict = dataclasses.field(default_factory=dict)  # attr -> the values qkvflow runs
     kernel: Kernel | None = None  # attached by qkvflow.run.kernels
     transfer: Callable | None = None  # attached by qkvflow.passes.flow
 
@@ -76,8 +78,13 @@ class OpSpec:
         return f"OpSpec({self.name!r})"
 
 
-def _op(name: str, doc: str, groups: tuple, shape: Callable, style: str, **init: str) -> OpSpec:
-    return OpSpec(name, doc, frozenset(groups), shape, style, dict(init))
+def _op(name: str, doc: str, groups: tuple, shape: Callable, style: str, choices: dict | None = None,
+        **init: str) -> OpSpec:
+    return OpSpec(name, doc, frozenset(groups), shape, style, dict(init), dict(choices or {}))
+
+
+_ELEMENTWISE_FNS = ("add", "sub", "mul", "div", "pow", "maximum", "minimum", "eq", "ne", "lt", "le", "gt",
+                    "ge", "and", "or", "neg", "not", "exp", "log", "sqrt", "tanh", "abs", "square")
 
 
 _S, _P, _E, _M = Group.SOURCE, Group.PARAMETRISED, Group.ELEMENTWISE, Group.MOVEMENT
@@ -90,7 +97,7 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
         "attrs.tied_to names a shared weight", (_P,), shapes.embed, "projection", weight="fan_in"),
     _op("positional", "adds position encodings; attrs: kind (sinusoidal | sinusoidal_half | learned), "
         "offset; learned: params weight (max_positions, d_model)", (_P, _E), shapes.positional,
-        "projection", weight="small"),
+        "projection", {"kind": ("sinusoidal", "sinusoidal_half", "learned")}, weight="small"),
     _op("linear", "x @ weight.T + bias; params: weight (d_out, d_in), bias (d_out)",
         (_P,), shapes.linear, "projection", weight="fan_in", bias="zeros"),
     _op("split_heads", "(batch, seq, heads*d_head) -> (batch, heads, seq, d_head)",
@@ -108,9 +115,10 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
     _op("add", "a + b with broadcasting by dim name (residual connections)",
         (_E,), shapes.add, "residual"),
     _op("norm", "attrs.kind layer (mean and variance) or rms over the last dim; params: weight, "
-        "bias (layer)", (_P,), shapes.norm, "residual", weight="ones", bias="zeros"),
+        "bias (layer)", (_P,), shapes.norm, "residual", {"kind": ("layer", "rms")}, weight="ones",
+        bias="zeros"),
     _op("activation", "attrs.fn relu | gelu (erf) | gelu_tanh | silu",
-        (_E,), shapes.pointwise, "projection"),
+        (_E,), shapes.pointwise, "projection", {"fn": ("relu", "gelu", "gelu_tanh", "silu")}),
     _op("padding_mask", "ids != attrs.pad_id: True where the token is real",
         (_K,), shapes.padding_mask, "mask"),
     _op("causal_mask", "(seq, seq) True where key position <= query position",
@@ -126,9 +134,9 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
     _op("where", "where(cond, a, b); a scalar side is in attrs.a / attrs.b",
         (_E,), shapes.where, "numpy"),
     _op("reduce", "attrs.fn sum | mean | max | min over attrs.axis, attrs.keepdims",
-        (Group.REDUCTION,), shapes.reduce, "numpy"),
+        (Group.REDUCTION,), shapes.reduce, "numpy", {"fn": ("sum", "mean", "max", "min")}),
     _op("elementwise", "attrs.fn applied to one or two tensors; a scalar side is attrs.const",
-        (_E,), shapes.elementwise, "numpy"),
+        (_E,), shapes.elementwise, "numpy", {"fn": _ELEMENTWISE_FNS}),
     _op("concat", "concatenate along attrs.axis", (_M,), shapes.concat, "numpy"),
 )}
 

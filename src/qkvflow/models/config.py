@@ -12,6 +12,7 @@ import tomllib
 from pathlib import Path
 
 from ..ir.errors import ConfigError
+from ..ir.ops import OPS
 
 __all__ = ["Config", "PRESETS", "preset", "load_toml", "from_dict", "CHOICES"]
 
@@ -55,11 +56,11 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# The accepted values of each option: what the model builder and the kernels implement.
+# The accepted values of each option: what the builder and the kernels (the op registry) implement.
 CHOICES = {
     "norm": ("post", "pre"),
-    "activation": ("relu", "gelu", "gelu_tanh", "silu"),
-    "positions": ("sinusoidal", "sinusoidal_half", "learned"),
+    "activation": OPS["activation"].choices["fn"],
+    "positions": OPS["positional"].choices["kind"],
 }
 
 PRESETS = {

@@ -10,6 +10,7 @@ import dataclasses
 import networkx as nx
 
 from ..ir.graph import ATTENTION_KINDS, arg_nodes, describe_origin, lint
+from ..ir.ops import OPS
 from .diagnostics import Diagnostic, diag
 from .provenance import ensure
 from .shapes import shape_findings
@@ -73,11 +74,11 @@ def _config(g):
         if value is not None and vocab and vocab > 0 and not 0 <= value < vocab:
             yield diag(g, "QKV104", "config",
                         f"{key} = {value} is not a token id of the vocabulary 0..{vocab - 1}", source=where)
-    from ..models.config import CHOICES
-    for key, accepted in CHOICES.items():
-        if key in cfg and cfg[key] not in accepted:
-            yield diag(g, "QKV104", "config",
-                        f"{key} = {cfg[key]!r} is not known; use one of {', '.join(accepted)}", source=where)
+    for node, d in g.nodes(data=True):
+        for attr, accepted in OPS[d["op"]].choices.items():
+            if attr in d["attrs"] and d["attrs"][attr] not in accepted:
+                yield diag(g, "QKV104", node, f"{d['op']} {node} has {attr} = {d['attrs'][attr]!r}, which "
+                           f"qkvflow does not run; use one of {', '.join(accepted)}")
 
 
 def _state_words(g, state: str) -> str:
