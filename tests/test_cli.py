@@ -505,3 +505,36 @@ def test_a_model_file_that_exits_cannot_end_the_check(tmp_path):
     path.write_text("import sys\nsys.exit(0)\n")
     result = shell("check", f"{path}:model")
     assert result.returncode == 2 and "SystemExit" in result.stderr
+
+
+# --- a graph file as MODEL ------------------------------------------------------------------
+
+def test_a_graph_file_is_a_model_for_every_command(capsys, tmp_path, broken_model):
+    spec, _, _ = broken_model
+    for model in ("tiny", spec):
+        graph = tmp_path / f"{abs(hash(model))}.json"
+        assert main(capsys, "trace", model, "--format", "json", "-o", graph)[0] == 0
+        for command in (["check", "--format", "json"], ["explain", "--lang", "zh"]):
+            traced = main(capsys, command[0], model, *command[1:])
+            assert main(capsys, command[0], graph, *command[1:]) == traced
+        for fmt in ("mmd", "dot"):
+            main(capsys, "render", model, "-o", tmp_path / f"a.{fmt}")
+            main(capsys, "render", graph, "-o", tmp_path / f"b.{fmt}")
+            assert (tmp_path / f"a.{fmt}").read_text() == (tmp_path / f"b.{fmt}").read_text()
+    graph = tmp_path / "tiny.json"
+    main(capsys, "trace", "tiny", "--format", "json", "-o", graph)
+    run = ["--src", "5 6 7 0", "--tgt", "1 8 9", "--dtype", "float32"]
+    assert main(capsys, "run", graph, *run) == main(capsys, "run", "tiny", *run)
+
+
+def test_a_broken_graph_file_is_one_line_and_exit_2(tmp_path):
+    graph = tmp_path / "g.json"
+    graph.write_text("{not json")
+    assert_usage_error(shell("check", graph), "g.json", "is not a qkvflow graph")
+    graph.write_text('{"nodes": 3}')
+    assert_usage_error(shell("explain", graph), "is not a qkvflow graph")
+    good = json.loads(qf.ir.graph.to_json(qf.trace(qf.load_model("tiny"))))
+    good["nodes"][0]["op"] = "conv2d"
+    graph.write_text(json.dumps(good))
+    assert_usage_error(shell("render", graph, "-o", tmp_path / "x.mmd"), "is not well formed", "conv2d")
+    assert_usage_error(shell("check", tmp_path / "missing.json"), "missing.json", "cannot be read")

@@ -18,8 +18,13 @@ DEMO_TGT = "<bos> 我 爱 中国"
 
 
 def _model(spec: str):
-    from .models.loader import load_model
+    """The graph of MODEL: traced from a preset, TOML file or factory, or read
+    from a graph file written by ``qkvflow trace --format json``."""
+    if spec.endswith(".json"):
+        from .ir.graph import read_graph
+        return read_graph(spec)
     from . import trace
+    from .models.loader import load_model
     return trace(load_model(spec))
 
 
@@ -205,7 +210,8 @@ def _seed(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qkvflow", description=(
         "Trace, check, explain, draw and run the Q/K/V dataflow of Transformer attention. "
-        "MODEL is a preset name, a TOML file, or module:factory / path/file.py:factory."))
+        "MODEL is a preset name, a TOML file, module:factory / path/file.py:factory, or a graph "
+        "file written by 'qkvflow trace MODEL --format json'."))
     from . import __version__
     p.add_argument("--version", action="version", version=f"qkvflow {__version__}")
     sub = p.add_subparsers(dest="command", required=True)

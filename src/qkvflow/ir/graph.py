@@ -34,6 +34,7 @@ __all__ = [
     "to_json",
     "to_graphml",
     "from_json",
+    "read_graph",
 ]
 
 ROLES = ("x", "q", "k", "v", "mask", "residual", "probs", "ids", "memory")
@@ -186,6 +187,7 @@ def to_graphml(g: nx.MultiDiGraph) -> bytes:
 
 
 def from_json(text: str) -> nx.MultiDiGraph:
+    """The graph :func:`to_json` wrote (tuples come back as tuples where shapes need them)."""
     data = json.loads(text)
     g = nx.node_link_graph(data, edges="edges", multigraph=True, directed=True)
     for _, nd in g.nodes(data=True):
@@ -194,6 +196,29 @@ def from_json(text: str) -> nx.MultiDiGraph:
                 nd[key] = tuple(nd[key])
         if "params" in nd:
             nd["params"] = {k: tuple(v) for k, v in nd["params"].items()}
+    return g
+
+
+def read_graph(path) -> nx.MultiDiGraph:
+    """A well-formed graph from a JSON file written by ``qkvflow trace --format json``.
+
+    Raises GraphError (one sentence naming the file) when the file cannot be
+    read, is not a qkvflow graph or is not well formed.
+    """
+    try:
+        with open(path, encoding="utf-8") as fh:
+            g = from_json(fh.read())
+    except OSError as err:
+        raise GraphError(f"graph file {str(path)!r} cannot be read: {err.strerror or err}") from None
+    except (ValueError, KeyError, TypeError, AttributeError, nx.NetworkXError) as err:
+        raise GraphError(f"graph file {str(path)!r} is not a qkvflow graph (expected the JSON of "
+                         f"qkvflow trace --format json): {type(err).__name__}: {err}") from None
+    try:
+        problems = lint(g)
+    except Exception as err:  # attributes of the wrong kind anywhere in the file
+        raise GraphError(f"graph file {str(path)!r} is not a qkvflow graph: {type(err).__name__}: {err}") from None
+    if problems:
+        raise GraphError(f"graph file {str(path)!r} is not well formed: {problems[0][1]}")
     return g
 
 
