@@ -27,6 +27,11 @@ def _heads(t, B, L):
     return t.reshape(B, L, qf.dim("heads"), qf.dim("d_head")).transpose(0, 2, 1, 3)
 
 
+def _project(x, B, L):
+    """Q, K and V of x, each (batch, heads, L, d_head)."""
+    return tuple(_heads(nn.linear(x, "heads*d_head", name=f"{r}_proj"), B, L) for r in "qkv")
+
+
 def _merge(o, B, L):
     """(batch, heads, L, d_head) -> (batch, L, heads*d_head) -> out_proj -> (batch, L, d_model)."""
     o = o.transpose(0, 2, 1, 3).reshape(B, L, qf.dim("heads") * qf.dim("d_head"))
@@ -42,9 +47,7 @@ def causal_attention(
 ) -> Float[np.ndarray, "batch seq d_model"]:
     """Masked self-attention: Q, K, V from the lm stream; a position sees keys <= itself."""
     B, T, _ = x.shape
-    q = _heads(nn.linear(x, "heads*d_head", name="q_proj"), B, T)
-    k = _heads(nn.linear(x, "heads*d_head", name="k_proj"), B, T)
-    v = _heads(nn.linear(x, "heads*d_head", name="v_proj"), B, T)
+    q, k, v = _project(x, B, T)                                              # (batch, heads, seq, d_head)
     bias = (1.0 - causal) * -1e9                                             # (seq, seq): 0 or -1e9
     s = np.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(qf.dim("d_head")) + bias  # (batch, heads, seq, seq)
     return _merge(np.einsum("bhqk,bhkd->bhqd", nn.softmax(s, axis=-1), v), B, T)
@@ -57,9 +60,7 @@ def unmasked_attention(
 ) -> Float[np.ndarray, "batch seq d_model"]:
     """Self-attention over the lm stream that forgets the causal mask (and declares none)."""
     B, T, _ = x.shape
-    q = _heads(nn.linear(x, "heads*d_head", name="q_proj"), B, T)
-    k = _heads(nn.linear(x, "heads*d_head", name="k_proj"), B, T)
-    v = _heads(nn.linear(x, "heads*d_head", name="v_proj"), B, T)
+    q, k, v = _project(x, B, T)                                              # (batch, heads, seq, d_head)
     s = q @ k.swapaxes(-1, -2) / np.sqrt(qf.dim("d_head"))                  # (batch, heads, seq, seq)
     return _merge(nn.softmax(s, axis=-1) @ v, B, T)                          # BUG(decoder_only_unmasked)
 
