@@ -538,3 +538,22 @@ def test_a_broken_graph_file_is_one_line_and_exit_2(tmp_path):
     graph.write_text(json.dumps(good))
     assert_usage_error(shell("render", graph, "-o", tmp_path / "x.mmd"), "is not well formed", "conv2d")
     assert_usage_error(shell("check", tmp_path / "missing.json"), "missing.json", "cannot be read")
+
+
+def test_run_feeds_a_model_with_one_input_through_ids(capsys):
+    lm = f"{Path(__file__).parent / 'single_stream.py'}:decoder_only"
+    code, out, _ = main(capsys, "run", lm, "--ids", "1 2 3 4", "--top", "2")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == "logits: shape (1, 4, 53) (batch, seq, vocab), dtype float64"
+    assert [line.split(":")[0].strip() for line in lines[1:]] == ["seq[0]", "seq[1]", "seq[2]", "seq[3]"]
+    assert_usage_error(shell("run", lm, "--src", "1 2", "--tgt", "3"),
+                       "takes 1 input(s), ids: give --ids (its input ids)")
+    assert_usage_error(shell("run", "tiny", "--ids", "1 2"),
+                       "takes 2 input(s), src_ids, tgt_ids: give --src (its input src_ids) and --tgt")
+
+
+def test_demo_of_a_model_it_cannot_feed_writes_nothing(tmp_path):
+    lm = f"{Path(__file__).parent / 'single_stream.py'}:decoder_only"
+    assert_usage_error(shell("demo", "--model", lm, "--src", "1 2", "--out", tmp_path / "d"), "give --ids")
+    assert not (tmp_path / "d").exists()

@@ -12,6 +12,8 @@ shapes, information flow, the checks), ``views`` (render, explain), ``run``
 ``interop`` (torch).
 """
 
+import sys as _sys
+
 from .ir.errors import QkvflowError
 from .models.config import PRESETS, Config, load_toml, preset
 from .models.loader import load_model
@@ -19,6 +21,9 @@ from .tracing import nn
 from .tracing.context import Model, dim, eager, scope
 from .tracing.nn import attention
 from .tracing.tracer import trace as _trace
+
+# `import qkvflow.nn` and `from qkvflow import nn` give the same module.
+_sys.modules[f"{__name__}.nn"] = nn
 
 __all__ = [
     "trace", "check", "format_diagnostics", "render", "explain", "forward", "Executor",

@@ -36,7 +36,7 @@ def _emit(text: str | bytes, out: str | None) -> None:
         sys.stdout.flush()
         sys.stdout.buffer.write(text)
     else:
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        sys.stdout.write(text if not text or text.endswith("\n") else text + "\n")
 
 
 def cmd_presets(args) -> int:
@@ -102,16 +102,34 @@ def _ids(text: str, what: str, vocab: dict | None):
     return np.array([ids], dtype=np.int64)
 
 
+def _feeds(g, args, vocab=None) -> dict:
+    """Token ids for the model's inputs: --ids for a model with one input, --src
+    and --tgt for its first and second (an encoder–decoder's src_ids, tgt_ids)."""
+    from .ir.errors import InputError
+    names = [g.nodes[n]["attrs"]["name"] for n in g.graph["inputs"]]
+    flags = ["--ids"] if len(names) == 1 else ["--src", "--tgt"]
+    given = {f: getattr(args, f[2:], None) for f in ("--ids", "--src", "--tgt")}
+    if len(names) > 2 or any(given[f] is None for f in flags) or any(
+            given[f] is not None for f in given if f not in flags):
+        wanted = " and ".join(f"{f} (its input {n})" for f, n in zip(flags, names)) if len(names) <= 2 else \
+            "the Python API (qkvflow.forward)"
+        raise InputError(f"model {g.graph.get('model')!r} takes {len(names)} input(s), "
+                         f"{', '.join(names) or 'none'}: give {wanted}")
+    return {name: _ids(given[flag], flag, vocab) for flag, name in zip(flags, names)}
+
+
 def _run(g, args, vocab=None, words=None) -> tuple[str, dict, dict]:
     import numpy as np
 
     from .run.execute import forward
     from .run.params import init_params, load_params
+    feeds = _feeds(g, args, vocab)
     params = load_params(args.params) if args.params else init_params(g, seed=args.seed)
-    src, tgt = _ids(args.src, "--src", vocab), _ids(args.tgt, "--tgt", vocab)
-    out = forward(g, params, src, tgt, dtype=args.dtype, capture=bool(getattr(args, "save_activations", None)))
-    logits = out["logits"]
-    lines = [f"logits: shape {logits.shape} (batch, tgt, vocab), dtype {logits.dtype}"]
+    out = forward(g, params, dtype=args.dtype, capture=bool(getattr(args, "save_activations", None)), **feeds)
+    first = g.graph["outputs"][0]
+    name, names = g.nodes[first]["attrs"]["name"], g.nodes[first]["shape"]
+    logits = out[name]
+    lines = [f"{name}: shape {logits.shape} ({', '.join(names)}), dtype {logits.dtype}"]
     top = min(args.top, logits.shape[-1])
     for t in range(logits.shape[1]):
         row = logits[0, t]
@@ -120,7 +138,7 @@ def _run(g, args, vocab=None, words=None) -> tuple[str, dict, dict]:
             f"{int(i)}{'=' + words[int(i)] if words and int(i) < len(words) else ''} ({row[i]:.3f})"
             for i in best
         )
-        lines.append(f"  tgt[{t}]: {shown}")
+        lines.append(f"  {names[-2]}[{t}]: {shown}")
     return "\n".join(lines), params, out
 
 
@@ -154,13 +172,20 @@ def cmd_demo(args) -> int:
     from .run.params import save_params
     from .views.render import render
 
+    g = _model(args.model)
+    vocab_words = _demo_vocab(g.graph["dims"].get("vocab") or 0)
+    vocab = {w: i for i, w in enumerate(vocab_words)}
+    if len(g.graph["inputs"]) == 2:
+        args.src, args.tgt = args.src or DEMO_SRC, args.tgt or DEMO_TGT
+    else:
+        args.ids = args.ids or f"{DEMO_TGT}"
+    _feeds(g, args, vocab)  # unusable inputs stop the demo before it writes anything
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         from .atomic import OutputError
         raise OutputError(f"cannot create the demo folder {str(out)!r}: {err.strerror}") from None
-    g = _model(args.model)
     print(f"qkvflow demo: model {args.model!r}, {g.number_of_nodes()} nodes, "
           f"{g.number_of_edges()} edges -> {out}/")
     write_atomic(out / "graph.json", to_json(g))
@@ -184,9 +209,6 @@ def cmd_demo(args) -> int:
         except QkvflowError as err:
             print(f"note: {name} skipped: {err}")
     print("\n== render\n" + ", ".join(written))
-    vocab_words = _demo_vocab(g.graph["dims"]["vocab"])
-    vocab = {w: i for i, w in enumerate(vocab_words)}
-    args.src, args.tgt = args.src or DEMO_SRC, args.tgt or DEMO_TGT
     text, params, _ = _run(g, args, vocab=vocab, words=vocab_words)
     size = sum(v.nbytes for v in params.values())
     files = ["graph.json", "check.txt", "check.sarif", "explain.txt", "explain.zh.txt"] + written
@@ -195,7 +217,8 @@ def cmd_demo(args) -> int:
         files.append("params.safetensors")
     else:
         print(f"note: params.safetensors skipped ({size / 2**20:.0f} MB of seeded random weights)")
-    print(f"\n== run: {args.src!r} -> {args.tgt!r} (seeded random weights, seed {args.seed}: "
+    given = f"{args.src!r} -> {args.tgt!r}" if args.ids is None else repr(args.ids)
+    print(f"\n== run: {given} (seeded random weights, seed {args.seed}: "
           "the numbers show the dataflow runs, not a trained translation)\n" + text)
     print(f"\nwrote {', '.join(files)} to {out}/")
     return 1 if any(d.severity == "error" for d in found) else 0
@@ -245,9 +268,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--format", choices=("svg", "png", "pdf", "dot", "mmd", "json"), default=None)
     r.set_defaults(fn=cmd_render)
 
-    def run_args(q, required: bool):
-        q.add_argument("--src", required=required, help='source token ids, e.g. "5 6 7"')
-        q.add_argument("--tgt", required=required, help='target token ids, e.g. "1 8"')
+    def run_args(q):
+        q.add_argument("--src", help='source token ids of an encoder-decoder, e.g. "5 6 7"')
+        q.add_argument("--tgt", help='target token ids of an encoder-decoder, e.g. "1 8"')
+        q.add_argument("--ids", help='token ids of a model with one input (decoder-only, encoder-only)')
         q.add_argument("--params", help=".safetensors or .npz (default: seeded random)")
         q.add_argument("--seed", type=_seed, default=0)
         q.add_argument("--dtype", choices=("float64", "float32"), default="float64")
@@ -255,14 +279,14 @@ def _parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("run", help="run the NumPy reference model on token ids")
     u.add_argument("model")
-    run_args(u, required=True)
+    run_args(u)
     u.add_argument("--save-activations", help="write every node's activation (.safetensors/.npz)")
     u.set_defaults(fn=cmd_run)
 
     d = sub.add_parser("demo", help="trace, check, explain, render and run a built-in model")
     d.add_argument("--model", default="tiny")
     d.add_argument("--out", default="qkvflow-demo")
-    run_args(d, required=False)
+    run_args(d)
     d.set_defaults(fn=cmd_demo)
     return p
 

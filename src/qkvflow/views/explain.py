@@ -21,7 +21,7 @@ from ..ir.errors import ConfigError
 from ..ir.graph import ATTENTION_KINDS, describe_origin
 from ..passes.provenance import ensure
 
-__all__ = ["LANGS", "FORMATS", "provenance", "consequences", "explain"]
+__all__ = ["LANGS", "FORMATS", "provenance", "consequences", "explain", "kind_names"]
 
 LANGS = ("en", "zh")
 FORMATS = ("text", "md", "json")
@@ -48,7 +48,7 @@ TEXT = {
         "masks": {"causal": "causal", "tgt_padding": "target padding",
                   "src_padding": "source padding"},
         "padding": "{dim} padding", "tokens": {"tgt": "target tokens", "src": "source tokens"},
-        "dim_tokens": "{dim} tokens", "of_stream": "The {stream} stream's",
+        "dim_tokens": "{dim} tokens", "of_stream": "The {stream} stream's", "name": "{name}",
         "streams": {"encoder": "encoder", "decoder": "decoder"},
         "none": "none", "unknown": "unknown",
         "current": "{stream} stream", "memory": "encoder final output",
@@ -76,7 +76,7 @@ TEXT = {
                     "掩码", "数量"),
         "masks": {"causal": "因果掩码", "tgt_padding": "目标端填充", "src_padding": "源端填充"},
         "padding": "{dim} 填充", "tokens": {"tgt": "目标端位置", "src": "源端位置"},
-        "dim_tokens": "{dim} 位置", "of_stream": "{stream} 流的",
+        "dim_tokens": " {dim} 位置", "of_stream": "{stream} 流的", "name": " {name} ",
         "streams": {"encoder": "编码器", "decoder": "解码器"},
         "none": "无", "unknown": "未知",
         "current": "{stream}的输入", "memory": "编码器的最终输出",
@@ -107,14 +107,30 @@ def _words(lang: str, graph: nx.MultiDiGraph | None = None) -> dict:
     return w
 
 
+def kind_names(graph: nx.MultiDiGraph, lang: str = "en") -> dict:
+    """Attention kind -> its name for ``graph``'s family (the table's first column)."""
+    return _words(lang, graph)["kinds"]
+
+
 def _single_stream(graph: nx.MultiDiGraph) -> bool:
     records = graph.graph["attention"].values()
     return len(graph.graph.get("streams", [])) <= 1 and not any(r["kind"] == "cross" for r in records)
 
 
+def _stream_word(w: dict, stream: str | None) -> str | None:
+    """A stream's word: its translation, else its own name (set apart from zh characters)."""
+    if stream is None or stream in w["streams"]:
+        return w["streams"].get(stream)
+    return w["name"].format(name=stream)
+
+
 def _source(origin: dict, w: dict) -> str:
-    """Words for one traced origin (see ``qkvflow.graph.describe_origin``)."""
-    state, stream = origin["state"], w["streams"].get(origin["stream"], origin["stream"])
+    """Words for one traced origin (see ``qkvflow.ir.graph.describe_origin``)."""
+    return _origin_text(origin, w).strip()
+
+
+def _origin_text(origin: dict, w: dict) -> str:
+    state, stream = origin["state"], _stream_word(w, origin["stream"])
     if state == "memory":
         return w["memory"]
     if state == "unknown":
@@ -236,9 +252,9 @@ def _causality(graph: nx.MultiDiGraph, sites: dict, w: dict) -> list[str]:
                     stream = stream or graph.nodes[over[0]].get("stream")
         if not reading:
             continue
-        word = w["streams"].get(stream, stream or seq)
+        word = _stream_word(w, stream) or seq
         known = stream in w["streams"]
-        words = {"stream": word, "Stream": word[:1].upper() + word[1:] if known else w["of_stream"].format(stream=word),
+        words = {"stream": word, "Stream": word[:1].upper() + word[1:] if known else w["of_stream"].format(stream=stream),
                  "tokens": w["tokens"].get(seq, w["dim_tokens"].format(dim=seq))}
         unmasked = list(dict.fromkeys(p for p, masked in reading if not masked))
         if unmasked:

@@ -20,9 +20,10 @@ import networkx as nx
 
 from ..atomic import OutputError, write_atomic
 from ..ir.errors import RenderError
-from ..ir.graph import ATTENTION_KINDS, to_json
+from ..ir.graph import to_json
 from ..ir.ops import OPS
 from ..passes.provenance import ensure
+from .explain import kind_names
 
 __all__ = ["render", "FORMATS", "LEVELS", "ROLE_STYLE", "STYLES"]
 
@@ -112,8 +113,8 @@ def _shape_text(shape) -> str:
 
 
 def _cluster_label(stream: str) -> str:
-    """``encoder`` -> ``Encoder``: a stream's cluster title."""
-    return stream[:1].upper() + stream[1:]
+    """A stream's cluster title: ``Encoder``, ``Decoder``, else ``lm stream``."""
+    return stream.capitalize() if stream in ("encoder", "decoder") else f"{stream} stream"
 
 
 def _streams(g: nx.MultiDiGraph) -> list:
@@ -150,7 +151,7 @@ def _group_node(g: nx.MultiDiGraph, gid: str, members: list[str]) -> _Node:
     desc, fill = _BLOCK_STYLE.get(first.get("block"), ("block", "#ffffff"))
     lines = [_relative(gid, stream)]
     if record:
-        lines.append(ATTENTION_KINDS.get(record.get("kind"), desc))
+        lines.append(kind_names(g).get(record.get("kind"), desc))
         masks = sorted({m for site in record["sites"] for m in site.get("masks", [])})
         lines.append("mask: " + (", ".join(masks) or "none"))
     else:
