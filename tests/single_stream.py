@@ -127,11 +127,29 @@ def query_masked_attention(
     return nn.linear(o.transpose(0, 2, 1, 3).reshape(B, L, H * Dh), "d_model", name="out_proj")
 
 
-def encoder_only(block=bidirectional_attention, *, layers: int = 2) -> qf.Model:
+def masking_with(pad_id: int):
+    """Bidirectional self-attention masking the keys whose id is ``pad_id`` with nn.padding_mask."""
+
+    @qf.attention("encoder_self", q="text", k="text", v="text", mask="tokens_padding")
+    def padding_mask_attention(
+        x: Float[np.ndarray, "batch tokens d_model"],
+        ids: Integer[np.ndarray, "batch tokens"],
+    ) -> Float[np.ndarray, "batch tokens d_model"]:
+        """Bidirectional self-attention: Q, K, V from the text stream; keys at ``pad_id`` masked."""
+        B, L, _ = x.shape
+        q, k, v = _project(x, B, L)                                          # (batch, heads, tokens, d_head)
+        keep = nn.padding_mask(ids, pad_id, name="keep")[:, None, None, :]  # (batch, 1, 1, tokens)
+        s = nn.mask(q @ k.swapaxes(-1, -2) / np.sqrt(qf.dim("d_head")), keep)
+        return _merge(nn.softmax(s, axis=-1) @ v, B, L)
+
+    return padding_mask_attention
+
+
+def encoder_only(block=bidirectional_attention, *, layers: int = 2, declare_pad: bool = True) -> qf.Model:
     """A post-norm encoder-only model: token_ids (batch, tokens) -> logits (batch, tokens, vocab)."""
 
     def run():
-        ids = nn.input("token_ids", ("batch", "tokens"), pad_id=PAD)
+        ids = nn.input("token_ids", ("batch", "tokens"), pad_id=PAD if declare_pad else None)
         with qf.scope("text", stream="text"):
             with qf.scope("", block="embed"):
                 x = nn.positional(nn.embed(ids, name="word_embeddings"), "learned", name="position_embeddings")
@@ -147,5 +165,5 @@ def encoder_only(block=bidirectional_attention, *, layers: int = 2) -> qf.Model:
             logits = nn.unembed(x, tied_to="text.word_embeddings.weight")
         return {"logits": logits}
 
-    name = "encoder-only" if block is bidirectional_attention else "encoder-only-query-mask"
+    name = "encoder-only" if block is bidirectional_attention else f"encoder-only-{block.__name__}"
     return qf.Model(name, DIMS, run, sequences={"tokens": "bidirectional"}, streams=("text",))

@@ -100,8 +100,9 @@ def test_encoder_only_checks_clean_explains_one_row_and_runs():
                                rtol=0, atol=1e-9)
 
 
-def test_encoder_only_with_the_padding_mask_on_the_query_axis_is_found():
-    g = qf.trace(ss.encoder_only(ss.query_masked_attention))
+@pytest.mark.parametrize("declare_pad", [True, False], ids=["pad-declared", "pad-from-the-mask"])
+def test_encoder_only_with_the_padding_mask_on_the_query_axis_is_found(declare_pad):
+    g = qf.trace(ss.encoder_only(ss.query_masked_attention, declare_pad=declare_pad))
     found = qf.check(g)
     assert [(d.code, d.node) for d in found] == [("QKV402", "text.layer.0.self_attn.softmax")]
     assert found[0].source.endswith(_bug_line("encoder_only_query_mask"))
@@ -111,6 +112,15 @@ def test_encoder_only_with_the_padding_mask_on_the_query_axis_is_found():
     other[1, -1] = 7  # what stands in a padded position
     row = qf.forward(g, params, token_ids=ids)["logits"][1, :5]
     assert np.abs(qf.forward(g, params, token_ids=other)["logits"][1, :5] - row).max() > 1e-6
+
+
+def test_a_padding_mask_of_another_token_than_the_declared_pad_is_found():
+    assert qf.check(qf.trace(ss.encoder_only(ss.masking_with(ss.PAD))), strict=True) == []
+    found = qf.check(qf.trace(ss.encoder_only(ss.masking_with(ss.PAD + 1))))
+    assert [(d.code, d.node) for d in found] == [("QKV306", "text.layer.0.self_attn.softmax"),
+                                                ("QKV306", "text.layer.1.self_attn.softmax"),
+                                                ("QKV402", "text.layer.0.self_attn.softmax")]
+    assert "declared but not applied: tokens_padding" in found[0].message
 
 
 # --- declarations ------------------------------------------------------------------

@@ -137,3 +137,25 @@ def test_a_block_without_softmax_is_reported_once_as_unreadable():
     found = [d for d in qf.check(g) if d.code == "QKV305"]
     assert [d.node for d in found] == ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"]
     assert all("no softmax inside the block" in d.message for d in found)
+
+
+def test_a_graph_written_before_the_declarations_is_refused_not_misread(tmp_path):
+    import json
+
+    from qkvflow.ir.errors import GraphError
+    from qkvflow.ir.graph import read_graph
+
+    data = json.loads(to_json(qf.trace(qf.load_model("tiny"))))
+    old = json.loads(json.dumps(data))
+    del old["graph"]["sequences"], old["graph"]["streams"]
+    for node in old["nodes"]:
+        node.pop("attention_block")
+    found = qf.check(from_json(json.dumps(old)))
+    assert [(d.code, d.node) for d in found] == [("QKV001", "graph")]
+    assert "no sequences, streams attribute(s)" in found[0].message
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    with pytest.raises(GraphError, match="old.json' is not well formed: the graph has no sequences, streams"):
+        read_graph(path)
+    del data["nodes"][3]["attention_block"]
+    assert lint(from_json(json.dumps(data)))[0][1].endswith("has no attention_block attribute(s)")

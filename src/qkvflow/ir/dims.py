@@ -24,6 +24,7 @@ __all__ = [
     "describe",
     "describe_shape",
     "dim_table",
+    "sequence_of",
 ]
 
 
@@ -36,7 +37,12 @@ class DimTable(dict):
 
     def seq_of(self, name: str) -> str | None:
         """The sequence dim a (possibly composite) dim name runs over, if any."""
-        return next((part for part in factors(name) if part in self.seq), None)
+        return sequence_of(name, self.seq)
+
+
+def sequence_of(name: str, sequences) -> str | None:
+    """The first factor of dim ``name`` that is one of ``sequences``, if any."""
+    return next((part for part in factors(name) if part in sequences), None)
 
 
 def dim_table(graph_attrs: dict) -> DimTable:

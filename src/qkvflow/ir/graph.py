@@ -7,13 +7,17 @@ printout; the closed set of ops is the registry in :mod:`qkvflow.ir.ops`.
 
 Node attributes: ``op``, ``path`` (also the node key, the parameter prefix
 and the activation key), ``shape`` (dim names), ``dtype``, ``stream``,
-``layer``, ``block``, ``block_path``, ``attention`` (kind, on nodes inside
-an attention block), ``params`` (name -> shape), ``attrs`` (op arguments),
-``source`` (``file:line``) and ``key_axis`` (the attention key axis, if any).
+``layer``, ``block``, ``block_path``, ``attention`` (kind) and
+``attention_block`` (path) on the nodes of a declared attention block,
+``params`` (name -> shape), ``attrs`` (op arguments), ``source``
+(``file:line``) and ``key_axis`` (the attention key axis, if any).
 Edge attributes: ``role`` and ``arg`` (argument position).
 Graph attributes: ``config``, ``dims`` (name -> size, None for data dims),
-``attention`` (declared and traced facts per attention block), ``inputs``,
-``outputs``, ``memory`` (the encoder's final output node), ``model``.
+``sequences`` (sequence dim -> ``causal`` | ``bidirectional``),
+``streams`` (names), ``attention`` (per declared block: its declaration,
+and the ``sites`` the provenance pass found), ``inputs``, ``outputs``,
+``memory`` (the node other streams read as the encoder's final output),
+``model``.
 """
 
 import json
@@ -35,6 +39,7 @@ __all__ = [
     "to_graphml",
     "from_json",
     "read_graph",
+    "pad_ids",
 ]
 
 ROLES = ("x", "q", "k", "v", "mask", "residual", "probs", "ids", "memory")
@@ -64,13 +69,28 @@ def arg_nodes(g: nx.MultiDiGraph, node: str) -> list[str]:
     return [src for src, _ in args_of(g, node)]
 
 
+# What every graph and every node carries (other keys are optional).
+GRAPH_KEYS = ("dims", "sequences", "streams", "attention", "inputs", "outputs")
+NODE_KEYS = ("op", "shape", "attrs", "params", "attention_block")  # op and shape: checked below
+
+
 def lint(g: nx.MultiDiGraph) -> list[tuple[str, str]]:
     """Structural problems as (node, sentence) pairs; empty when well formed.
 
-    Checks structure only: acyclic, known ops, argument positions 0..n-1,
-    a shape on every node, every output reachable from an input.
+    Checks structure, not meaning: the graph and node attributes every stage
+    reads are there, the graph is acyclic, ops are known, argument positions
+    are 0..n-1, outputs are nodes, and recorded attention sites agree with
+    the graph (see :mod:`qkvflow.passes.provenance`).
     """
+    missing = [k for k in GRAPH_KEYS if k not in g.graph]
+    if missing:
+        return [("graph", f"the graph has no {', '.join(missing)} attribute(s); a graph written by an "
+                          "older qkvflow or another tool must be traced again")]
     problems = []
+    for node, data in g.nodes(data=True):
+        lacking = [k for k in NODE_KEYS[2:] if k not in data]
+        if lacking:
+            problems.append((node, f"node {node} has no {', '.join(lacking)} attribute(s)"))
     if not nx.is_directed_acyclic_graph(g):
         cycle = nx.find_cycle(g)
         problems.append((cycle[0][0], f"the graph has a cycle through {cycle[0][0]}"))
@@ -197,6 +217,20 @@ def from_json(text: str) -> nx.MultiDiGraph:
         if "params" in nd:
             nd["params"] = {k: tuple(v) for k, v in nd["params"].items()}
     return g
+
+
+def pad_ids(g: nx.MultiDiGraph) -> dict:
+    """Sequence dim -> the pad id its token input declares (the config's ``pad_id``
+    for token inputs that declare none)."""
+    found = {}
+    default = g.graph.get("config", {}).get("pad_id")
+    for node in g.graph.get("inputs", []):
+        attrs = g.nodes[node]["attrs"]
+        shape = tuple(attrs.get("shape", ()))
+        pad = attrs.get("pad_id", default)
+        if attrs.get("dtype") == "int" and shape and pad is not None:
+            found.setdefault(shape[-1], pad)
+    return found
 
 
 def read_graph(path) -> nx.MultiDiGraph:

@@ -2,7 +2,7 @@
 
 ``module:factory`` is ``package.module:function`` or ``path/to/file.py:function``;
 the factory is called with no arguments and returns a :class:`~qkvflow.Model`
-(or a :class:`~qkvflow.config.Config`, built as an encoder–decoder).
+(or a :class:`~qkvflow.models.config.Config`, built as an encoder–decoder).
 """
 
 import importlib

@@ -96,7 +96,8 @@ def _memory_stream(g) -> str | None:
 
 def _origin_words(fact) -> str:
     if fact["state"] == "memory":
-        return f"the encoder's final output ({fact['node']})"
+        owner = "the encoder's" if fact["stream"] in (None, "encoder") else f"the {fact['stream']} stream's"
+        return f"{owner} final output ({fact['node']})"
     layer = "" if fact["layer"] is None else f" layer {fact['layer']}"
     return f"{fact['stream'] or 'no'} stream{layer} ({fact['node']})"
 
@@ -210,19 +211,20 @@ def _declared_masks(text: str) -> set:
 
 
 def _flow(g):
-    from .flow import ALL, NONPAD, analyse, applied_masks
+    from .flow import ALL, NONPAD, analyse, applied_masks, padded_sequences
     flows = analyse(g)
-    sequences = g.graph.get("sequences", {})
+    # Causal sequences first: a node that leaks both is reported as seeing the future.
+    sequences = sorted(g.graph.get("sequences", {}).items(), key=lambda item: item[1] != "causal")
     future = lambda f: f in (ALL, NONPAD)  # noqa: E731 - a predicate over facts
     padding = lambda f: f == ALL  # noqa: E731
-    padded = _padded_sequences(g)
+    padded = padded_sequences(g, flows)
     for node in nx.topological_sort(g):
         ins = arg_nodes(g, node)
         d = g.nodes[node]
         if not ins:
             continue
         place = d.get("block_path") or node
-        for seq, rule in sequences.items():
+        for seq, rule in sequences:
             before = [flows[i].deps.get(seq, ()) for i in ins]
             after = flows[node].deps.get(seq, ())
             if rule == "causal" and _widens(before, after, future):
@@ -253,17 +255,6 @@ def _flow(g):
                 yield diag(g, "QKV403", site["softmax"],
                            f"{block}: encoder self-attention is causally masked, so position i "
                            f"ignores the tokens after i", severity="warning")
-
-
-def _padded_sequences(g) -> set:
-    """Sequences with padding: their token input declares a pad id (or the config has one)."""
-    found = set()
-    for node in g.graph.get("inputs", []):
-        attrs = g.nodes[node]["attrs"]
-        shape = tuple(attrs.get("shape", ()))
-        if attrs.get("dtype") == "int" and shape and ("pad_id" in attrs or "pad_id" in g.graph.get("config", {})):
-            found.add(shape[-1])
-    return found
 
 
 def _widens(before, after, bad) -> bool:

@@ -22,20 +22,21 @@ tensor two kinds of dead entries:
 * ``zeros`` — entries that are exactly 0: a sum or matrix product ignores them.
 
 A reduction over a sequence axis (softmax, sum, a contraction) turns
-``pos`` into what its dead entries allow. The node where a ``tgt``
-dependence first widens past ``causal`` is where a decoder starts to see
-the future; where a ``src`` one reaches ``all``, padding leaks.
+``pos`` into what its dead entries allow. The node where the dependence on
+a *causal* sequence first widens past ``causal`` is where a decoder starts
+to see the future; where one on a *bidirectional* sequence with padding
+reaches ``all``, padding leaks.
 """
 
 import networkx as nx
 
-from ..ir.dims import factors
+from ..ir.dims import factors, sequence_of
 from ..ir.errors import GraphError
-from ..ir.graph import arg_nodes
+from ..ir.graph import arg_nodes, pad_ids
 from ..ir.ops import implement, spec
 from ..ir.shapes import reshape_map
 
-__all__ = ["analyse", "Flow", "ALL", "NONPAD", "applied_masks"]
+__all__ = ["analyse", "Flow", "ALL", "NONPAD", "applied_masks", "padded_sequences"]
 
 ALL, NONPAD = ("all",), ("nonpad",)
 _LARGE_NEGATIVE = -1e4  # a fill at or below this acts like -inf in a softmax
@@ -64,8 +65,7 @@ def _norm(facts: set) -> frozenset:
 
 def _seq_of(g, name: str) -> str | None:
     """The declared sequence dim that dim ``name`` runs over, if any."""
-    sequences = g.graph.get("sequences", {})
-    return next((p for p in factors(name) if p in sequences), None)
+    return sequence_of(name, g.graph.get("sequences", {}))
 
 
 def _remap_restrictions(cons: frozenset, amap: dict) -> frozenset:
@@ -188,15 +188,6 @@ def _add(g, node, ins, flows):
     return Flow(_deps_join(fs), minf)
 
 
-def _pad_id(g, seq: str, default):
-    """The pad id the token input of sequence ``seq`` declares (else the config's)."""
-    for node in g.graph.get("inputs", []):
-        attrs = g.nodes[node]["attrs"]
-        if attrs.get("dtype") == "int" and "pad_id" in attrs and tuple(attrs["shape"])[-1:] == (seq,):
-            return attrs["pad_id"]
-    return g.graph.get("config", {}).get("pad_id", default)
-
-
 def _padding_compare(g, node, ins, fn: str, const) -> Flow | None:
     """``ids != pad_id`` (and ``ids > 0`` when pad_id is 0) is a padding mask."""
     if g.nodes[ins[0]]["dtype"] != "int" or const is None:
@@ -205,7 +196,7 @@ def _padding_compare(g, node, ins, fn: str, const) -> Flow | None:
     source = _seq_of(g, shape[-1])
     if source is None:
         return None
-    pad = _pad_id(g, source, const)
+    pad = pad_ids(g).get(source, const)
     keeps_real = {"ne": const == pad, "gt": pad == 0 and const == 0, "ge": pad == 0 and const == 1}
     drops_real = {"eq": const == pad}
     if keeps_real.get(fn):
@@ -426,8 +417,12 @@ def _input(g, node, ins, flows):
 
 @implement("transfer", "padding_mask")
 def _padding_mask(g, node, ins, flows):
+    """Keeps the real tokens, if it compares with the pad id the ids declare."""
     shape = g.nodes[node]["shape"]
-    return Flow(mask={("keypad", len(shape) - 1, _seq_of(g, shape[-1]))}, values=(1.0, 0.0))
+    source = _seq_of(g, shape[-1])
+    if g.nodes[node]["attrs"]["pad_id"] != pad_ids(g).get(source, g.nodes[node]["attrs"]["pad_id"]):
+        return Flow()  # masks some other token: not a padding mask
+    return Flow(mask={("keypad", len(shape) - 1, source)}, values=(1.0, 0.0))
 
 
 @implement("transfer", "causal_mask")
@@ -472,3 +467,10 @@ def applied_masks(g: nx.MultiDiGraph, flows: dict, softmax: str) -> set:
     for c in flows[scores].minf:
         labels.add("causal" if c[0] == "causal" else f"{c[2]}_padding")
     return labels
+
+
+def padded_sequences(g: nx.MultiDiGraph, flows: dict) -> set:
+    """Sequences that have padding: their token input declares a pad id, or the
+    model builds a padding mask over them."""
+    made = {c[2] for f in flows.values() for c in f.mask if c[0] == "keypad"}
+    return set(pad_ids(g)) | made

@@ -1,7 +1,7 @@
 """Where model code runs: traced (symbolic) or eager (NumPy arrays).
 
 Model code is ordinary Python calling :mod:`qkvflow.nn` and array methods.
-Inside ``trace`` it sees :class:`~qkvflow.tracer.Sym` values and every
+Inside ``trace`` it sees :class:`~qkvflow.tracing.tensor.Sym` values and every
 operation becomes a graph node; inside :func:`eager` it sees NumPy arrays
 and runs directly. Both keep the same scope stack, so a parameter is named
 by the same path in both (``decoder.layers.1.cross_attn.k_proj.weight``).
