@@ -3,18 +3,19 @@
 An :class:`OpSpec` says what an op means (``doc``), which :class:`Group`
 it belongs to, its named-dim shape rule (:mod:`qkvflow.ir.shapes`), how each
 of its parameters is initialised, which drawing style it gets and which
-values its attributes may take (``choices``: what the kernels implement). The two
-stages whose code per op would not belong in the IR attach it to the op's
-entry: the executor's NumPy kernel (:mod:`qkvflow.run.kernels`) and the
-information-flow transfer (:mod:`qkvflow.passes.flow`), each with
-:func:`implement`. Every stage dispatches through :func:`spec`, which fails
-loudly on an op it does not know; a stage fails loudly on an op it does not
-implement. Adding an op is one :data:`OPS` entry, one kernel, one transfer
+values its attributes may take (``choices``: what the kernels implement).
+The two stages whose code per op would not belong in the IR attach it to
+the op's entry: the executor's NumPy kernel (:mod:`qkvflow.run.kernels`)
+and the information-flow transfer (:mod:`qkvflow.passes.flow`), each with
+:func:`implement`. Every stage dispatches through this registry
+(:func:`spec` fails loudly on an op it does not know) and fails loudly on
+an op it does not implement. Adding an op is one :data:`OPS` entry, one kernel, one transfer
 and their tests (``tests/ir/test_registry.py`` proves every stage covers
 every op).
 
-Groups play the part of tinygrad's ``GroupOp``: passes ask "is this a
-contraction?" rather than listing op names.
+Groups play the part of tinygrad's ``GroupOp``: a pass that needs a kind of
+op asks for the group ("the nearest contraction before the softmax", "a
+mask maker") rather than listing op names.
 """
 
 import dataclasses

@@ -34,7 +34,7 @@ import networkx as nx
 from ..ir.dims import dim_table
 from ..ir.ops import Group, in_group
 
-__all__ = ["annotate", "ensure", "sites"]
+__all__ = ["annotate", "ensure"]
 
 
 def annotate(g: nx.MultiDiGraph) -> nx.MultiDiGraph:
@@ -51,15 +51,15 @@ def annotate(g: nx.MultiDiGraph) -> nx.MultiDiGraph:
 
 
 def ensure(g: nx.MultiDiGraph) -> nx.MultiDiGraph:
-    """Annotate ``g`` unless every block already has its sites."""
+    """Annotate ``g`` unless every block already has its sites.
+
+    check, explain and render call it, so a graph made without the pass (by
+    the bare tracer, another front-end, or with its sites stripped) gets
+    the same facts; recorded sites are kept, and lint checks them.
+    """
     if any("sites" not in record for record in g.graph.get("attention", {}).values()):
         annotate(g)
     return g
-
-
-def sites(g: nx.MultiDiGraph, block: str) -> list[dict]:
-    """The sites of ``block`` (annotating ``g`` first when it has none)."""
-    return ensure(g).graph["attention"][block]["sites"]
 
 
 def _site(g, sm: str, inside: set) -> dict:
