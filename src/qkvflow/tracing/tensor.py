@@ -369,10 +369,12 @@ def concat(parts, axis: int = -1):
         return np.concatenate(parts, axis=axis)
     syms = [_need_sym(p, "concatenate") for p in parts]
     attrs = {"axis": int(axis)}
+    # A loop over a model dim (one part per head) joins to that dim times the part's:
+    # the count is named when exactly one model dim has that size.
     ctx = current()
-    heads = ctx.dims.get("heads") if ctx is not None else None
-    if heads is not None and len(syms) == heads:
-        attrs["count_name"] = "heads"
+    named = [d for d, size in (ctx.dims.items() if ctx is not None else ()) if size == len(syms)]
+    if len(named) == 1:
+        attrs["count_name"] = named[0]
     return apply("concat", syms, attrs=attrs)
 
 
