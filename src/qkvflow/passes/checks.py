@@ -81,12 +81,13 @@ def _config(g):
                            f"qkvflow does not run; use one of {', '.join(accepted)}")
 
 
+def _final_output(stream: str | None) -> str:
+    return "the encoder's final output" if stream in (None, "encoder") else f"the {stream} stream's final output"
+
+
 def _state_words(g, state: str) -> str:
     """What a declared Q/K/V state names, in words."""
-    if state == "memory":
-        stream = _memory_stream(g)
-        return "the encoder's final output" if stream in (None, "encoder") else f"the {stream} stream's final output"
-    return f"the {state} stream"
+    return _final_output(_memory_stream(g)) if state == "memory" else f"the {state} stream"
 
 
 def _memory_stream(g) -> str | None:
@@ -96,8 +97,7 @@ def _memory_stream(g) -> str | None:
 
 def _origin_words(fact) -> str:
     if fact["state"] == "memory":
-        owner = "the encoder's" if fact["stream"] in (None, "encoder") else f"the {fact['stream']} stream's"
-        return f"{owner} final output ({fact['node']})"
+        return f"{_final_output(fact['stream'])} ({fact['node']})"
     layer = "" if fact["layer"] is None else f" layer {fact['layer']}"
     return f"{fact['stream'] or 'no'} stream{layer} ({fact['node']})"
 

@@ -181,9 +181,8 @@ def trace(model: Model) -> nx.MultiDiGraph:
         raise TraceError(f"model {model.name!r}: build() must return a dict of traced outputs")
     for name, sym in outputs.items():
         if tracer.graph.nodes[sym.node]["op"] != "output":
-            from . import nn
             with activate(tracer):
-                sym = nn.output(sym, name)
+                sym = tracer.record("output", [sym], name=name, attrs={"name": name})
         tracer.graph.graph["outputs"].append(sym.node)
     g = tracer.graph
     g.graph["sequences"] = model.sequences or _derived_sequences(g, tracer.dims.seq)
