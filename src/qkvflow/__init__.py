@@ -19,7 +19,7 @@ from .models.config import PRESETS, Config, load_toml, preset
 from .models.loader import load_model
 from .tracing import nn
 from .tracing.context import Model, dim, eager, scope
-from .tracing.nn import attention
+from .tracing.nn import attention, param
 from .tracing.tracer import trace as _trace
 
 # `import qkvflow.nn` and `from qkvflow import nn` give the same module.
@@ -29,7 +29,7 @@ __all__ = [
     "trace", "check", "format_diagnostics", "render", "explain", "forward", "Executor",
     "init_params", "load_params", "save_params",
     "load_model", "preset", "load_toml", "Config", "PRESETS", "Model",
-    "attention", "scope", "dim", "eager", "nn", "QkvflowError", "__version__",
+    "attention", "param", "scope", "dim", "eager", "nn", "QkvflowError", "__version__",
 ]
 
 __version__ = "0.1.0"

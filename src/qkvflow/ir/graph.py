@@ -40,6 +40,7 @@ __all__ = [
     "from_json",
     "read_graph",
     "pad_ids",
+    "param_path",
 ]
 
 ROLES = ("x", "q", "k", "v", "mask", "residual", "probs", "ids", "memory")
@@ -217,6 +218,12 @@ def from_json(text: str) -> nx.MultiDiGraph:
         if "params" in nd:
             nd["params"] = {k: tuple(v) for k, v in nd["params"].items()}
     return g
+
+
+def param_path(node: str, name: str) -> str:
+    """The path of parameter ``name`` of ``node``: ``<node>.<name>``, or the node's
+    own path for a parameter node (``qkvflow.param``), whose one parameter is named ""."""
+    return f"{node}.{name}" if name else node
 
 
 def pad_ids(g: nx.MultiDiGraph) -> dict:

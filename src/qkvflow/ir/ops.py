@@ -42,10 +42,11 @@ class Group(enum.Enum):
 
 
 # Drawing styles (the renderer gives each a node shape and colour).
-STYLES = ("io", "projection", "heads", "core", "residual", "mask", "numpy")
+STYLES = ("io", "projection", "heads", "core", "residual", "mask", "numpy", "param")
 # Parameter initialisers (see qkvflow.run.params.init_params).
 INITS = {
-    "fan_in": "N(0, 1/fan_in), fan_in = the last dim",
+    "fan_in": "N(0, 1/fan_in), fan_in = the last dim (a torch-style (d_out, d_in) weight)",
+    "fan_in_first": "N(0, 1/fan_in), fan_in = the first dim (a (d_in, d_out) weight used as x @ W)",
     "small": "N(0, 0.02)",
     "ones": "1",
     "zeros": "0",
@@ -139,6 +140,12 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
     _op("elementwise", "attrs.fn applied to one or two tensors; a scalar side is attrs.const",
         (_E,), shapes.elementwise, "numpy", {"fn": _ELEMENTWISE_FNS}),
     _op("concat", "concatenate along attrs.axis", (_M,), shapes.concat, "numpy"),
+    _op("param", "a parameter used as an array (qkvflow.param); attrs: name, shape, init; its one "
+        "parameter is named by the node's path", (_S, _P), shapes.param, "param", **{"": "small"}),
+    _op("gather", "rows of a table at integer indices: table[ids] (an embedding lookup)",
+        (_M,), shapes.gather, "projection"),
+    _op("split_part", "part attrs.index of attrs.parts equal parts along attrs.axis (np.split)",
+        (_M,), shapes.split_part, "numpy"),
 )}
 
 

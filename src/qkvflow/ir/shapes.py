@@ -452,3 +452,36 @@ def concat(ins, attrs, params, dims):
             out,
         )
     return out
+
+
+def param(ins, attrs, params, dims):
+    return Meta(tuple(attrs["shape"]), None, "float")
+
+
+def gather(ins, attrs, params, dims):
+    """table[ids]: (rows, *rest) at (*batch) integer ids -> (*batch, *rest)."""
+    table, ids = ins
+    out = Meta(ids.shape + table.shape[1:], None, table.dtype)
+    if ids.dtype != "int":
+        raise ShapeIssue("QKV201", f"rows of {describe_shape(table.shape, dims)} taken at non-integer "
+                         f"indices {describe_shape(ids.shape, dims)}", out)
+    return out
+
+
+def split_part(ins, attrs, params, dims):
+    """Part ``index`` of ``parts`` equal parts along ``axis``: ``3*d_model`` -> ``d_model``."""
+    (x,) = ins
+    axis, parts = attrs["axis"] % len(x.shape), attrs["parts"]
+    name = x.shape[axis]
+    head, rest = factors(name)[:1], factors(name)[1:]
+    part = "*".join(rest) if head == (str(parts),) and rest else None
+    if part is None and attrs.get("count_name"):
+        count = attrs["count_name"]
+        part = "*".join(f for f in factors(name) if f != count) if count in factors(name) else None
+    out = Meta(x.shape[:axis] + ((part or name),) + x.shape[axis + 1:], x.key_axis, x.dtype)
+    if part is None:
+        raise ShapeIssue("QKV201", f"split of {describe(name, dims)} into {parts} parts along axis "
+                         f"{axis - len(x.shape)} of {describe_shape(x.shape, dims)}: name the dim "
+                         f"{parts}*<part> (e.g. 3*d_model for a fused Q|K|V) so each part has a name", out)
+    return out
+

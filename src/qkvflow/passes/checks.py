@@ -173,16 +173,32 @@ def _site_provenance(g, block: str, rec: dict):
 
 
 def _shared_projections(g, block, rec):
-    """Q, K and V each need their own projection: ``v = q`` is a copy-paste slip."""
-    entries = rec.get("entries", {})
+    """Q, K and V each need their own projection: ``v = q`` is a copy-paste slip.
+
+    Two roles share one when their ways back into the block end at the same
+    projection without taking different parts of it (a fused Q|K|V
+    projection split with np.split gives each role its own part)."""
+    entries, paths = rec.get("entries", {}), rec.get("paths", {})
     seen = {}
     for role in ("q", "k", "v"):
         node = entries.get(role)
-        if node in g and g.nodes[node]["op"] == "linear" and node in seen:
+        other = seen.get(node)
+        apart = set(paths.get(role, ())) ^ set(paths.get(other, ()))
+        if other and _is_projection(g, node) and not any(
+                g.nodes[n]["op"] == "split_part" for n in apart if n in g):
             yield diag(g, "QKV307", node,
-                        f"{block}: {role.upper()} is computed by {seen[node].upper()}'s projection "
-                        f"{node}; each of Q, K and V needs its own")
+                       f"{block}: {role.upper()} is computed by {other.upper()}'s projection "
+                       f"{node}; each of Q, K and V needs its own")
         seen.setdefault(node, role)
+
+
+def _is_projection(g, node) -> bool:
+    """A linear op, or a product with a parameter (``x @ W``)."""
+    if node not in g:
+        return False
+    op = g.nodes[node]["op"]
+    return op == "linear" or (op in ("matmul", "einsum") and any(
+        g.nodes[u]["op"] == "param" for u in g.predecessors(node)))
 
 
 def _dead_parameters(g):

@@ -430,6 +430,28 @@ def _causal_mask(g, node, ins, flows):
     return Flow(mask={("causal", 0, 1)}, values=(1.0, 0.0))
 
 
+@implement("transfer", "param")
+def _param(g, node, ins, flows):
+    return Flow()  # a parameter depends on no token
+
+
+@implement("transfer", "gather")
+def _gather(g, node, ins, flows):
+    """table[ids]: each row depends on the token its id is (the table on none)."""
+    ids = flows[1]
+    rank_ids = len(g.nodes[ins[1]]["shape"])
+    return _remap(Flow(ids.deps), {a: a for a in range(rank_ids)})
+
+
+@implement("transfer", "split_part")
+def _split_part(g, node, ins, flows):
+    """Axes keep their facts, but the split axis only when it is no sequence axis."""
+    rank = len(g.nodes[node]["shape"])
+    axis = g.nodes[node]["attrs"]["axis"] % rank
+    split_seq = _seq_of(g, g.nodes[ins[0]]["shape"][axis]) is not None
+    return _remap(flows[0], {a: a for a in range(rank) if not (split_seq and a == axis)})
+
+
 @implement("transfer", "embed")
 def _embed(g, node, ins, flows):
     return Flow(flows[0].deps)

@@ -14,6 +14,8 @@ per softmax into the block's record, under ``sites``:
     role -> the first node outside the block on the way back;
 ``entries``
     role -> the block's node that reads that origin (where a finding points);
+``paths``
+    role -> the block's nodes on the way back, from the pattern to the entry;
 ``masks``
     the labels (``causal``, ``<dim>_padding``) of the mask ops that reach the
     softmax beside the scores, made inside the block or handed in;
@@ -67,10 +69,10 @@ def _site(g, sm: str, inside: set) -> dict:
     attend = _nearest(g, sm, inside, backwards=False)
     if scores is None or attend is None:
         return {"softmax": sm, "problem": "no scores product before the softmax or no weighted sum after it"}
-    origins, entries = _trace_qkv(g, scores, sm, attend, inside)
+    origins, entries, paths = _trace_qkv(g, scores, sm, attend, inside)
     masks = sorted({_mask_label(g, n) for n in _masks_beside(g, sm, scores, inside)})
     return {"softmax": sm, "scores": scores, "attend": attend, "origins": origins,
-            "entries": entries, "masks": masks}
+            "entries": entries, "paths": paths, "masks": masks}
 
 
 def _trace_qkv(g, scores: str, sm: str, attend: str, inside: set) -> tuple[dict, dict]:
@@ -82,7 +84,7 @@ def _trace_qkv(g, scores: str, sm: str, attend: str, inside: set) -> tuple[dict,
     after_softmax = _within(g, sm, inside)  # block nodes the weights flow into
     v_arg = next((arg for arg, (u, _) in sorted(into_attend.items())
                   if u != sm and u not in after_softmax), None)
-    origins, entries = {}, {}
+    origins, entries, paths = {}, {}, {}
     for role, (first, key), consumer in (
         ("q", into_scores.get(q_arg, (None, None)), scores),
         ("k", into_scores.get(k_arg, (None, None)), scores),
@@ -91,22 +93,25 @@ def _trace_qkv(g, scores: str, sm: str, attend: str, inside: set) -> tuple[dict,
         if first is None:
             continue
         g.edges[first, consumer, key]["role"] = role
-        origins[role], entry = _walk_back(g, first, inside, role)
+        paths[role] = []
+        origins[role], entry = _walk_back(g, first, inside, role, paths[role])
         entries[role] = entry or consumer
     for arg, (u, key) in into_attend.items():
         if arg != v_arg:
             g.edges[u, attend, key]["role"] = "probs"
-    return origins, entries
+    return origins, entries, paths
 
 
-def _walk_back(g, node: str, inside: set, role: str) -> tuple:
+def _walk_back(g, node: str, inside: set, role: str, chain: list) -> tuple:
     """Follow the data operand out of the block; label the chain's edges ``role``.
 
     Returns the origin (the first node outside the block) and the block's
-    node that reads it (None when ``node`` is already outside).
+    node that reads it (None when ``node`` is already outside); ``chain``
+    gets the block's nodes on the way.
     """
     entry = None
     while node in inside:
+        chain.append(node)
         preds = sorted(g.in_edges(node, keys=True, data=True), key=lambda e: e[3]["arg"])
         if not preds:
             return None, node
@@ -121,7 +126,7 @@ def _data_operand(g, preds: list) -> tuple:
     operand (``where(keep, v, 0)`` and ``keep * v`` lead back through v)."""
     def rank(edge):
         d = g.nodes[edge[0]]
-        return (d["dtype"] != "float", "1" in d["shape"], edge[3]["arg"])
+        return (d["op"] == "param", d["dtype"] != "float", "1" in d["shape"], edge[3]["arg"])
     return min(preds, key=rank)
 
 

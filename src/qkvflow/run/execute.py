@@ -18,7 +18,7 @@ import numpy as np
 
 from ..ir.dims import describe_shape, size_of
 from ..ir.errors import ExecutionError, InputError, ParamError
-from ..ir.graph import arg_nodes, check_well_formed
+from ..ir.graph import arg_nodes, check_well_formed, param_path
 from ..ir.ops import spec
 from .params import param_specs, validate_params
 
@@ -128,7 +128,7 @@ class Executor:
             if op == "input":
                 continue
             ins = [values[a] for a in args]
-            p = {n: params[f"{node}.{n}"] for n in pnames}
+            p = {n: params[param_path(node, n)] for n in pnames}
             if "tied_to" in attrs:
                 p["weight"] = params[attrs["tied_to"]]
             fn = kernel
@@ -177,6 +177,9 @@ def _vocabulary(g: nx.MultiDiGraph, node: str) -> int | None:
         if d["op"] == "embed":
             vocab = (d["params"].get("weight") or d["attrs"].get("tied_shape") or (None,))[0]
             rows.append(size_of(vocab, g.graph["dims"]) if vocab else None)
+        elif d["op"] == "gather":  # table[ids]
+            table = arg_nodes(g, succ)[0]
+            rows.append(size_of(g.nodes[table]["shape"][0], g.graph["dims"]))
     return min((r for r in rows if r), default=None)
 
 

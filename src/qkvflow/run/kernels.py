@@ -243,3 +243,6 @@ _kernel("reduce", None, lambda k, i, a, p, s: _REDUCE[a["fn"]](
 _kernel("elementwise", None, lambda k, i, a, p, s: elementwise(
     a["fn"], *i, const=a.get("const"), const_first=a.get("const_first", False)))
 _kernel("concat", None, lambda k, i, a, p, s: _concat(i, a, p))
+_kernel("param", None, lambda k, i, a, p, s: p[""])
+_kernel("gather", None, lambda k, i, a, p, s: i[0][i[1]])
+_kernel("split_part", None, lambda k, i, a, p, s: np.split(i[0], a["parts"], axis=a["axis"])[a["index"]])

@@ -14,6 +14,7 @@ import numpy as np
 from ..atomic import OutputError, write_atomic
 from ..ir.dims import describe_shape, size_of
 from ..ir.errors import ParamError
+from ..ir.graph import param_path
 from ..ir.ops import spec
 
 __all__ = ["param_specs", "init_params", "validate_params", "save_params", "load_params"]
@@ -21,11 +22,13 @@ __all__ = ["param_specs", "init_params", "validate_params", "save_params", "load
 
 def param_specs(g: nx.MultiDiGraph) -> dict[str, tuple]:
     """Every parameter of the graph: path -> named shape."""
-    specs = {}
-    for node, data in g.nodes(data=True):
-        for name, shape in data.get("params", {}).items():
-            specs[f"{node}.{name}"] = tuple(shape)
-    return specs
+    return {path: shape for path, (_, _, shape) in _owners(g).items()}
+
+
+def _owners(g: nx.MultiDiGraph) -> dict[str, tuple]:
+    """Parameter path -> (node, parameter name, named shape)."""
+    return {param_path(node, name): (node, name, tuple(shape))
+            for node, data in g.nodes(data=True) for name, shape in data.get("params", {}).items()}
 
 
 def _sizes(g: nx.MultiDiGraph, shape: tuple) -> tuple:
@@ -40,13 +43,12 @@ def init_params(g: nx.MultiDiGraph, seed: int = 0, dtype="float64") -> dict[str,
     """
     rng = np.random.default_rng(seed)
     out = {}
-    for path, shape in sorted(param_specs(g).items()):
+    for path, (node, leaf, shape) in sorted(_owners(g).items()):
         sizes = _sizes(g, shape)
         if any(s is None or s <= 0 for s in sizes):
             raise ParamError(f"parameter {path} has shape {shape} without positive sizes")
-        node, leaf = path.rsplit(".", 1)
         op = g.nodes[node]["op"]
-        init = spec(op).init.get(leaf)
+        init = g.nodes[node]["attrs"].get("init") or spec(op).init.get(leaf)
         if init is None:
             raise ParamError(f"parameter {path}: op {op!r} declares no initialiser for {leaf!r}")
         if init == "zeros":
@@ -55,6 +57,8 @@ def init_params(g: nx.MultiDiGraph, seed: int = 0, dtype="float64") -> dict[str,
             value = np.ones(sizes)
         elif init == "small":
             value = rng.normal(0.0, 0.02, sizes)
+        elif init == "fan_in_first":
+            value = rng.normal(0.0, sizes[0] ** -0.5, sizes)
         else:  # fan_in
             value = rng.normal(0.0, sizes[-1] ** -0.5, sizes)
         out[path] = value.astype(dtype)

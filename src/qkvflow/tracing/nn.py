@@ -19,15 +19,15 @@ import numpy as np
 from ..ir.dims import name_of
 from ..ir.errors import TraceError
 from .context import Eager, current
-from .tensor import (Sym, apply, concat, einsum, elementwise, index, matmul, reduce, reshape,
-                     swapaxes, tracer, transpose, where)
+from .tensor import (Sym, apply, concat, einsum, elementwise, index, matmul, param, reduce, reshape,
+                     split, swapaxes, tracer, transpose, where)
 
 __all__ = [
     "input", "embed", "positional", "linear", "split_heads", "merge_heads",
     "scores", "scale", "mask", "softmax", "attend", "add", "residual", "norm",
     "activation", "padding_mask", "causal_mask", "unembed", "output",
     "reshape", "transpose", "swapaxes", "matmul", "einsum", "where", "reduce",
-    "elementwise", "concat", "concat_heads", "index", "mark_memory", "attention",
+    "elementwise", "concat", "concat_heads", "index", "split", "param", "mark_memory", "attention",
 ]
 
 

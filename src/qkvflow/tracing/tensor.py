@@ -21,7 +21,7 @@ from .context import Eager, current
 
 __all__ = [
     "Sym", "apply", "reshape", "transpose", "swapaxes", "matmul", "einsum", "where", "reduce",
-    "elementwise", "concat", "index", "numpy_ufunc", "numpy_function",
+    "elementwise", "concat", "index", "split", "param", "numpy_ufunc", "numpy_function",
 ]
 
 
@@ -379,7 +379,13 @@ def concat(parts, axis: int = -1):
 
 
 def index(x, idx):
-    """``x[:, None, ...]``: only new axes (None), full slices and Ellipsis trace."""
+    """``x[:, None, ...]`` (new axes, full slices, Ellipsis) and ``table[ids]``
+    (rows at traced integer ids, an embedding lookup) trace."""
+    if isinstance(idx, Sym):
+        if not isinstance(x, Sym) or idx.dtype != "int":
+            raise TraceError(f"indexing with traced {idx.dtype} array {idx.node}: only a traced table "
+                             "(e.g. qkvflow.param) at integer token ids traces")
+        return apply("gather", [x, idx])
     if not isinstance(x, Sym):
         return x[idx]
     idx = idx if isinstance(idx, tuple) else (idx,)
@@ -440,8 +446,59 @@ def _np_min(a, axis=None, keepdims=False, **_):
     return reduce("min", a, axis, keepdims)
 
 
+def split(x, parts, axis: int = 0) -> list:
+    """``np.split(x, n, axis)`` into ``n`` equal parts: a fused ``3*d_model``
+    projection splits into three ``d_model`` parts."""
+    if not isinstance(x, Sym):
+        return np.split(x, parts, axis=axis)
+    if not isinstance(parts, numbers.Integral) or int(parts) < 1:
+        raise TraceError(f"np.split of {x.node} into {parts!r}: only a number of equal parts traces "
+                         "(np.split(x, 3, axis=-1)), not split points")
+    axis = int(axis) % x.ndim
+    return [apply("split_part", [x], attrs={"axis": axis, "parts": int(parts), "index": i})
+            for i in range(int(parts))]
+
+
+def param(name: str, dims, init: str | None = None):
+    """A parameter as an array: ``W = qf.param("c_attn.weight", ("d_model", "3*d_model"))``.
+
+    Code then uses it as NumPy code uses weights: ``x @ W + b``,
+    ``np.split(x @ W, 3, axis=-1)``, ``W[ids]``, ``x @ W.T``. The parameter
+    is named by the scope path and ``name`` (the name it loads by from
+    safetensors); asking again for the same name gives the same parameter.
+    ``init``: ``small`` (N(0, 0.02), the default), ``fan_in_first``
+    (N(0, 1/d_in) for a (d_in, d_out) weight), ``fan_in``, ``ones`` or ``zeros``.
+    """
+    from ..ir.ops import INITS
+    ctx = current()
+    if ctx is None:
+        raise TraceError(f"param({name!r}) needs a trace or an eager run")
+    if init is not None and init not in INITS:
+        raise TraceError(f"param {name!r}: init {init!r} is not known; use one of {', '.join(INITS)}")
+    if isinstance(dims, str):
+        dims = (dims,)
+    shape = tuple(name_of(d) for d in dims)
+    if not ctx.tracing:
+        return ctx.param(ctx.path(name))
+    unknown = [f for d in shape for f in d.split("*") if not f.isdigit() and f not in ctx.dims]
+    if unknown:
+        raise TraceError(f"param {name!r} has unknown dim {unknown[0]!r}; known dims: {', '.join(ctx.dims)}")
+    free = [f for d in shape for f in d.split("*") if not f.isdigit() and ctx.dims[f] is None]
+    if free:
+        raise TraceError(f"param {name!r} has data dim {free[0]!r}; a parameter's dims are model dims "
+                         "with sizes")
+    path = ctx.path(name)
+    if path in ctx.graph:
+        have = ctx.graph.nodes[path]
+        if have["op"] != "param" or tuple(have["attrs"]["shape"]) != shape:
+            raise TraceError(f"param {path!r} {shape} clashes with {have['op']} {path!r} {have['shape']}")
+        return Sym(ctx, path)
+    attrs = {"name": name, "shape": shape, **({"init": init} if init else {})}
+    return ctx.record("param", [], name=name, attrs=attrs, params={"": shape})
+
+
 _FUNCTIONS = {
-    "einsum": einsum, "matmul": matmul, "where": where, "concatenate": concat,
+    "einsum": einsum, "matmul": matmul, "where": where, "concatenate": concat, "split": split,
     "transpose": transpose, "swapaxes": swapaxes, "reshape": reshape,
     "sum": _np_sum, "mean": _np_mean, "max": _np_max, "amax": _np_max, "min": _np_min, "amin": _np_min,
 }
@@ -453,6 +510,9 @@ def numpy_function(func, args, kwargs):
         raise TraceError(f"numpy.{func.__name__} cannot be traced; see qkvflow.nn for what can")
     if func.__name__ == "concatenate":
         return concat(args[0], kwargs.get("axis", args[1] if len(args) > 1 else 0))
+    if func.__name__ == "split":
+        return split(args[0], args[1] if len(args) > 1 else kwargs["indices_or_sections"],
+                     kwargs.get("axis", args[2] if len(args) > 2 else 0))
     if func.__name__ == "reshape":
         shape = args[1] if len(args) > 1 else kwargs["newshape" if "newshape" in kwargs else "shape"]
         return reshape(args[0], *(shape if isinstance(shape, tuple) else (shape,)))

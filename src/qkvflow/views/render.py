@@ -53,7 +53,7 @@ ROLE_STYLE = {
 STYLES = {
     "io": ("ellipse", "#eeeeee"), "mask": ("note", "#fbe3e3"), "projection": ("box", "#dbe9f6"),
     "core": ("box", "#fff2cc"), "heads": ("box", "#f3f3f3"), "residual": ("box", "#e6e6e6"),
-    "numpy": ("box", "#ffffff"),
+    "numpy": ("box", "#ffffff"), "param": ("box3d", "#eef5e9"),
 }
 
 # Block -> (description, fill colour); user-named blocks fall back to "block".
@@ -163,7 +163,8 @@ def _block_diagram(g: nx.MultiDiGraph) -> _Diagram:
     members: dict[str, list[str]] = {}
     for node, data in g.nodes(data=True):
         _op_style(data.get("op"))
-        members.setdefault(_group_of(g, node), []).append(node)
+        if data["op"] != "param":  # weights are not dataflow at this level
+            members.setdefault(_group_of(g, node), []).append(node)
     ids = {gid: f"n{i}" for i, gid in enumerate(members)}
     diagram = _Diagram(streams=_streams(g))
     for gid, nodes in members.items():
@@ -171,7 +172,7 @@ def _block_diagram(g: nx.MultiDiGraph) -> _Diagram:
     memory = g.graph.get("memory")
     for u, v, data in g.edges(data=True):
         gu, gv = _group_of(g, u), _group_of(g, v)
-        if gu == gv:
+        if gu == gv or g.nodes[u]["op"] == "param":
             continue
         # Mask shapes are on the mask nodes. The edge into the memory is free, so the
         # memory sits above the decoder it feeds and the decoder beside the encoder.
