@@ -65,8 +65,10 @@ def unmasked_attention(
     return _merge(nn.softmax(s, axis=-1) @ v, B, T)                          # BUG(decoder_only_unmasked)
 
 
-def decoder_only(block=causal_attention, *, layers: int = 2, declare: bool = True) -> qf.Model:
-    """A pre-norm decoder-only LM: ids (batch, seq) -> logits (batch, seq, vocab)."""
+def decoder_only(block=causal_attention, *, layers: int = 2, declare: bool = True,
+                 post_norm: bool = False) -> qf.Model:
+    """A pre-norm decoder-only LM: ids (batch, seq) -> logits (batch, seq, vocab); with
+    ``post_norm`` each sub-layer is ``norm(x + f(x))``, the sum written with ``+``."""
 
     def run():
         ids = nn.input("ids", ("batch", "seq"))
@@ -77,7 +79,10 @@ def decoder_only(block=causal_attention, *, layers: int = 2, declare: bool = Tru
             for i in range(layers):
                 with qf.scope(f"h.{i}", layer=i):
                     with qf.scope("", block="attn"):
-                        x = nn.residual(x, block(nn.norm(x, name="ln_1"), causal))
+                        if post_norm:
+                            x = nn.norm(x + block(x, causal), name="ln_1")
+                        else:
+                            x = nn.residual(x, block(nn.norm(x, name="ln_1"), causal))
                     with qf.scope("", block="mlp"):
                         h = nn.linear(nn.norm(x, name="ln_2"), "d_ff", name="c_fc")
                         h = nn.linear(nn.activation(h, "gelu_tanh"), "d_model", name="c_proj")

@@ -55,6 +55,13 @@ def test_decoder_only_checks_clean_explains_one_row_and_runs():
     assert np.abs(changed[:, 4:] - logits[:, 4:]).max() > 1e-3
 
 
+def test_a_residual_written_with_plus_is_a_residual():
+    g = qf.trace(ss.decoder_only(post_norm=True))
+    assert qf.check(g, strict=True) == []
+    site = g.graph["attention"]["lm.h.1.self_attn"]["sites"][0]
+    assert site["origins"]["q"] == "lm.h.0.add"  # the state entering layer 1, not a stale one
+
+
 @pytest.mark.parametrize("declare", [True, False], ids=["declared", "derived"])
 def test_decoder_only_without_causal_mask_is_qkv401(declare):
     model = ss.decoder_only(ss.unmasked_attention, declare=declare)

@@ -1,7 +1,8 @@
 """Correct attention written in different NumPy styles checks clean and runs alike.
 
 No false positives: flattened token projections, einsum with keys first, a
-per-head loop joined with np.concatenate, pre-norm and learned positions.
+per-head loop joined with np.concatenate, a softmax written out with exp and
+sum, pre-norm and learned positions.
 Each model is traced, checked (0 findings), and its graph run compared with
 the eager run of the same code.
 """
@@ -82,9 +83,24 @@ def masked_values_and_minus_one(
     return nn.linear((p @ v).transpose(0, 2, 1, 3).reshape(B, T, -1), "d_model", name="out_proj")
 
 
+@qf.attention("encoder_self", q="encoder", k="encoder", v="encoder", mask="src_padding")
+def hand_written_softmax(
+    x: Float[np.ndarray, "batch src d_model"],
+    src_keep: Bool[np.ndarray, "batch src"],
+) -> Float[np.ndarray, "batch src d_model"]:
+    """Q, K, V from the encoder stream; source padding masked; the softmax written out."""
+    B, S, _ = x.shape
+    q, k, v = (_split(nn.linear(x, "heads*d_head", name=f"{r}_proj"), B, S) for r in "qkv")
+    s = np.where(src_keep[:, None, None, :], q @ k.swapaxes(-1, -2) / math.sqrt(qf.dim("d_head")), -1e9)
+    e = np.exp(s - s.max(axis=-1, keepdims=True))                               # (batch, heads, src, src)
+    p = e / e.sum(axis=-1, keepdims=True)
+    return nn.linear((p @ v).transpose(0, 2, 1, 3).reshape(B, S, -1), "d_model", name="out_proj")
+
+
 MODELS = {
     "flattened_keys_first": lambda: build(TINY, cross=flattened_keys_first),
     "per_head_loop": lambda: build(TINY, encoder_self=per_head_loop),
+    "hand_written_softmax": lambda: build(TINY, encoder_self=hand_written_softmax),
     "masked_values_and_minus_one": lambda: build(TINY, cross=masked_values_and_minus_one),
     "pre_norm_learned_gelu": lambda: build(from_dict(
         {"preset": "tiny", "name": "pre", "norm": "pre", "positions": "learned", "activation": "gelu"})),

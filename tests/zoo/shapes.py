@@ -146,22 +146,41 @@ def softmax_over_queries(cfg):
     return tiny(cfg, encoder_self=query_softmax_block)
 
 
-@qkvflow.attention(  # BUG(hand_rolled_softmax): the block has no nn.softmax
+@qkvflow.attention(  # BUG(sigmoid_attention): the block has no softmax
     "encoder_self", q="encoder", k="encoder", v="encoder", mask="src_padding")
-def hand_rolled_block(
+def sigmoid_block(
     x: Float[np.ndarray, "batch src d_model"],
     src_keep: Bool[np.ndarray, "batch src"],
 ) -> Float[np.ndarray, "batch src d_model"]:
-    """Encoder self-attention. Q, K, V: encoder stream; mask: source padding."""
+    """Encoder self-attention with sigmoid weights. Q, K, V: encoder stream; mask: source padding."""
     q, k, v = _qkv(x, x)
-    e = np.exp(np.where(src_keep[:, None, None, :], scaled_scores(q, k), -np.inf))  # overflows past ~709
-    return merge(e / e.sum(axis=-1, keepdims=True) @ v)
+    w = 1.0 / (1.0 + np.exp(-scaled_scores(q, k))) * src_keep[:, None, None, :]  # (B, H, S, S)
+    return merge(w @ v)
 
 
 @bug("QKV305", "encoder.layers.0.self_attn", size_silent=True)
-def hand_rolled_softmax(cfg):
-    """A hand-rolled exp/sum softmax: overflows, and no attention check can see it."""
-    return tiny(cfg, encoder_self=hand_rolled_block)
+def sigmoid_attention(cfg):
+    """Attention weights from a sigmoid, not a softmax: no scores-softmax-sum to check."""
+    return tiny(cfg, encoder_self=sigmoid_block)
+
+
+@qkvflow.attention("encoder_self", q="encoder", k="encoder", v="encoder", mask="none")
+def hand_softmax_over_queries_block(
+    x: Float[np.ndarray, "batch src d_model"],
+    src_keep: Bool[np.ndarray, "batch src"],
+) -> Float[np.ndarray, "batch src d_model"]:
+    """Encoder self-attention with a softmax written by hand (and no padding mask, so that a
+    padded key column is no 0/0). Q, K, V: encoder stream."""
+    q, k, v = _qkv(x, x)
+    s = scaled_scores(q, k)                                                    # (B, H, S, S)
+    e = np.exp(s - s.max(axis=-1, keepdims=True))
+    return merge(e / e.sum(axis=-2, keepdims=True) @ v)  # BUG(hand_softmax_over_queries)
+
+
+@bug("QKV204", "encoder.layers.0.self_attn.reduce_1", size_silent=True)
+def hand_softmax_over_queries(cfg):
+    """A softmax written by hand whose sum runs over the queries."""
+    return tiny(cfg, encoder_self=hand_softmax_over_queries_block)
 
 
 @qkvflow.attention("encoder_self", q="encoder", k="encoder", v="encoder", mask="src_padding")

@@ -41,6 +41,7 @@ __all__ = [
     "read_graph",
     "pad_ids",
     "param_path",
+    "softmax_logits",
 ]
 
 ROLES = ("x", "q", "k", "v", "mask", "residual", "probs", "ids", "memory")
@@ -130,11 +131,11 @@ def _site_problems(g: nx.MultiDiGraph) -> list[tuple[str, str]]:
         missing = next(p for p in records if p not in annotated)
         return [(missing, f"attention block {missing} has no provenance sites while others do")]
     problems = []
-    softmaxes = {n for n, d in g.nodes(data=True) if d.get("op") == "softmax" and d.get("attention_block")}
+    softmaxes = {n for n, d in g.nodes(data=True) if d.get("attention_block") and softmax_logits(g, n)}
     for path, rec in records.items():
         for site in rec["sites"]:
             sm = site.get("softmax")
-            if sm not in g or g.nodes[sm].get("op") != "softmax" or g.nodes[sm].get("attention_block") != path:
+            if sm not in g or g.nodes[sm].get("attention_block") != path or not softmax_logits(g, sm):
                 problems.append((path, f"block {path} records a site at {sm!r}, not a softmax of the block"))
                 continue
             softmaxes.discard(sm)
@@ -284,9 +285,39 @@ def describe_origin(g: nx.MultiDiGraph, block: str, node: str | None) -> dict:
     if data.get("layer") == record.get("layer"):
         return {**fact, "state": "current"}
     layer_prefix = block.rsplit(".", 1)[0] + "."
+    output = record.get("output")
     feeds_residual = any(
-        g.nodes[succ]["op"] == "add" and succ.startswith(layer_prefix)
-        and d.get("role") == "residual"
+        succ.startswith(layer_prefix) and (
+            (g.nodes[succ]["op"] == "add" and d.get("role") == "residual")
+            or (_is_sum(g, succ) and output in g and (succ == output or nx.has_path(g, output, succ))))
         for _, succ, d in g.out_edges(node, data=True)
     )
     return {**fact, "state": "current" if feeds_residual else "stale"}
+
+
+def softmax_logits(g: nx.MultiDiGraph, node: str) -> str | None:
+    """The node a softmax normalises, if ``node`` is one: an ``nn.softmax``, or a
+    softmax written by hand, ``e / e.sum(axis, keepdims=True)`` with
+    ``e = np.exp(...)`` (the max subtracted before it or not)."""
+    d = g.nodes[node]
+    if d["op"] == "softmax":
+        return args_of(g, node)[0][0]
+    if d["op"] != "elementwise" or d["attrs"].get("fn") != "div" or "const" in d["attrs"]:
+        return None
+    numerator, denominator = arg_nodes(g, node)
+    total = g.nodes[denominator]
+    if total["op"] != "reduce" or total["attrs"].get("fn") != "sum" or len(total["attrs"]["axis"]) != 1:
+        return None
+    (summed,) = arg_nodes(g, denominator)
+    exps = [numerator, summed]
+    if not all(g.nodes[e]["op"] == "elementwise" and g.nodes[e]["attrs"].get("fn") == "exp" for e in exps):
+        return None
+    logits = {arg_nodes(g, e)[0] for e in exps}
+    return logits.pop() if len(logits) == 1 else None
+
+
+def _is_sum(g: nx.MultiDiGraph, node: str) -> bool:
+    """``a + b`` of two tensors, as a residual connection written ``x + f(x)``."""
+    d = g.nodes[node]
+    return d["op"] == "add" or (d["op"] == "elementwise" and d["attrs"].get("fn") == "add"
+                                and "const" not in d["attrs"])

@@ -258,7 +258,7 @@ def _flow(g):
         for site in rec["sites"]:
             if site.get("problem"):
                 continue
-            applied = applied_masks(g, flows, site["softmax"])
+            applied = applied_masks(g, flows, site["logits"])
             if applied != declared:
                 missing, extra = sorted(declared - applied), sorted(applied - declared)
                 parts = ([f"declared but not applied: {', '.join(missing)}"] if missing else []) + (

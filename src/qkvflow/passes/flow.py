@@ -236,6 +236,8 @@ def _elementwise(g, node, ins, flows):
     if fn == "sub" and other.values is not None and other is fs[1]:
         bias = other.values[0] == 0 and other.values[1] >= -_LARGE_NEGATIVE
         return Flow(deps, data.minf | (other.mask if bias else EMPTY))
+    if fn == "sub" and other is fs[1] and not other.minf:
+        return Flow(deps, data.minf)  # s - max(s): -inf minus a finite number stays -inf
     if fn == "mul":
         # Multiplying by a keep mask zeroes entries (valid before a sum, not a softmax).
         return Flow(deps, zeros=data.zeros | (other.mask if _is_keep(other) else other.zeros))
@@ -482,11 +484,11 @@ def analyse(g: nx.MultiDiGraph) -> dict[str, Flow]:
     return flows
 
 
-def applied_masks(g: nx.MultiDiGraph, flows: dict, softmax: str) -> set:
-    """The masks that really reach a softmax: causal, src_padding, tgt_padding."""
-    (scores,) = arg_nodes(g, softmax)
+def applied_masks(g: nx.MultiDiGraph, flows: dict, logits: str) -> set:
+    """The masks that really reach a softmax, given the node it normalises
+    (its ``logits``): ``causal`` and ``<dim>_padding``."""
     labels = set()
-    for c in flows[scores].minf:
+    for c in flows[logits].minf:
         labels.add("causal" if c[0] == "causal" else f"{c[2]}_padding")
     return labels
 

@@ -9,7 +9,10 @@ the weights' edge into the weighted sum ``probs``), and writes one *site*
 per softmax into the block's record, under ``sites``:
 
 ``softmax``, ``scores``, ``attend``
-    the three nodes of the pattern;
+    the three nodes of the pattern (the softmax is ``nn.softmax`` or one
+    written by hand, ``e / e.sum(-1, keepdims=True)`` with ``e = np.exp(...)``);
+``logits``
+    the node the softmax normalises (where masks must have set -inf);
 ``origins``
     role -> the first node outside the block on the way back;
 ``entries``
@@ -34,6 +37,7 @@ import collections
 import networkx as nx
 
 from ..ir.dims import dim_table
+from ..ir.graph import softmax_logits
 from ..ir.ops import Group, in_group
 
 __all__ = ["annotate", "ensure"]
@@ -48,7 +52,7 @@ def annotate(g: nx.MultiDiGraph) -> nx.MultiDiGraph:
     for path, record in g.graph["attention"].items():
         inside = members.get(path, [])
         inside_set = set(inside)
-        record["sites"] = [_site(g, sm, inside_set) for sm in inside if g.nodes[sm]["op"] == "softmax"]
+        record["sites"] = [_site(g, sm, inside_set) for sm in inside if softmax_logits(g, sm)]
     return g
 
 
@@ -71,8 +75,8 @@ def _site(g, sm: str, inside: set) -> dict:
         return {"softmax": sm, "problem": "no scores product before the softmax or no weighted sum after it"}
     origins, entries, paths = _trace_qkv(g, scores, sm, attend, inside)
     masks = sorted({_mask_label(g, n) for n in _masks_beside(g, sm, scores, inside)})
-    return {"softmax": sm, "scores": scores, "attend": attend, "origins": origins,
-            "entries": entries, "paths": paths, "masks": masks}
+    return {"softmax": sm, "logits": softmax_logits(g, sm), "scores": scores, "attend": attend,
+            "origins": origins, "entries": entries, "paths": paths, "masks": masks}
 
 
 def _trace_qkv(g, scores: str, sm: str, attend: str, inside: set) -> tuple[dict, dict]:
