@@ -86,7 +86,8 @@ def _op(name: str, doc: str, groups: tuple, shape: Callable, style: str, choices
 
 
 _ELEMENTWISE_FNS = ("add", "sub", "mul", "div", "pow", "maximum", "minimum", "eq", "ne", "lt", "le", "gt",
-                    "ge", "and", "or", "neg", "not", "exp", "log", "sqrt", "tanh", "abs", "square")
+                    "ge", "and", "or", "neg", "not", "exp", "log", "sqrt", "tanh", "abs", "square",
+                    "astype_float", "astype_bool", "astype_int")
 
 
 _S, _P, _E, _M = Group.SOURCE, Group.PARAMETRISED, Group.ELEMENTWISE, Group.MOVEMENT
@@ -146,6 +147,8 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
         (_M,), shapes.gather, "projection"),
     _op("split_part", "part attrs.index of attrs.parts equal parts along attrs.axis (np.split)",
         (_M,), shapes.split_part, "numpy"),
+    _op("repeat", "each entry attrs.repeats times along attrs.axis (np.repeat: K/V heads of "
+        "grouped-query attention)", (_M,), shapes.repeat, "numpy"),
 )}
 
 

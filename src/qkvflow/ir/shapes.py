@@ -394,7 +394,7 @@ def where(ins, attrs, params, dims):
     return Meta(shape, key, dtype if len(ins) > 1 else "float")
 
 
-_COMPARE = {"eq", "ne", "lt", "le", "gt", "ge", "and", "or", "not"}
+_COMPARE = {"eq", "ne", "lt", "le", "gt", "ge", "and", "or", "not", "astype_bool"}
 
 
 def elementwise(ins, attrs, params, dims):
@@ -403,7 +403,7 @@ def elementwise(ins, attrs, params, dims):
         list(ins), dims, code="QKV205" if masky and len(ins) > 1 else "QKV201",
         what=f"{attrs['fn']} operands",
     )
-    dtype = "bool" if attrs["fn"] in _COMPARE else "float"
+    dtype = "bool" if attrs["fn"] in _COMPARE else "int" if attrs["fn"] == "astype_int" else "float"
     return Meta(shape, key, dtype)
 
 
@@ -439,7 +439,7 @@ def concat(ins, attrs, params, dims):
     parts = [m.shape[axis] for m in ins]
     if len(set(parts)) == 1:
         count = attrs.get("count_name") or str(len(parts))
-        joined = parts[0] if len(parts) == 1 else f"{count}*{parts[0]}"
+        joined = parts[0] if len(parts) == 1 else count if parts[0] == "1" else f"{count}*{parts[0]}"
     else:
         joined = "+".join(parts)
     shape = ins[0].shape[:axis] + (joined,) + ins[0].shape[axis + 1:]
@@ -484,4 +484,16 @@ def split_part(ins, attrs, params, dims):
                          f"{axis - len(x.shape)} of {describe_shape(x.shape, dims)}: name the dim "
                          f"{parts}*<part> (e.g. 3*d_model for a fused Q|K|V) so each part has a name", out)
     return out
+
+
+def repeat(ins, attrs, params, dims):
+    """Each entry ``repeats`` times along ``axis``: ``kv_heads`` (2) x 3 -> the one dim of
+    size 6 (``heads``), else ``3*kv_heads``."""
+    (x,) = ins
+    axis, r = attrs["axis"], attrs["repeats"]
+    name = x.shape[axis]
+    size = size_of(name, dims)
+    fits = [d for d, s in dims.items() if size is not None and s == size * r] if size is not None else []
+    grown = fits[0] if len(fits) == 1 else f"{r}*{name}" if r > 1 else name
+    return Meta(x.shape[:axis] + (grown,) + x.shape[axis + 1:], x.key_axis, x.dtype)
 

@@ -146,6 +146,10 @@ def _mask_values(fn: str, a: Flow, const, const_first: bool):
     """The (allowed, ruled out) values of ``fn`` applied to a mask and a constant."""
     if fn == "not":
         return tuple(float(not v) for v in a.values)
+    if fn in ("astype_float", "astype_int"):
+        return a.values
+    if fn == "astype_bool":
+        return tuple(float(bool(v)) for v in a.values)
     if fn == "neg":
         return tuple(-v for v in a.values)
     op = _ARITHMETIC.get(fn)
@@ -229,6 +233,8 @@ def _elementwise(g, node, ins, flows):
             return Flow(deps, a.minf)  # -inf survives a shift; 0 does not
         if fn == "exp":
             return Flow(deps, zeros=a.minf)  # exp(-inf) is exactly 0
+        if fn == "astype_float":
+            return Flow(deps, a.minf, a.zeros)
         return Flow(deps)
     data, other = (fs[1], fs[0]) if fs[0].values is not None else (fs[0], fs[1])
     if fn == "add":
@@ -452,6 +458,15 @@ def _split_part(g, node, ins, flows):
     axis = g.nodes[node]["attrs"]["axis"] % rank
     split_seq = _seq_of(g, g.nodes[ins[0]]["shape"][axis]) is not None
     return _remap(flows[0], {a: a for a in range(rank) if not (split_seq and a == axis)})
+
+
+@implement("transfer", "repeat")
+def _repeat(g, node, ins, flows):
+    """Entries copied along an axis: its facts stay unless it is a sequence axis."""
+    rank = len(g.nodes[node]["shape"])
+    axis = g.nodes[node]["attrs"]["axis"]
+    along_seq = _seq_of(g, g.nodes[ins[0]]["shape"][axis]) is not None
+    return _remap(flows[0], {a: a for a in range(rank) if not (along_seq and a == axis)})
 
 
 @implement("transfer", "embed")

@@ -169,6 +169,8 @@ _ELEMENTWISE = {
     "gt": np.greater, "ge": np.greater_equal, "and": np.logical_and, "or": np.logical_or,
     "neg": np.negative, "not": np.logical_not, "exp": np.exp, "log": np.log,
     "sqrt": np.sqrt, "tanh": np.tanh, "abs": np.abs, "square": np.square,
+    "astype_float": lambda x: np.asarray(x, dtype=np.float64) if np.asarray(x).dtype.kind != "f" else x,
+    "astype_bool": lambda x: np.asarray(x).astype(bool), "astype_int": lambda x: np.asarray(x).astype(np.int64),
 }
 _REDUCE = {"sum": np.sum, "mean": np.mean, "max": np.max, "min": np.min}
 
@@ -244,5 +246,6 @@ _kernel("elementwise", None, lambda k, i, a, p, s: elementwise(
     a["fn"], *i, const=a.get("const"), const_first=a.get("const_first", False)))
 _kernel("concat", None, lambda k, i, a, p, s: _concat(i, a, p))
 _kernel("param", None, lambda k, i, a, p, s: p[""])
+_kernel("repeat", None, lambda k, i, a, p, s: np.repeat(i[0], a["repeats"], axis=a["axis"]))
 _kernel("gather", None, lambda k, i, a, p, s: i[0][i[1]])
 _kernel("split_part", None, lambda k, i, a, p, s: np.split(i[0], a["parts"], axis=a["axis"])[a["index"]])

@@ -21,7 +21,8 @@ from .context import Eager, current
 
 __all__ = [
     "Sym", "apply", "reshape", "transpose", "swapaxes", "matmul", "einsum", "where", "reduce",
-    "elementwise", "concat", "index", "split", "param", "numpy_ufunc", "numpy_function",
+    "elementwise", "concat", "index", "split", "param", "expand_dims", "squeeze", "stack", "var",
+    "astype", "repeat", "numpy_ufunc", "numpy_function",
 ]
 
 
@@ -131,6 +132,18 @@ class Sym:
     def min(self, axis=None, keepdims=False):
         return reduce("min", self, axis, keepdims)
 
+    def var(self, axis=None, keepdims=False, ddof=0):
+        return var(self, axis, keepdims, ddof)
+
+    def astype(self, dtype, copy=True):
+        return astype(self, dtype)
+
+    def squeeze(self, axis=None):
+        return squeeze(self, axis)
+
+    def repeat(self, repeats, axis=None):
+        return repeat(self, repeats, axis)
+
     def __getitem__(self, idx):
         return index(self, idx)
 
@@ -229,6 +242,8 @@ def _resolve_reshape(x: Sym, shape: tuple) -> tuple:
         elif isinstance(d, numbers.Integral) and int(d) == -1 and unknown is None:
             unknown = i
             names.append(None)
+        elif isinstance(d, numbers.Integral) and int(d) > 1:
+            names.append(_dim_of_size(x, int(d), shape))  # d_model // heads, or a literal 64
         else:
             raise TraceError(
                 f"reshape of {x.node} to {shape!r}: give dims by name (from .shape or "
@@ -237,6 +252,16 @@ def _resolve_reshape(x: Sym, shape: tuple) -> tuple:
     if unknown is not None:
         names[unknown] = _infer_minus_one(x, names)
     return tuple(names)
+
+
+def _dim_of_size(x: Sym, size: int, shape: tuple) -> str:
+    """The model dim a bare size in a reshape stands for: the one dim of that size."""
+    fits = [name for name, s in x.tracer.dims.items() if s == size]
+    if len(fits) == 1:
+        return fits[0]
+    which = f"dims {', '.join(fits)} all have size {size}" if fits else f"no dim has size {size}"
+    raise TraceError(f"reshape of {x.node} to {shape!r}: the bare size {size} names no one dim ({which}); "
+                     "give it by name (from .shape or qkvflow.dim)")
 
 
 def _infer_minus_one(x: Sym, names: list) -> str:
@@ -459,6 +484,73 @@ def split(x, parts, axis: int = 0) -> list:
             for i in range(int(parts))]
 
 
+def expand_dims(x, axis: int):
+    """``np.expand_dims``: a new axis of size 1."""
+    if not isinstance(x, Sym):
+        return np.expand_dims(x, axis)
+    axes = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
+    rank = x.ndim + len(axes)
+    new = {int(a) % rank for a in axes}
+    rest = iter(x.names)
+    names = tuple("1" if a in new else next(rest) for a in range(rank))
+    return apply("reshape", [x], attrs={"shape": names})
+
+
+def squeeze(x, axis=None):
+    """``np.squeeze``: drop axes of size 1 (all of them, or ``axis``)."""
+    if not isinstance(x, Sym):
+        return np.squeeze(x, axis=axis)
+    axes = range(x.ndim) if axis is None else [a % x.ndim for a in ((axis,) if isinstance(axis, int) else axis)]
+    wrong = [a for a in axes if x.names[a] != "1"]
+    if axis is not None and wrong:
+        raise TraceError(f"squeeze of {x.node} {x.names} along axis {wrong[0]}: it is "
+                         f"{x.names[wrong[0]]}, not an axis of size 1")
+    names = tuple(n for a, n in enumerate(x.names) if not (a in axes and n == "1"))
+    return apply("reshape", [x], attrs={"shape": names})
+
+
+def stack(parts, axis: int = 0):
+    """``np.stack``: a new axis of one entry per part (named by a model dim of that count)."""
+    if not any(isinstance(p, Sym) for p in parts):
+        return np.stack(parts, axis=axis)
+    syms = [_need_sym(p, "stack") for p in parts]
+    axis = int(axis) % (syms[0].ndim + 1)
+    return concat([expand_dims(s, axis) for s in syms], axis=axis)
+
+
+def var(x, axis=None, keepdims: bool = False, ddof: int = 0):
+    """``np.var`` (ddof 0): the mean squared distance from the mean."""
+    if not isinstance(x, Sym):
+        return np.var(x, axis=axis, keepdims=keepdims, ddof=ddof)
+    if ddof:
+        raise TraceError(f"var of {x.node} with ddof={ddof}: only ddof=0 traces")
+    centred = x - reduce("mean", x, axis, True)
+    return reduce("mean", centred * centred, axis, keepdims)
+
+
+_CASTS = {"float": "astype_float", "bool": "astype_bool", "int": "astype_int"}
+
+
+def astype(x, dtype):
+    """``x.astype(dtype)``: to float (any width: the run's dtype decides), bool or int."""
+    kind = np.dtype(dtype).kind
+    fn = {"f": "astype_float", "b": "astype_bool", "i": "astype_int", "u": "astype_int"}.get(kind)
+    if fn is None:
+        raise TraceError(f"{x.node}.astype({dtype!r}): only float, bool and int dtypes trace")
+    return apply("elementwise", [x], attrs={"fn": fn})
+
+
+def repeat(x, repeats, axis: int):
+    """``np.repeat(x, r, axis)``: each entry ``r`` times (grouped-query attention repeats
+    ``kv_heads`` K/V heads ``heads // kv_heads`` times)."""
+    if not isinstance(x, Sym):
+        return np.repeat(x, repeats, axis=axis)
+    if axis is None or not isinstance(repeats, numbers.Integral):
+        raise TraceError(f"np.repeat of {x.node}: give one repeat count and an axis")
+    axis = int(axis) % x.ndim
+    return apply("repeat", [x], attrs={"axis": axis, "repeats": int(repeats)})
+
+
 def param(name: str, dims, init: str | None = None):
     """A parameter as an array: ``W = qf.param("c_attn.weight", ("d_model", "3*d_model"))``.
 
@@ -499,6 +591,7 @@ def param(name: str, dims, init: str | None = None):
 
 _FUNCTIONS = {
     "einsum": einsum, "matmul": matmul, "where": where, "concatenate": concat, "split": split,
+    "expand_dims": expand_dims, "squeeze": squeeze, "stack": stack, "var": var, "repeat": repeat,
     "transpose": transpose, "swapaxes": swapaxes, "reshape": reshape,
     "sum": _np_sum, "mean": _np_mean, "max": _np_max, "amax": _np_max, "min": _np_min, "amin": _np_min,
 }

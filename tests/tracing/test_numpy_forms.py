@@ -1,0 +1,159 @@
+"""NumPy forms people write, traced: each runs like NumPy, and a mistake in it is found.
+
+np.repeat (grouped-query attention), np.stack, np.expand_dims / np.squeeze,
+.var, .astype, and bare sizes in reshape (``D // H``). Each correct model
+checks clean and its graph runs equal to its eager run; each planted
+mistake is found.
+"""
+
+import numpy as np
+import pytest
+from jaxtyping import Bool, Float
+
+import qkvflow as qf
+from qkvflow import nn
+from qkvflow.ir.errors import TraceError
+
+# heads 4 share kv_heads 2 K/V heads; every dim a different size.
+DIMS = {"batch": None, "seq": None, "d_model": 12, "heads": 4, "kv_heads": 2, "d_head": 3, "d_ff": 19,
+        "vocab": 29}
+
+
+def layer_norm(x):
+    return (x - x.mean(axis=-1, keepdims=True)) / np.sqrt(x.var(axis=-1, keepdims=True) + 1e-5)
+
+
+def layer_norm_over_positions(x):
+    return (x - x.mean(axis=-1, keepdims=True)) / np.sqrt(x.var(axis=1, keepdims=True) + 1e-5)  # BUG
+
+
+def grouped_query(repeat_axis: int = 1, bias_sign: float = 1.0):
+    """Masked self-attention with 4 query heads over 2 repeated K/V heads."""
+
+    @qf.attention("decoder_self", q="lm", k="lm", v="lm", mask="causal")
+    def grouped_query_attention(
+        x: Float[np.ndarray, "batch seq d_model"],
+        causal: Bool[np.ndarray, "seq seq"],
+    ) -> Float[np.ndarray, "batch seq d_model"]:
+        """Q from the lm stream in heads; K, V in kv_heads, each repeated heads // kv_heads times."""
+        B, T, D = x.shape
+        H, KV = qf.dim("heads"), qf.dim("kv_heads")
+        Dh = D // H                                                          # a bare 3: d_head
+        q = nn.linear(x, "heads*d_head", name="q_proj").reshape(B, T, H, Dh).transpose(0, 2, 1, 3)
+        k = nn.linear(x, "kv_heads*d_head", name="k_proj").reshape(B, T, KV, Dh).transpose(0, 2, 1, 3)
+        v = nn.linear(x, "kv_heads*d_head", name="v_proj").reshape(B, T, KV, Dh).transpose(0, 2, 1, 3)
+        k = np.repeat(k, H // KV, axis=repeat_axis)                          # (B, heads, T, Dh)
+        v = np.repeat(v, H // KV, axis=1)
+        keep = np.expand_dims(causal, (0, 1)).astype(np.float32)             # (1, 1, T, T): 1 keep, 0 not
+        s = q @ k.swapaxes(-1, -2) / np.sqrt(Dh) + bias_sign * (1.0 - keep) * -1e9
+        o = nn.softmax(s, axis=-1) @ v                                       # (B, heads, T, Dh)
+        return nn.linear(o.transpose(0, 2, 1, 3).reshape(B, T, H * Dh), "d_model", name="o_proj")
+
+    return grouped_query_attention
+
+
+def stacked_heads(stack_axis: int = 1):
+    """Masked self-attention as a loop over heads, joined with np.stack."""
+
+    @qf.attention("decoder_self", q="lm", k="lm", v="lm", mask="causal")
+    def stacked_head_attention(
+        x: Float[np.ndarray, "batch seq d_model"],
+        causal: Bool[np.ndarray, "seq seq"],
+    ) -> Float[np.ndarray, "batch seq d_model"]:
+        """Q, K, V from the lm stream, one projection per head; heads stacked on axis 1."""
+        B, T, _ = x.shape
+        outputs = []
+        for h in range(qf.dim("heads")):
+            q, k, v = (nn.linear(x, "d_head", name=f"head{h}.{r}_proj") for r in "qkv")  # (B, T, Dh)
+            s = np.where(causal, q @ k.swapaxes(-1, -2) / np.sqrt(qf.dim("d_head")), -np.inf)
+            outputs.append(nn.softmax(s, axis=-1) @ v)
+        o = np.stack(outputs, axis=stack_axis)                               # (B, heads, T, Dh)
+        return nn.linear(o.transpose(0, 2, 1, 3).reshape(B, T, -1), "d_model", name="o_proj")
+
+    return stacked_head_attention
+
+
+def lm(block, norm=layer_norm, layers: int = 2) -> qf.Model:
+    def run():
+        ids = nn.input("ids", ("batch", "seq"))
+        wte = qf.param("wte", ("vocab", "d_model"))
+        causal = nn.causal_mask(ids, name="causal")
+        with qf.scope("lm", stream="lm"):
+            x = wte[ids]                                                     # (B, T, d_model)
+            for i in range(layers):
+                with qf.scope(f"layers.{i}", layer=i):
+                    x = x + block(norm(x), causal)
+                    x = x + nn.linear(nn.activation(nn.linear(norm(x), "d_ff", name="up"), "silu"),
+                                      "d_model", name="down")
+            return {"logits": norm(x) @ wte.T}
+
+    return qf.Model(f"lm-{block.__name__}", DIMS, run, sequences={"seq": "causal"}, streams=("lm",))
+
+
+CORRECT = {
+    "grouped_query": lambda: lm(grouped_query()),
+    "stacked_heads": lambda: lm(stacked_heads()),
+}
+
+
+@pytest.mark.parametrize("name", CORRECT)
+def test_correct_forms_check_clean_and_run_like_numpy(name):
+    model = CORRECT[name]()
+    g = qf.trace(model)
+    assert qf.check(g, strict=True) == []
+    params = qf.init_params(g, seed=5)
+    ids = np.random.default_rng(1).integers(0, 29, (3, 6))
+    logits = qf.forward(g, params, ids=ids)["logits"]
+    assert logits.shape == (3, 6, 29)
+    assert np.abs(qf.eager(model, params, {"ids": ids})["logits"] - logits).max() <= 1e-12
+    later = ids.copy()
+    later[:, 5] = (ids[:, 5] + 1) % 29
+    np.testing.assert_allclose(qf.forward(g, params, ids=later)["logits"][:, :5], logits[:, :5], atol=1e-12)
+
+
+def test_the_forms_have_their_names():
+    g = qf.trace(lm(grouped_query()))
+    block = "lm.layers.0.self_attn"
+    repeated = [n for n in g if n.startswith(block) and g.nodes[n]["op"] == "repeat"]
+    assert [g.nodes[n]["shape"] for n in repeated] == [("batch", "heads", "seq", "d_head")] * 2
+    assert g.nodes[f"{block}.reshape"]["shape"] == ("batch", "seq", "heads", "d_head")  # D // H named d_head
+    g = qf.trace(lm(stacked_heads()))
+    (stacked,) = [n for n in g if n.startswith(block) and g.nodes[n]["op"] == "concat"]
+    assert g.nodes[stacked]["shape"] == ("batch", "heads", "seq", "d_head")
+
+
+@pytest.mark.parametrize("model, code, node", [
+    (lambda: lm(grouped_query(repeat_axis=2)), "QKV201", "lm.layers.0.self_attn.matmul"),
+    (lambda: lm(grouped_query(bias_sign=-1.0)), "QKV306", "lm.layers.0.self_attn.softmax"),
+    (lambda: lm(stacked_heads(stack_axis=2)), "QKV203", "lm.layers.0.self_attn.reshape_4"),
+    (lambda: lm(grouped_query(), norm=layer_norm_over_positions), "QKV401", "lm.layers.0.reduce_1"),
+], ids=["repeat-over-positions", "mask-inverted", "stack-on-the-wrong-axis", "var-over-positions"])
+def test_a_mistake_in_each_form_is_found(model, code, node):
+    found = qf.check(qf.trace(model()))
+    assert (code, node) in {(d.code, d.node) for d in found}, [d.text() for d in found]
+
+
+def _refused(body):
+    def run():
+        x = nn.input("x", ("batch", "seq", "d_model"), dtype="float")
+        return {"y": body(x)}
+    return qf.trace(qf.Model("refused", DIMS, run))
+
+
+@pytest.mark.parametrize("body, message", [
+    (lambda x: np.squeeze(x, axis=1), "squeeze of x ('batch', 'seq', 'd_model') along axis 1: it is seq"),
+    (lambda x: x.reshape(qf.dim("heads"), -1, 6), "the bare size 6 names no one dim (no dim has size 6)"),
+    (lambda x: x.var(axis=-1, ddof=1), "only ddof=0 traces"),
+    (lambda x: x.astype(np.complex64), "only float, bool and int dtypes trace"),
+    (lambda x: np.repeat(x, [1, 2], axis=1), "give one repeat count and an axis"),
+])
+def test_what_is_not_traced_is_one_sentence(body, message):
+    with pytest.raises(TraceError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _refused(body)
+
+
+def test_squeeze_and_expand_dims_are_inverse():
+    g = _refused(lambda x: np.squeeze(np.expand_dims(x, (0, 2)), axis=(0, 2)) + x)
+    assert qf.check(g) == []
+    x = np.random.default_rng(0).normal(size=(2, 5, 12))
+    np.testing.assert_array_equal(qf.forward(g, {}, x=x)["y"], 2 * x)
