@@ -557,3 +557,10 @@ def test_demo_of_a_model_it_cannot_feed_writes_nothing(tmp_path):
     lm = f"{Path(__file__).parent / 'single_stream.py'}:decoder_only"
     assert_usage_error(shell("demo", "--model", lm, "--src", "1 2", "--out", tmp_path / "d"), "give --ids")
     assert not (tmp_path / "d").exists()
+
+
+def test_run_refuses_odd_ids_and_counts(tmp_path):
+    assert_usage_error(shell("run", "tiny", "--src", "5 ²", "--tgt", "1"), "'²' is not a token id")
+    for top in ("0", "-5"):
+        proc = shell("run", "tiny", "--src", "5", "--tgt", "1", "--top", top)
+        assert proc.returncode == 2 and "expected a positive integer" in proc.stderr and "Traceback" not in proc.stderr

@@ -162,3 +162,75 @@ def test_declarations_are_checked():
     found = qf.check(qf.trace(ss.decoder_only(misnamed)))
     assert {d.code for d in found} == {"QKV301"}
     assert "declares v='decoder', which is not a stream of the model (streams: lm; or 'memory')" in found[0].message
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"sequences": ["seq"]}, "sequences must map sequence dims to 'causal' or 'bidirectional', got list"),
+    ({"streams": "lm"}, "streams must be a tuple of stream names, got str"),
+    ({"streams": ("lm", "lm")}, "streams names a stream twice"),
+    ({"dims": {**ss.DIMS, "d_model": "22"}}, "dims must map dim names to integer sizes"),
+    ({"dims": {**ss.DIMS, "d_model": 22.0}}, "dims must map dim names to integer sizes"),
+    ({"config": [1]}, "config must be a dict, got list"),
+])
+def test_a_model_of_the_wrong_parts_is_one_sentence(kwargs, message):
+    base = ss.decoder_only()
+    args = {"dims": base.dims, **kwargs}
+    with pytest.raises(qf.QkvflowError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        qf.Model(base.name, args.pop("dims"), base.build, **args)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"sequences": {}}, "token input 'ids' runs over 'seq', which is not one of its sequence dims (none declared)"),
+    ({"sequences": {"seq": "causal", "tokens": "causal"}}, "declares the sequence dim 'tokens', which no tensor has"),
+    ({"sequences": {"seq": "causal"}, "streams": ("lm", "ghost")}, "declares the stream 'ghost', which no scope"),
+])
+def test_declarations_the_code_does_not_use_are_refused(kwargs, message):
+    base = ss.decoder_only(ss.unmasked_attention)
+    with pytest.raises(TraceError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        qf.trace(qf.Model(base.name, base.dims, base.build, **kwargs))
+
+
+@pytest.mark.parametrize("args, message", [
+    ((("batch seq"),), "shape must be a tuple of dim names"),
+    ((("batch", "toks"),), "'toks' is not a dim of the model"),
+    ((("batch", "seq"), "bogus"), "dtype 'bogus' is not one of int, float, bool"),
+    ((("batch", "seq"), "int", True), "pad_id must be a non-negative integer token id"),
+    ((("batch", "seq"), "int", -1), "pad_id must be a non-negative integer token id"),
+    ((("batch", "seq"), "int", "0"), "pad_id must be a non-negative integer token id"),
+])
+def test_a_malformed_input_is_one_sentence(args, message):
+    def run():
+        shape, *rest = args
+        ids = qf.nn.input("ids", shape, *rest[:1], **({"pad_id": rest[1]} if len(rest) > 1 else {}))
+        return {"y": qf.nn.embed(ids)}
+
+    with pytest.raises(TraceError, match=message):
+        qf.trace(qf.Model("m", ss.DIMS, run))
+
+
+def test_a_pad_id_outside_the_vocabulary_and_a_bad_eps_are_findings():
+    def run():
+        ids = qf.nn.input("ids", ("batch", "tokens"), pad_id=53)
+        with qf.scope("text", stream="text"):
+            return {"y": qf.nn.norm(qf.nn.embed(ids), eps=float("nan"), name="norm")}
+
+    found = qf.check(qf.trace(qf.Model("m", ss.DIMS, run)))
+    assert [(d.code, d.node, d.message) for d in found] == [
+        ("QKV103", "text.norm", "norm text.norm has eps = nan, expected a positive number"),
+        ("QKV104", "ids", "input ids declares pad_id 53, which is not a token id of its vocabulary 0..52")]
+
+
+def test_forward_refuses_what_is_not_a_run():
+    g = qf.trace(ss.decoder_only())
+    params = qf.init_params(g)
+    with pytest.raises(InputError, match="input ids is not an array of one shape"):
+        qf.forward(g, params, ids=[[5, 6], [7]])
+    with pytest.raises(qf.QkvflowError, match="dtype 'bogus' is not supported"):
+        qf.forward(g, params, ids=_ids(1, 3), dtype="bogus")
+    with pytest.raises(qf.QkvflowError, match="params must be a dict"):
+        qf.forward(g, None, ids=_ids(1, 3))
+    with pytest.raises(qf.QkvflowError, match="expected a traced graph"):
+        qf.forward(ss.decoder_only(), params, ids=_ids(1, 3))
+    for stage in (qf.check, qf.explain, lambda m: qf.render(m, fmt="mmd")):
+        with pytest.raises(qf.QkvflowError, match=r"expected a traced graph \(qkvflow.trace\(model\)\), got Model"):
+            stage(ss.decoder_only())

@@ -95,7 +95,7 @@ def _ids(text: str, what: str, vocab: dict | None):
     for tok in tokens:
         if vocab is not None and tok in vocab:
             ids.append(vocab[tok])
-        elif tok.isdigit() and len(tok) <= 18:
+        elif tok.isdecimal() and tok.isascii() and len(tok) <= 18:
             ids.append(int(tok))
         else:
             raise InputError(f"{what}: {tok!r} is not a token id (expected non-negative integers like \"5 6 7\")")
@@ -224,6 +224,12 @@ def cmd_demo(args) -> int:
     return 1 if any(d.severity == "error" for d in found) else 0
 
 
+def _positive(text: str) -> int:
+    if not (text.isdecimal() and text.isascii() and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def _seed(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"seed must be a non-negative integer, got {text!r}")
@@ -275,7 +281,7 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--params", help=".safetensors or .npz (default: seeded random)")
         q.add_argument("--seed", type=_seed, default=0)
         q.add_argument("--dtype", choices=("float64", "float32"), default="float64")
-        q.add_argument("--top", type=int, default=3)
+        q.add_argument("--top", type=_positive, default=3, help="how many ids to show per position")
 
     u = sub.add_parser("run", help="run the NumPy reference model on token ids")
     u.add_argument("model")

@@ -42,6 +42,7 @@ __all__ = [
     "pad_ids",
     "param_path",
     "softmax_logits",
+    "vocabulary_of",
 ]
 
 ROLES = ("x", "q", "k", "v", "mask", "residual", "probs", "ids", "memory")
@@ -225,6 +226,20 @@ def param_path(node: str, name: str) -> str:
     """The path of parameter ``name`` of ``node``: ``<node>.<name>``, or the node's
     own path for a parameter node (``qkvflow.param``), whose one parameter is named ""."""
     return f"{node}.{name}" if name else node
+
+
+def vocabulary_of(g: nx.MultiDiGraph, node: str) -> int | None:
+    """How many token ids input ``node`` may hold: the rows of the embeddings it feeds."""
+    from .dims import size_of
+    rows = []
+    for succ in g.successors(node):
+        d = g.nodes[succ]
+        if d["op"] == "embed":
+            vocab = (d["params"].get("weight") or d["attrs"].get("tied_shape") or (None,))[0]
+            rows.append(size_of(vocab, g.graph["dims"]) if vocab else None)
+        elif d["op"] == "gather" and arg_nodes(g, succ)[1:] == [node]:  # table[ids]
+            rows.append(size_of(g.nodes[arg_nodes(g, succ)[0]]["shape"][0], g.graph["dims"]))
+    return min((r for r in rows if r), default=None)
 
 
 def pad_ids(g: nx.MultiDiGraph) -> dict:

@@ -6,10 +6,11 @@ a graph that is not well formed gets no semantic passes.
 """
 
 import dataclasses
+import math
 
 import networkx as nx
 
-from ..ir.graph import ATTENTION_KINDS, arg_nodes, describe_origin, lint
+from ..ir.graph import ATTENTION_KINDS, arg_nodes, describe_origin, lint, vocabulary_of
 from ..ir.ops import OPS
 from .diagnostics import Diagnostic, diag
 from .provenance import ensure
@@ -66,7 +67,7 @@ def _config(g):
     if kv and heads and heads % kv:
         yield diag(g, "QKV102", "config", f"heads = {heads} is not divisible by kv_heads = {kv}", source=where)
     eps = cfg.get("norm_eps")
-    if eps is not None and eps <= 0:
+    if eps is not None and not (math.isfinite(eps) and eps > 0):
         yield diag(g, "QKV103", "config", f"norm_eps = {eps}, expected a positive number", source=where)
     vocab = dims.get("vocab")
     for key in ("pad_id", "bos_id", "eos_id"):
@@ -74,7 +75,17 @@ def _config(g):
         if value is not None and vocab and vocab > 0 and not 0 <= value < vocab:
             yield diag(g, "QKV104", "config",
                         f"{key} = {value} is not a token id of the vocabulary 0..{vocab - 1}", source=where)
+    for node in g.graph.get("inputs", []):
+        attrs, vocab = g.nodes[node]["attrs"], vocabulary_of(g, node)
+        if attrs.get("pad_id") is not None and vocab and not 0 <= attrs["pad_id"] < vocab:
+            yield diag(g, "QKV104", node, f"input {attrs['name']} declares pad_id {attrs['pad_id']}, which "
+                       f"is not a token id of its vocabulary 0..{vocab - 1}")
+    said = {repr(cfg.get("norm_eps"))}  # one finding per bad eps value, not one per norm
     for node, d in g.nodes(data=True):
+        eps = d["attrs"].get("eps") if d["op"] == "norm" else None
+        if eps is not None and not (math.isfinite(eps) and eps > 0) and repr(eps) not in said:
+            said.add(repr(eps))
+            yield diag(g, "QKV103", node, f"norm {node} has eps = {eps}, expected a positive number")
         for attr, accepted in OPS[d["op"]].choices.items():
             if attr in d["attrs"] and d["attrs"][attr] not in accepted:
                 yield diag(g, "QKV104", node, f"{d['op']} {node} has {attr} = {d['attrs'][attr]!r}, which "

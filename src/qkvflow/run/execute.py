@@ -17,8 +17,8 @@ import networkx as nx
 import numpy as np
 
 from ..ir.dims import describe_shape, size_of
-from ..ir.errors import ExecutionError, InputError, ParamError
-from ..ir.graph import arg_nodes, check_well_formed, param_path
+from ..ir.errors import ExecutionError, GraphError, InputError, ParamError
+from ..ir.graph import arg_nodes, check_well_formed, param_path, vocabulary_of
 from ..ir.ops import spec
 from .params import param_specs, validate_params
 
@@ -67,8 +67,12 @@ class Executor:
     """
 
     def __init__(self, graph: nx.MultiDiGraph, params: dict, *, dtype="float64", check: bool = True):
-        if np.dtype(dtype) not in (np.dtype("float64"), np.dtype("float32")):
+        if not isinstance(graph, nx.MultiDiGraph):
+            raise GraphError(f"expected a traced graph (qkvflow.trace(model)), got {type(graph).__name__}")
+        if str(dtype) not in ("float64", "float32") and dtype not in (np.float64, np.float32):
             raise ParamError(f"dtype {dtype!r} is not supported; use float64 or float32")
+        if not isinstance(params, dict):
+            raise ParamError(f"params must be a dict of parameter path -> array, got {type(params).__name__}")
         self.graph = graph
         self.plan = _plan(graph)
         validate_params(graph, params)
@@ -90,13 +94,16 @@ class Executor:
             name, names = attrs["name"], attrs["shape"]
             if name not in feeds:
                 raise InputError(f"input {name} {describe_shape(names, sizes)} was not given")
-            arr = np.asarray(feeds[name])
+            try:
+                arr = np.asarray(feeds[name])
+            except (ValueError, TypeError) as err:
+                raise InputError(f"input {name} is not an array of one shape: {err}") from None
             if arr.ndim != len(names):
                 raise InputError(f"input {name} has {arr.ndim} axes, expected {describe_shape(names, sizes)}")
             if attrs.get("dtype") == "int":
                 if arr.dtype.kind not in "iu":
                     raise InputError(f"input {name} must hold integer token ids, got dtype {arr.dtype}")
-                vocab = _vocabulary(g, node)
+                vocab = vocabulary_of(g, node)
                 if arr.size and vocab and (arr.min() < 0 or arr.max() >= vocab):
                     bad = int(arr.max() if arr.max() >= vocab else arr.min())
                     raise InputError(f"input {name} has token id {bad}, expected ids in 0..{vocab - 1}")
@@ -150,6 +157,8 @@ class Executor:
                 self._check_shape(node, names, out, sizes, source)
             values[node] = out
         result = {self.graph.nodes[o]["attrs"]["name"]: values[o] for o in self.graph.graph["outputs"]}
+        if capture and "activations" in result:
+            raise InputError("the model has an output named 'activations'; run it without capture=True")
         if capture:
             result["activations"] = values
         return result
@@ -167,20 +176,6 @@ class Executor:
                 f"node {node} ({source}) produced shape {out.shape}, expected "
                 f"{describe_shape(names, sizes)}: axis {axis} ({dim}) should be {want}"
             )
-
-
-def _vocabulary(g: nx.MultiDiGraph, node: str) -> int | None:
-    """How many token ids an input may hold: the rows of the embeddings it feeds."""
-    rows = []
-    for succ in g.successors(node):
-        d = g.nodes[succ]
-        if d["op"] == "embed":
-            vocab = (d["params"].get("weight") or d["attrs"].get("tied_shape") or (None,))[0]
-            rows.append(size_of(vocab, g.graph["dims"]) if vocab else None)
-        elif d["op"] == "gather":  # table[ids]
-            table = arg_nodes(g, succ)[0]
-            rows.append(size_of(g.nodes[table]["shape"][0], g.graph["dims"]))
-    return min((r for r in rows if r), default=None)
 
 
 def _bind(names: tuple, shape: tuple, sizes: dict) -> tuple | None:
@@ -203,7 +198,9 @@ def forward(graph: nx.MultiDiGraph, params: dict, *inputs, dtype="float64",
     encoder–decoder: ``src_ids, tgt_ids``) or by name (a decoder-only model
     with an input ``ids``: ``forward(g, params, ids=...)``). Returns the
     outputs by name, e.g. ``{"logits": (batch, tgt, vocab) array}`` (plus
-    ``"activations"`` by node path with ``capture=True``).
+    ``"activations"`` by node path with ``capture=True``). An input named
+    like one of forward's own keywords (``dtype``, ``check``, ``capture``)
+    is given by position.
 
     Examples
     --------
@@ -213,6 +210,8 @@ def forward(graph: nx.MultiDiGraph, params: dict, *inputs, dtype="float64",
     >>> out["logits"].shape
     (1, 2, 41)
     """
+    if not isinstance(graph, nx.MultiDiGraph):
+        raise GraphError(f"forward: expected a traced graph (qkvflow.trace(model)), got {type(graph).__name__}")
     names = [graph.nodes[n]["attrs"]["name"] for n in graph.graph["inputs"]]
     if len(inputs) > len(names):
         raise InputError(f"forward got {len(inputs)} positional inputs; the model takes "

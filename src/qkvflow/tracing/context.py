@@ -13,7 +13,7 @@ import os
 import sys
 
 from ..ir.dims import DataDim, Dim
-from ..ir.errors import TraceError
+from ..ir.errors import ModelLoadError, TraceError
 
 __all__ = ["Context", "Eager", "current", "scope", "dim", "eager", "Model"]
 
@@ -47,6 +47,7 @@ class Model:
 
     def __init__(self, name: str, dims: dict, build, config: dict | None = None, *,
                  sequences: dict | None = None, streams=None) -> None:
+        _check_model(name, dims, build, config, sequences, streams)
         self.name = name
         self.dims = dict(dims)
         self.build = build
@@ -56,6 +57,31 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model({self.name!r})"
+
+
+def _check_model(name, dims, build, config, sequences, streams) -> None:
+    """One sentence for a Model whose parts are not of the kinds it needs."""
+    def bad(what: str, got) -> ModelLoadError:
+        return ModelLoadError(f"model {name!r}: {what}, got {type(got).__name__} {got!r}"[:300])
+
+    if not isinstance(name, str) or not name:
+        raise ModelLoadError(f"a model's name must be a non-empty string, got {name!r}"[:300])
+    if not isinstance(dims, dict) or not all(
+            isinstance(k, str) and (v is None or (isinstance(v, int) and not isinstance(v, bool)))
+            for k, v in dims.items()):
+        raise bad("dims must map dim names to integer sizes (None for data dims)", dims)
+    if not callable(build):
+        raise bad("build must be a function returning the model's outputs", build)
+    if config is not None and not isinstance(config, dict):
+        raise bad("config must be a dict", config)
+    if sequences is not None and not (isinstance(sequences, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in sequences.items())):
+        raise bad("sequences must map sequence dims to 'causal' or 'bidirectional'", sequences)
+    if streams is not None and (isinstance(streams, str) or not isinstance(streams, (tuple, list))
+                                or not all(isinstance(s, str) and s for s in streams)):
+        raise bad("streams must be a tuple of stream names", streams)
+    if streams is not None and len(set(streams)) != len(streams):
+        raise bad("streams names a stream twice", streams)
 
 
 class Context:

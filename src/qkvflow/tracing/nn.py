@@ -46,6 +46,7 @@ def input(name: str, shape: tuple, dtype: str = "int", *, pad_id: int | None = N
     """
     active = tracer()
     if active is not None:
+        _check_input(active, name, shape, dtype, pad_id)
         attrs = {"name": name, "shape": tuple(name_of(d) for d in shape), "dtype": dtype}
         if pad_id is not None:
             attrs["pad_id"] = int(pad_id)
@@ -54,6 +55,25 @@ def input(name: str, shape: tuple, dtype: str = "int", *, pad_id: int | None = N
     if not isinstance(ctx, Eager) or name not in ctx.feeds:
         raise TraceError(f"input {name!r} was not given")
     return np.asarray(ctx.feeds[name])
+
+
+def _check_input(ctx, name, shape, dtype, pad_id) -> None:
+    if not isinstance(name, str) or not name:
+        raise TraceError(f"an input's name must be a non-empty string, got {name!r}"[:200])
+    if isinstance(shape, str) or not isinstance(shape, (tuple, list)):
+        raise TraceError(f"input {name!r}: shape must be a tuple of dim names, e.g. (\"batch\", \"seq\"), "
+                         f"got {shape!r}"[:300])
+    for d in shape:
+        dim = d if isinstance(d, str) else getattr(d, "name", None)
+        if dim not in ctx.dims:
+            raise TraceError(f"input {name!r}: {d!r} is not a dim of the model; known dims: "
+                             f"{', '.join(ctx.dims)}"[:300])
+    if dtype not in ("int", "float", "bool"):
+        raise TraceError(f"input {name!r}: dtype {dtype!r} is not one of int, float, bool")
+    if pad_id is not None and (isinstance(pad_id, bool) or not isinstance(pad_id, (int, np.integer))
+                               or pad_id < 0 or dtype != "int"):
+        raise TraceError(f"input {name!r}: pad_id must be a non-negative integer token id of an int "
+                         f"input, got {pad_id!r}"[:300])
 
 
 def embed(ids, *, vocab="vocab", d_model="d_model", scale: float = 1.0, name: str = "embed",
@@ -215,7 +235,7 @@ def attention(kind: str, *, q: str, k: str, v: str, mask: str):
         if not isinstance(state, str) or not state.isidentifier():
             raise TraceError(f"attention {role}={state!r}: expected a stream name or 'memory'")
     masks = [m.strip() for m in str(mask).split("+")]
-    if masks != ["none"] and not all(_MASK_WORD.fullmatch(m) for m in masks):
+    if masks != ["none"] and (not all(_MASK_WORD.fullmatch(m) for m in masks) or len(set(masks)) < len(masks)):
         raise TraceError(
             f"attention mask={mask!r}: expected 'none' or '+'-joined 'causal' and "
             "'<sequence dim>_padding' (e.g. 'causal+tgt_padding')"

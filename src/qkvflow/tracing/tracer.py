@@ -177,8 +177,10 @@ def trace(model: Model) -> nx.MultiDiGraph:
             raise TraceError(
                 f"tracing {model.name!r} failed at {_failing_line(err)}: {type(err).__name__}: {err}"
             ) from err
-    if not isinstance(outputs, dict) or not all(isinstance(v, Sym) for v in outputs.values()):
-        raise TraceError(f"model {model.name!r}: build() must return a dict of traced outputs")
+    if not isinstance(outputs, dict) or not outputs or not all(
+            isinstance(k, str) and isinstance(v, Sym) for k, v in outputs.items()):
+        raise TraceError(f"model {model.name!r}: build() must return a non-empty dict of named traced "
+                         f"outputs, got {type(outputs).__name__}")
     for name, sym in outputs.items():
         if tracer.graph.nodes[sym.node]["op"] != "output":
             with activate(tracer):
@@ -187,11 +189,30 @@ def trace(model: Model) -> nx.MultiDiGraph:
     g = tracer.graph
     g.graph["sequences"] = model.sequences or _derived_sequences(g, tracer.dims.seq)
     g.graph["streams"] = list(model.streams or _derived_streams(g))
-    undeclared = sorted({d["stream"] for _, d in g.nodes(data=True) if d["stream"]} - set(g.graph["streams"]))
+    _check_use(model, g)
+    return g
+
+
+def _check_use(model: Model, g: nx.MultiDiGraph) -> None:
+    """Declared sequences and streams are the ones the model's code uses."""
+    named = {d["stream"] for _, d in g.nodes(data=True) if d["stream"]}
+    undeclared = sorted(named - set(g.graph["streams"]))
     if undeclared:
         raise TraceError(f"model {model.name!r}: scopes name the stream(s) {', '.join(undeclared)}, "
                          f"which the model does not declare (streams: {', '.join(g.graph['streams'])})")
-    return g
+    unused = [s for s in g.graph["streams"] if s not in named]
+    if unused:
+        raise TraceError(f"model {model.name!r} declares the stream {unused[0]!r}, which no scope names")
+    used = {f for _, shape in g.nodes(data="shape") for name in shape for f in name.split("*")}
+    idle = [s for s in g.graph["sequences"] if s not in used]
+    if idle:
+        raise TraceError(f"model {model.name!r} declares the sequence dim {idle[0]!r}, which no tensor has")
+    for node in g.graph["inputs"]:
+        attrs = g.nodes[node]["attrs"]
+        if attrs["dtype"] == "int" and attrs["shape"] and attrs["shape"][-1] not in g.graph["sequences"]:
+            raise TraceError(f"model {model.name!r}: token input {attrs['name']!r} runs over "
+                             f"{attrs['shape'][-1]!r}, which is not one of its sequence dims "
+                             f"({', '.join(g.graph['sequences']) or 'none declared'})")
 
 
 def _check_declarations(model: Model) -> None:

@@ -414,8 +414,8 @@ def render(graph: nx.MultiDiGraph, path=None, *, level: str = "block",
     if level not in LEVELS:
         raise RenderError(f"unknown diagram level {level!r}; accepted: {', '.join(LEVELS)}")
     fmt = _resolve_format(path, fmt)
-    title = f"{graph.graph.get('model') or 'model'} ({level} level)"
     ensure(graph)  # the provenance pass labels the Q, K and V edges
+    title = f"{graph.graph.get('model') or 'model'} ({level} level)"
     if fmt == "json":
         out = to_json(graph)
     else:
