@@ -157,3 +157,14 @@ def test_squeeze_and_expand_dims_are_inverse():
     assert qf.check(g) == []
     x = np.random.default_rng(0).normal(size=(2, 5, 12))
     np.testing.assert_array_equal(qf.forward(g, {}, x=x)["y"], 2 * x)
+
+
+def test_a_refusal_names_the_users_line():
+    def run():
+        x = nn.input("x", ("batch", "seq", "d_model"), dtype="float")
+        return {"y": np.cumsum(x, axis=1)}  # the refused call
+
+    with pytest.raises(TraceError) as info:
+        qf.trace(qf.Model("refused", DIMS, run))
+    line = next(i for i, text in enumerate(open(__file__, encoding="utf-8"), 1) if "# the refused call" in text)
+    assert str(info.value).startswith(f"tracing 'refused' failed at {__file__}:{line}: numpy.cumsum cannot be traced")

@@ -142,9 +142,10 @@ def _annotation_lines(source: str) -> dict:
     return found
 
 
-def _failing_line(err: Exception) -> str:
+def _failing_line(err: Exception, user_only: bool = False) -> str | None:
     """``file:line`` of the innermost traceback frame in the user's own code:
-    outside qkvflow, the standard library and installed packages."""
+    outside qkvflow, the standard library and installed packages (else the
+    innermost frame, or None with ``user_only``)."""
     import os
     import sysconfig
     import traceback
@@ -155,6 +156,8 @@ def _failing_line(err: Exception) -> str:
         path = os.path.abspath(frame.filename)
         if not any(path.startswith(root + os.sep) for root in library):
             return f"{frame.filename}:{frame.lineno}"
+    if user_only:
+        return None
     return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
 
 
@@ -171,6 +174,11 @@ def trace(model: Model) -> nx.MultiDiGraph:
     with activate(tracer):
         try:
             outputs = model.build()
+        except TraceError as err:  # refused: say where in the user's code
+            where = _failing_line(err, user_only=True)
+            if where is None or str(err).startswith("tracing "):
+                raise
+            raise TraceError(f"tracing {model.name!r} failed at {where}: {err}") from err
         except QkvflowError:
             raise
         except Exception as err:  # the model's own code failed on symbolic arrays
