@@ -97,7 +97,42 @@ def hand_written_softmax(
     return nn.linear((p @ v).transpose(0, 2, 1, 3).reshape(B, S, -1), "d_model", name="out_proj")
 
 
+def scaled(prescale: bool, declared="sqrt"):
+    """Cross-attention whose queries are scaled before the product (prescale) or never."""
+
+    @qf.attention("cross", q="decoder", k="memory", v="memory", mask="src_padding", scale=declared)
+    def cross(
+        y: Float[np.ndarray, "batch tgt d_model"],
+        memory: Float[np.ndarray, "batch src d_model"],
+        src_keep: Bool[np.ndarray, "batch src"],
+    ) -> Float[np.ndarray, "batch tgt d_model"]:
+        """Q from the decoder stream; K, V from the memory; source padding masked."""
+        B, T, _ = y.shape
+        S = memory.shape[1]
+        q = _split(nn.linear(y, "heads*d_head", name="q_proj"), B, T)
+        if prescale:
+            q = q * qf.dim("d_head") ** -0.5                                    # scaled before the product
+        k = _split(nn.linear(memory, "heads*d_head", name="k_proj"), B, S)
+        v = _split(nn.linear(memory, "heads*d_head", name="v_proj"), B, S)
+        s = np.einsum("bhtd,bhsd->bhts", q, k)                                  # (batch, heads, tgt, src)
+        p = nn.softmax(np.where(src_keep[:, None, None, :], s, -np.inf), axis=-1)
+        return nn.linear((p @ v).transpose(0, 2, 1, 3).reshape(B, T, -1), "d_model", name="out_proj")
+
+    return cross
+
+
+def test_scores_scaled_otherwise_are_qkv207_unless_declared():
+    found = qf.check(qf.trace(build(TINY, cross=scaled(prescale=False))))
+    assert {d.code for d in found} == {"QKV207"}
+    assert found[0].message == ("decoder.layers.0.cross_attn: the scores are scaled by 1 (unscaled); expected "
+                                "1/sqrt(d_head) = 0.377964; declare scale=... on the block if this is meant")
+    found = qf.check(qf.trace(build(TINY, cross=scaled(prescale=True, declared=0.5))))
+    assert "scaled by 0.377964; expected the declared 0.5" in found[0].message
+
+
 MODELS = {
+    "prescaled_queries": lambda: build(TINY, cross=scaled(prescale=True)),
+    "unscaled_declared_t5_style": lambda: build(TINY, cross=scaled(prescale=False, declared="none")),
     "flattened_keys_first": lambda: build(TINY, cross=flattened_keys_first),
     "per_head_loop": lambda: build(TINY, encoder_self=per_head_loop),
     "hand_written_softmax": lambda: build(TINY, encoder_self=hand_written_softmax),

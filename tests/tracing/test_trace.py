@@ -233,11 +233,11 @@ def test_attention_records_for_all_three_kinds(graphs):
         + [f"decoder.layers.{i}.self_attn" for i in range(2)]
         + [f"decoder.layers.{i}.cross_attn" for i in range(2)])
     want = {
-        "encoder_self": ({"q": "encoder", "k": "encoder", "v": "encoder", "mask": "src_padding"},
+        "encoder_self": ({"q": "encoder", "k": "encoder", "v": "encoder", "mask": "src_padding", "scale": "sqrt"},
                          ["src_padding"], "encoder"),
-        "decoder_self": ({"q": "decoder", "k": "decoder", "v": "decoder", "mask": "causal+tgt_padding"},
+        "decoder_self": ({"q": "decoder", "k": "decoder", "v": "decoder", "mask": "causal+tgt_padding", "scale": "sqrt"},
                          ["causal", "tgt_padding"], "decoder"),
-        "cross": ({"q": "decoder", "k": "memory", "v": "memory", "mask": "src_padding"},
+        "cross": ({"q": "decoder", "k": "memory", "v": "memory", "mask": "src_padding", "scale": "sqrt"},
                   ["src_padding"], "decoder"),
     }
     for block in records:

@@ -279,3 +279,21 @@ def misdeclared_block(
 def memory_annotated_as_target(cfg):
     """The memory argument annotated with tgt: jaxtyping agrees whenever src == tgt."""
     return tiny(cfg, cross=misdeclared_block)
+
+
+@qkvflow.attention("encoder_self", q="encoder", k="encoder", v="encoder", mask="src_padding")
+def model_width_scale_block(
+    x: Float[np.ndarray, "batch src d_model"],
+    src_keep: Bool[np.ndarray, "batch src"],
+) -> Float[np.ndarray, "batch src d_model"]:
+    """Encoder self-attention. Q, K, V: encoder stream; mask: source padding."""
+    q, k, v = _qkv(x, x)
+    s = q @ k.swapaxes(-1, -2) / np.sqrt(qkvflow.dim("d_model"))  # BUG(scale_by_model_width)
+    return merge(nn.softmax(np.where(src_keep[:, None, None, :], s, -np.inf), axis=-1) @ v)
+
+
+@bug("QKV207", "encoder.layers.0.self_attn.matmul", size_silent=False)
+def scale_by_model_width(cfg):
+    """Scores divided by sqrt(d_model), the model width, instead of sqrt(d_head)."""
+    return tiny(cfg, encoder_self=model_width_scale_block)
+

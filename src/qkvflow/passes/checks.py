@@ -10,6 +10,7 @@ import math
 
 import networkx as nx
 
+from ..ir.dims import size_of
 from ..ir.graph import ATTENTION_KINDS, arg_nodes, describe_origin, lint, vocabulary_of
 from ..ir.ops import OPS
 from .diagnostics import Diagnostic, diag
@@ -30,6 +31,7 @@ CODES = {
     "QKV204": "softmax of attention scores over a non-key axis",
     "QKV205": "mask broadcast along the wrong axis",
     "QKV206": "a node's recorded shape differs from its rule",
+    "QKV207": "attention scores scaled otherwise than 1/sqrt(d_head) (or the declared scale)",
     "QKV301": "Q/K/V origin differs from the declaration",
     "QKV302": "K and V (or self-attention Q and K) from different states",
     "QKV303": "cross-attention reads a non-final encoder state",
@@ -148,9 +150,30 @@ def _provenance(g):
                 yield from _site_provenance(g, block, {**rec, **site, "block": block})
 
 
+def _scale_findings(g, block: str, rec: dict):
+    """The scores' scale against the declared one (1/sqrt of the contracted dim by default)."""
+    declared, scale = rec["declared"].get("scale", "sqrt"), rec.get("scale")
+    dims = g.graph["dims"]
+    sizes = [size_of(d, dims) for d in rec.get("contracted", [])]
+    if scale is None or not sizes or None in sizes or min(sizes) <= 0:
+        return
+    width = math.prod(sizes)
+    want = 1 / math.sqrt(width) if declared == "sqrt" else 1.0 if declared == "none" else float(declared)
+    if math.isclose(scale, want, rel_tol=1e-6):
+        return
+    named = "*".join(rec["contracted"])
+    expected = f"1/sqrt({named}) = {want:.6g}" if declared == "sqrt" else f"the declared {want:.6g}"
+    hint = next((f" (1/sqrt({n}): a width, not the {named} Q and K are multiplied over)"
+                 for n, s in dims.items() if s and n not in rec["contracted"] and math.isclose(scale, s ** -0.5)),
+                " (unscaled)" if math.isclose(scale, 1.0) else "")
+    yield diag(g, "QKV207", rec["scores"], f"{block}: the scores are scaled by {scale:.6g}{hint}; "
+               f"expected {expected}; declare scale=... on the block if this is meant")
+
+
 def _site_provenance(g, block: str, rec: dict):
     """One attention site (one softmax) against its block's declaration."""
     yield from _shared_projections(g, block, rec)
+    yield from _scale_findings(g, block, rec)
     origins = rec.get("origins", {})
     facts = {r: describe_origin(g, block, origins.get(r)) for r in ("q", "k", "v")}
     for role, fact in facts.items():

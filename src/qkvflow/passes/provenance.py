@@ -22,6 +22,9 @@ per softmax into the block's record, under ``sites``:
 ``masks``
     the labels (``causal``, ``<dim>_padding``) of the mask ops that reach the
     softmax beside the scores, made inside the block or handed in;
+``scale``, ``contracted``
+    the constant the scores are multiplied by before the softmax (None when
+    it cannot be told) and the dims Q and K are contracted over;
 ``problem``
     instead of the above, why the pattern was not found.
 
@@ -78,8 +81,62 @@ def _site(g, sm: str, inside: set) -> dict:
         return {"softmax": sm, "problem": "no scores product before the softmax or no weighted sum after it"}
     origins, entries, paths = _trace_qkv(g, scores, sm, attend, inside)
     masks = sorted({_mask_label(g, n) for n in _masks_beside(g, sm, scores, inside)})
-    return {"softmax": sm, "logits": softmax_logits(g, sm), "scores": scores, "attend": attend,
-            "origins": origins, "entries": entries, "paths": paths, "masks": masks}
+    logits = softmax_logits(g, sm)
+    return {"softmax": sm, "logits": logits, "scores": scores, "attend": attend,
+            "origins": origins, "entries": entries, "paths": paths, "masks": masks,
+            "scale": _scale(g, scores, logits, paths), "contracted": _contracted(g, scores)}
+
+
+def _factor(g, node: str) -> float | None:
+    """What a node multiplies its data by: a constant product or quotient, 1 for
+    anything else that keeps values (masks, moves), None when it is unknown."""
+    d = g.nodes[node]
+    if d["op"] == "scores":
+        return d["attrs"]["scale"]
+    if d["op"] != "elementwise" or "const" not in d["attrs"]:
+        return 1.0
+    fn, c = d["attrs"]["fn"], d["attrs"]["const"]
+    if fn == "mul":
+        return c
+    if fn == "div" and not d["attrs"].get("const_first") and c:
+        return 1.0 / c
+    return 1.0 if fn in ("add", "sub") else None
+
+
+def _scale(g, scores: str, logits: str, paths: dict) -> float | None:
+    """The constant the scores are multiplied by on the way to the softmax:
+    factors on Q's and K's way into the product, the product's own, and those
+    between it and the softmax."""
+    chain, node = [scores], logits
+    while node != scores:
+        preds = sorted(g.in_edges(node, keys=True, data=True), key=lambda e: e[3]["arg"])
+        if not preds or node in chain:
+            return None
+        chain.append(node)
+        node = _data_operand(g, preds)[0]
+    total = 1.0
+    for n in chain + paths.get("q", []) + paths.get("k", []):
+        f = _factor(g, n)
+        if f is None:
+            return None
+        total *= f
+    return total
+
+
+def _contracted(g, scores: str) -> list:
+    """The dims Q and K are contracted over in the scores product."""
+    d = g.nodes[scores]
+    q_arg, _ = _query_key_args(d)
+    q = [u for u, _, e in g.in_edges(scores, data=True) if e["arg"] == q_arg]
+    if not q:
+        return []
+    q_shape = g.nodes[q[0]]["shape"]
+    if d["op"] != "einsum":
+        return [q_shape[-1]] if q_shape else []
+    lhs, rhs = d["attrs"]["equation"].replace(" ", "").split("->")
+    specs = lhs.split(",")
+    others = "".join(s for i, s in enumerate(specs) if i != q_arg)
+    return [q_shape[i] for i, c in enumerate(specs[q_arg]) if c in others and c not in rhs]
 
 
 def _trace_qkv(g, scores: str, sm: str, attend: str, inside: set) -> tuple[dict, dict]:

@@ -12,6 +12,7 @@ Parametrised ops (``embed``, ``linear``, ``norm``, learned ``positional``,
 """
 
 import functools
+import math
 import re
 
 import numpy as np
@@ -216,7 +217,7 @@ def _declared_shapes(fn) -> dict:
     return shapes
 
 
-def attention(kind: str, *, q: str, k: str, v: str, mask: str):
+def attention(kind: str, *, q: str, k: str, v: str, mask: str, scale="sqrt"):
     """Declare an attention block: its kind, Q/K/V provenance and mask.
 
     ``kind`` is ``encoder_self`` (bidirectional self-attention),
@@ -226,11 +227,16 @@ def attention(kind: str, *, q: str, k: str, v: str, mask: str):
     ``memory`` (the final output another stream reads, see ``mark_memory``);
     ``mask`` is ``none``, or ``+``-joined ``causal`` and ``<dim>_padding``
     for a sequence dim (``src_padding``, ``tgt_padding``, ``seq_padding``).
-    Shapes are declared with jaxtyping annotations on the function. The
-    provenance pass compares these declarations with what the code does.
+    ``scale`` is what the scores are multiplied by: ``"sqrt"`` (the default,
+    1/sqrt of the dim Q and K are contracted over, d_head), ``"none"`` (T5)
+    or a number. Shapes are declared with jaxtyping annotations on the
+    function. The passes compare these declarations with what the code does.
     """
     if kind not in _KIND_SCOPE:
         raise TraceError(f"attention kind {kind!r}: expected one of {', '.join(_KIND_SCOPE)}")
+    if scale not in ("sqrt", "none") and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                          or not math.isfinite(scale) or scale <= 0):
+        raise TraceError(f"attention scale={scale!r}: expected 'sqrt', 'none' or a positive number")
     for role, state in (("q", q), ("k", k), ("v", v)):
         if not isinstance(state, str) or not state.isidentifier():
             raise TraceError(f"attention {role}={state!r}: expected a stream name or 'memory'")
@@ -242,7 +248,7 @@ def attention(kind: str, *, q: str, k: str, v: str, mask: str):
         )
 
     def decorate(fn):
-        declared = {"q": q, "k": k, "v": v, "mask": mask}
+        declared = {"q": q, "k": k, "v": v, "mask": mask, "scale": scale}
         shapes = _declared_shapes(fn)
         code = fn.__code__
         where_defined = f"{code.co_filename}:{code.co_firstlineno}"
