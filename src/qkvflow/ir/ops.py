@@ -147,6 +147,8 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
         (_M,), shapes.gather, "projection"),
     _op("split_part", "part attrs.index of attrs.parts equal parts along attrs.axis (np.split)",
         (_M,), shapes.split_part, "numpy"),
+    _op("prefix", "the first attrs.length entries along attrs.axis: table[:T] (learned positions)",
+        (_M,), shapes.prefix, "numpy"),
     _op("repeat", "each entry attrs.repeats times along attrs.axis (np.repeat: K/V heads of "
         "grouped-query attention)", (_M,), shapes.repeat, "numpy"),
 )}

@@ -497,3 +497,10 @@ def repeat(ins, attrs, params, dims):
     grown = fits[0] if len(fits) == 1 else f"{r}*{name}" if r > 1 else name
     return Meta(x.shape[:axis] + (grown,) + x.shape[axis + 1:], x.key_axis, x.dtype)
 
+
+def prefix(ins, attrs, params, dims):
+    """The first ``length`` entries along ``axis``: ``wpe[:T]`` is (seq, d_model)."""
+    (x,) = ins
+    axis = attrs["axis"]
+    return Meta(x.shape[:axis] + (attrs["length"],) + x.shape[axis + 1:], None, x.dtype)
+

@@ -460,6 +460,14 @@ def _split_part(g, node, ins, flows):
     return _remap(flows[0], {a: a for a in range(rank) if not (split_seq and a == axis)})
 
 
+@implement("transfer", "prefix")
+def _prefix(g, node, ins, flows):
+    """The first T entries of a table: what they depend on, on the kept axes."""
+    rank = len(g.nodes[node]["shape"])
+    axis = g.nodes[node]["attrs"]["axis"]
+    return _remap(flows[0], {a: a for a in range(rank) if a != axis}) if flows[0].deps else Flow()
+
+
 @implement("transfer", "repeat")
 def _repeat(g, node, ins, flows):
     """Entries copied along an axis: its facts stay unless it is a sequence axis."""

@@ -211,6 +211,12 @@ def _concat(ins, attrs, params):
     return np.concatenate(ins, axis=attrs["axis"])
 
 
+def _prefix(x: np.ndarray, axis: int, length: int) -> np.ndarray:
+    if length > x.shape[axis]:
+        raise ValueError(f"{length} entries asked of an axis of {x.shape[axis]}")
+    return x[(slice(None),) * axis + (slice(0, length),)]
+
+
 # Each op's kernel and the adapter ``call(fn, inputs, attrs, params, sizes)``
 # that unpacks a node for it, attached to the op's registry entry.
 
@@ -246,6 +252,7 @@ _kernel("elementwise", None, lambda k, i, a, p, s: elementwise(
     a["fn"], *i, const=a.get("const"), const_first=a.get("const_first", False)))
 _kernel("concat", None, lambda k, i, a, p, s: _concat(i, a, p))
 _kernel("param", None, lambda k, i, a, p, s: p[""])
+_kernel("prefix", None, lambda k, i, a, p, s: _prefix(i[0], a["axis"], s[a["length"]]))
 _kernel("repeat", None, lambda k, i, a, p, s: np.repeat(i[0], a["repeats"], axis=a["axis"]))
 _kernel("gather", None, lambda k, i, a, p, s: i[0][i[1]])
 _kernel("split_part", None, lambda k, i, a, p, s: np.split(i[0], a["parts"], axis=a["axis"])[a["index"]])

@@ -404,8 +404,9 @@ def concat(parts, axis: int = -1):
 
 
 def index(x, idx):
-    """``x[:, None, ...]`` (new axes, full slices, Ellipsis) and ``table[ids]``
-    (rows at traced integer ids, an embedding lookup) trace."""
+    """``x[:, None, ...]`` (new axes, full slices, Ellipsis), ``table[:T]`` (the
+    first T entries, T a dim from ``.shape``) and ``table[ids]`` (rows at
+    traced integer ids, an embedding lookup) trace."""
     if isinstance(idx, Sym):
         if not isinstance(x, Sym) or idx.dtype != "int":
             raise TraceError(f"indexing with traced {idx.dtype} array {idx.node}: only a traced table "
@@ -420,18 +421,29 @@ def index(x, idx):
         pos = idx.index(Ellipsis)
         fill = x.ndim - sum(1 for i in idx if i is not None and i is not Ellipsis)
         idx = idx[:pos] + (slice(None),) * fill + idx[pos + 1:]
-    names, axis = [], 0
+    names, axis, prefix = [], 0, None
     for i in idx:
         if i is None:
             names.append("1")
         elif isinstance(i, slice) and i == slice(None):
             names.append(x.names[axis])
             axis += 1
+        elif (isinstance(i, slice) and i.start in (None, 0) and i.step in (None, 1)
+              and isinstance(i.stop, (Dim, DataDim)) and prefix is None):
+            prefix = (len(names), axis, i.stop.name)  # table[:T]: the first T rows
+            names.append(i.stop.name)
+            axis += 1
         else:
             raise TraceError(
                 f"indexing {x.node} with {i!r}: only None, ':' and '...' can be traced"
             )
     names.extend(x.names[axis:])
+    if prefix is not None:
+        out_axis, in_axis, length = prefix
+        x = apply("prefix", [x], attrs={"axis": in_axis, "length": length})
+        names[out_axis] = length
+        if tuple(names) == x.names:
+            return x
     return apply("reshape", [x], attrs={"shape": tuple(names)})
 
 

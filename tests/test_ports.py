@@ -1,0 +1,80 @@
+"""A plain-NumPy GPT-2 and its port: the port changes only the lines it marks,
+checks clean, and runs equal to the NumPy model; mistakes planted in it are found."""
+
+import difflib
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import qkvflow as qf
+from qkvflow.views.explain import provenance
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _load(name: str, path: Path = None):
+    path = path or EXAMPLES / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}_{abs(hash(str(path)))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def port():
+    module = _load("gpt2_qkvflow")
+    return module, qf.trace(module.model())
+
+
+def test_the_port_changes_only_the_lines_it_marks():
+    plain = (EXAMPLES / "gpt2_numpy.py").read_text().split('\n\nif __name__ == "__main__":')[0].splitlines()
+    ported = (EXAMPLES / "gpt2_qkvflow.py").read_text().split("# --- port:")[0].splitlines()
+    body = lambda lines: lines[next(i for i, t in enumerate(lines) if t.startswith("def gelu")):]  # noqa: E731
+    diff = list(difflib.ndiff(body(plain), body(ported)))
+    words = lambda line: " ".join(line.split())  # noqa: E731 - the same line, re-indented
+    removed = {words(line[2:]) for line in diff if line.startswith("- ")}
+    added = [line[2:] for line in diff if line.startswith("+ ") and line[2:].strip()]
+    # Every new line is marked, or is an old line indented into the stream scope.
+    unmarked = [line for line in added if not line.rstrip().endswith("# port") and words(line) not in removed]
+    assert not unmarked, unmarked
+    assert sum(line.rstrip().endswith("# port") for line in added) == 5
+    assert len(removed - {words(line) for line in added}) == 2  # the causal mask and the loop header
+
+
+def test_the_port_checks_clean_and_runs_equal_to_numpy(port):
+    module, g = port
+    assert qf.check(g, strict=True) == []
+    (row,) = provenance(g)
+    assert (row["attention"], row["mask"], row["count"]) == ("masked self-attention", "causal", 2)
+    plain = _load("gpt2_numpy")
+    params = qf.init_params(g, seed=7)
+    ids = np.random.default_rng(2).integers(0, 29, (2, 9))
+    logits = qf.forward(g, params, ids=ids)["logits"]
+    want = plain.gpt2(ids, **module.nested(params), n_head=3)
+    assert logits.shape == (2, 9, 29) and np.abs(logits - want).max() <= 1e-12
+    assert np.abs(qf.eager(module.model(), params, {"ids": ids})["logits"] - want).max() <= 1e-12
+    assert "gpt stream" in qf.render(g, fmt="mmd")
+
+
+def test_the_port_runs_from_the_command_line():
+    proc = subprocess.run([sys.executable, "-m", "qkvflow", "run", f"{EXAMPLES / 'gpt2_qkvflow.py'}:model",
+                           "--ids", "5 6 7"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == "logits: shape (1, 3, 29) (batch, seq, vocab), dtype float64"
+
+
+@pytest.mark.parametrize("old, new, code", [
+    ("softmax(np.where(causal, s, -1e10))", "softmax(s)", "QKV401"),
+    ("/ np.sqrt(D // n_head)", "/ np.sqrt(D)", "QKV207"),
+], ids=["no-causal-mask", "scaled-by-d_model"])
+def test_mistakes_planted_in_the_port_are_found(tmp_path, old, new, code):
+    source = (EXAMPLES / "gpt2_qkvflow.py").read_text()
+    assert old in source
+    path = tmp_path / "planted.py"
+    path.write_text(source.replace(old, new))
+    found = qf.check(qf.trace(_load("planted", path).model()))
+    assert code in {d.code for d in found}, [d.text() for d in found]
