@@ -462,7 +462,7 @@ from qkvflow.models.encoder_decoder import build, multi_head_attention
 def block(x: Float[np.ndarray, "batch src d_model"],
           src_keep: Bool[np.ndarray, "batch src"]) -> Float[np.ndarray, "batch src d_model"]:
     S = x.shape[1]
-    causal = np.tril(np.ones((S, S), dtype=bool))  # a data dim has no size while tracing
+    causal = np.eye(S, dtype=bool)  # a data dim has no size while tracing
     return multi_head_attention(x, x, causal & src_keep[:, None, None, :])
 
 
@@ -477,7 +477,7 @@ def test_model_code_failing_while_traced_is_one_line_naming_its_line(tmp_path):
     result = shell("check", f"{path}:model")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert f"crash.py:{TRACE_CRASH.splitlines().index('    causal = np.tril(np.ones((S, S), dtype=bool))  # a data dim has no size while tracing') + 1}" in result.stderr
+    assert f"crash.py:{TRACE_CRASH.splitlines().index('    causal = np.eye(S, dtype=bool)  # a data dim has no size while tracing') + 1}" in result.stderr
 
 
 def test_negative_size_is_a_finding_not_a_crash(tmp_path):

@@ -131,11 +131,11 @@ def test_a_damaged_graph_is_reported_not_crashed_on():
     d = next(d for d in found if d.code == "QKV206")
     assert d.node == "decoder.layers.0.cross_attn.k_proj" and "src" in d.message
     g.add_edge("logits", "src_ids", role="x", arg=0)
-    g.nodes["masks.causal"]["op"] = "tril"
+    g.nodes["masks.causal"]["op"] = "conv2d"
     structural = check(g)
     assert {d.code for d in structural} == {"QKV001"}
     messages = " ".join(d.message for d in structural)
-    assert "cycle" in messages and "unknown op 'tril'" in messages
+    assert "cycle" in messages and "unknown op 'conv2d'" in messages
 
 
 def test_mask_declarations_are_validated():

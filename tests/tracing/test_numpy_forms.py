@@ -168,3 +168,62 @@ def test_a_refusal_names_the_users_line():
         qf.trace(qf.Model("refused", DIMS, run))
     line = next(i for i, text in enumerate(open(__file__, encoding="utf-8"), 1) if "# the refused call" in text)
     assert str(info.value).startswith(f"tracing 'refused' failed at {__file__}:{line}: numpy.cumsum cannot be traced")
+
+
+def causal_from_a_table(form: str):
+    """Masked self-attention whose causal mask is a NumPy table built from the length."""
+
+    @qf.attention("decoder_self", q="lm", k="lm", v="lm", mask="causal")
+    def table_masked_attention(
+        x: Float[np.ndarray, "batch seq d_model"],
+        causal: Bool[np.ndarray, "seq seq"],
+    ) -> Float[np.ndarray, "batch seq d_model"]:
+        """Q, K, V from the lm stream (one head); the mask is made here from T."""
+        B, T, _ = x.shape
+        q, k, v = (nn.linear(x, "d_model", name=f"{r}_proj") for r in "qkv")
+        s = q @ k.swapaxes(-1, -2) / np.sqrt(qf.dim("d_model"))             # (B, T, T)
+        if form == "tril":
+            s = np.where(np.tril(np.ones((T, T), dtype=bool)), s, -np.inf)
+        elif form == "triu":
+            s = s + np.triu(np.full((T, T), -np.inf), 1)                        # torch's square subsequent mask
+        elif form == "tri":
+            s = np.where(np.tri(T, dtype=bool), s, -1e9)
+        else:  # one step into the future
+            s = np.where(np.tril(np.ones((T, T), dtype=bool), k=1), s, -np.inf)
+        return nn.linear(nn.softmax(s, axis=-1) @ v, "d_model", name="o_proj")
+
+    return table_masked_attention
+
+
+@pytest.mark.parametrize("form", ["tril", "triu", "tri"])
+def test_a_causal_mask_built_from_the_length_is_causal(form):
+    model = lm(causal_from_a_table(form))
+    g = qf.trace(model)
+    assert qf.check(g, strict=True) == []
+    assert g.graph["attention"]["lm.layers.0.self_attn"]["sites"][0]["masks"] == ["causal"]
+    params = qf.init_params(g, seed=2)
+    ids = np.random.default_rng(4).integers(0, 29, (2, 7))
+    logits = qf.forward(g, params, ids=ids)["logits"]
+    assert np.abs(qf.eager(model, params, {"ids": ids})["logits"] - logits).max() <= 1e-12
+    assert np.ones((2, 3)).shape == (2, 3) and np.arange(3).tolist() == [0, 1, 2]  # NumPy is NumPy again
+
+
+def test_a_table_that_lets_a_position_see_ahead_is_found():
+    found = qf.check(qf.trace(lm(causal_from_a_table("ahead"))))
+    codes = {(d.code, d.node.rsplit(".", 1)[-1]) for d in found}
+    assert ("QKV401", "softmax") in codes and ("QKV306", "softmax") in codes
+
+
+def test_positions_from_arange_and_a_table_prefix():
+    def run():
+        ids = nn.input("ids", ("batch", "seq"))
+        wte, wpe = qf.param("wte", ("vocab", "d_model")), qf.param("wpe", ("d_ff", "d_model"))
+        with qf.scope("lm", stream="lm"):
+            return {"y": wte[ids] + wpe[np.arange(ids.shape[-1])] - wpe[:ids.shape[-1]]}
+
+    model = qf.Model("positions", DIMS, run, sequences={"seq": "causal"}, streams=("lm",))
+    g = qf.trace(model)
+    assert qf.check(g) == []
+    params = qf.init_params(g)
+    ids = np.array([[3, 4, 5]])
+    np.testing.assert_allclose(qf.forward(g, params, ids=ids)["y"], params["wte"][ids], atol=1e-15)

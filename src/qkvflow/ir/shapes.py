@@ -504,3 +504,20 @@ def prefix(ins, attrs, params, dims):
     axis = attrs["axis"]
     return Meta(x.shape[:axis] + (attrs["length"],) + x.shape[axis + 1:], None, x.dtype)
 
+
+def fill(ins, attrs, params, dims):
+    """A constant of a traced shape: np.ones((T, T)), np.full((T, T), -inf)."""
+    return Meta(tuple(attrs["shape"]), None, attrs["dtype"])
+
+
+def arange(ins, attrs, params, dims):
+    """np.arange(T): the positions 0..T-1 of a sequence."""
+    return Meta((attrs["length"],), None, "int")
+
+
+def triangle(ins, attrs, params, dims):
+    """np.tril / np.triu over the last two axes; of a (seq, seq) table the last is the key axis."""
+    (x,) = ins
+    square = len(x.shape) >= 2 and x.shape[-1] == x.shape[-2]
+    return Meta(x.shape, len(x.shape) - 1 if square else x.key_axis, x.dtype)
+

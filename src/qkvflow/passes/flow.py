@@ -460,6 +460,28 @@ def _split_part(g, node, ins, flows):
     return _remap(flows[0], {a: a for a in range(rank) if not (split_seq and a == axis)})
 
 
+@implement("transfer", "fill", "arange")
+def _constant(g, node, ins, flows):
+    return Flow()  # the same for every token
+
+
+@implement("transfer", "tril", "triu")
+def _triangle(g, node, ins, flows):
+    """A triangle of a constant over (seq, seq): tril(ones, k <= 0) keeps the past
+    (values (1, 0)); triu(full(-inf), 1) is the matching bias (values (0, -inf))."""
+    d = g.nodes[node]
+    rank, k = len(d["shape"]), d["attrs"]["k"]
+    value = g.nodes[ins[0]]["attrs"].get("value") if g.nodes[ins[0]]["op"] == "fill" else None
+    if value is None or rank < 2 or _seq_of(g, d["shape"][-1]) is None:
+        return Flow(flows[0].deps)
+    causal = {("causal", rank - 2, rank - 1)}
+    if d["op"] == "tril" and k <= 0 and value:
+        return Flow(mask=causal, values=(float(value), 0.0))
+    if d["op"] == "triu" and k == 1 and value:
+        return Flow(mask=causal, values=(0.0, float(value)))
+    return Flow()
+
+
 @implement("transfer", "prefix")
 def _prefix(g, node, ins, flows):
     """The first T entries of a table: what they depend on, on the kept axes."""

@@ -219,6 +219,8 @@ def _makes_mask(g, node: str) -> bool:
     d = g.nodes[node]
     if in_group(d["op"], Group.MASK):
         return True
+    if (d["op"] == "tril" and d["attrs"]["k"] <= 0) or (d["op"] == "triu" and d["attrs"]["k"] == 1):
+        return any(g.nodes[u]["op"] == "fill" for u in g.predecessors(node))  # of a constant: causal
     return (d["op"] == "elementwise" and d["attrs"].get("fn") in _COMPARISONS and "const" in d["attrs"]
             and all(g.nodes[u]["dtype"] == "int" for u in g.predecessors(node)))
 
@@ -226,7 +228,7 @@ def _makes_mask(g, node: str) -> bool:
 def _mask_label(g, node: str) -> str:
     """``causal``, or ``<sequence dim>_padding`` for the padding of that sequence."""
     d = g.nodes[node]
-    if d["op"] == "causal_mask":
+    if d["op"] in ("causal_mask", "tril", "triu"):
         return "causal"
     last = d["shape"][-1] if d["shape"] else "?"
     return f"{dim_table(g.graph).seq_of(last) or last}_padding"

@@ -252,6 +252,11 @@ _kernel("elementwise", None, lambda k, i, a, p, s: elementwise(
     a["fn"], *i, const=a.get("const"), const_first=a.get("const_first", False)))
 _kernel("concat", None, lambda k, i, a, p, s: _concat(i, a, p))
 _kernel("param", None, lambda k, i, a, p, s: p[""])
+_kernel("fill", None, lambda k, i, a, p, s: np.full(
+    [size_of(n, s) for n in a["shape"]], a["value"], dtype={"bool": bool, "int": np.int64}.get(a["dtype"], float)))
+_kernel("arange", None, lambda k, i, a, p, s: np.arange(size_of(a["length"], s)))
+_kernel("tril", None, lambda k, i, a, p, s: np.tril(i[0], a["k"]))
+_kernel("triu", None, lambda k, i, a, p, s: np.triu(i[0], a["k"]))
 _kernel("prefix", None, lambda k, i, a, p, s: _prefix(i[0], a["axis"], s[a["length"]]))
 _kernel("repeat", None, lambda k, i, a, p, s: np.repeat(i[0], a["repeats"], axis=a["axis"]))
 _kernel("gather", None, lambda k, i, a, p, s: i[0][i[1]])

@@ -9,6 +9,7 @@ model-level ops users call (``linear``, ``softmax``, ...) are in
 :mod:`qkvflow.tracing.nn`, built on the same :func:`apply`.
 """
 
+import contextlib
 import math
 import numbers
 
@@ -563,6 +564,98 @@ def repeat(x, repeats, axis: int):
     return apply("repeat", [x], attrs={"axis": axis, "repeats": int(repeats)})
 
 
+def tril(x, k: int = 0):
+    """``np.tril``: the lower triangle (of ones over (T, T): a causal mask)."""
+    if not isinstance(x, Sym):
+        return np.tril(x, k)
+    return apply("tril", [x], attrs={"k": int(k)})
+
+
+def triu(x, k: int = 0):
+    """``np.triu``: the upper triangle (of -inf over (T, T) with k=1: a causal bias)."""
+    if not isinstance(x, Sym):
+        return np.triu(x, k)
+    return apply("triu", [x], attrs={"k": int(k)})
+
+
+def _dtype_kind(dtype, default: str) -> str:
+    if dtype is None:
+        return default
+    return {"b": "bool", "i": "int", "u": "int", "f": "float"}.get(np.dtype(dtype).kind, "float")
+
+
+def _traced_shape(shape) -> tuple | None:
+    """Dim names of a shape that holds a traced length, or None (a plain NumPy shape)."""
+    dims = shape if isinstance(shape, (tuple, list)) else (shape,)
+    if not any(isinstance(d, DataDim) for d in dims):
+        return None
+    active = tracer()
+    names = []
+    for d in dims:
+        if isinstance(d, (Dim, DataDim)):
+            names.append(d.name)
+        elif isinstance(d, numbers.Integral) and int(d) == 1:
+            names.append("1")
+        else:
+            fits = [n for n, s in active.dims.items() if s == d]
+            if len(fits) != 1:
+                raise TraceError(f"a table of shape {shape!r}: give its size {d!r} by name (from .shape)")
+            names.append(fits[0])
+    return tuple(names)
+
+
+def _fill(original, value_of):
+    """A NumPy constructor that records a constant when its shape holds a traced length."""
+    def create(shape, *args, **kwargs):
+        names = _traced_shape(shape) if tracer() is not None else None
+        if names is None:
+            return original(shape, *args, **kwargs)
+        value, dtype = value_of(*args, **kwargs)
+        kind = _dtype_kind(dtype, "bool" if isinstance(value, bool) else "float")
+        value = bool(value) if kind == "bool" else int(value) if kind == "int" else float(value)
+        return tracer().record("fill", [], name="fill", attrs={"shape": names, "value": value, "dtype": kind})
+    create.__wrapped__ = original
+    return create
+
+
+def _arange(original):
+    def arange(*args, **kwargs):
+        if tracer() is None or not any(isinstance(a, DataDim) for a in args):
+            return original(*args, **kwargs)
+        if len(args) != 1 or kwargs:
+            raise TraceError(f"np.arange{args!r}: only np.arange(T) of a traced length traces")
+        return tracer().record("arange", [], name="arange", attrs={"length": args[0].name})
+    arange.__wrapped__ = original
+    return arange
+
+
+def _tri(original):
+    def tri(n, m=None, k=0, dtype=float, **kwargs):
+        if tracer() is None or not isinstance(n, DataDim):
+            return original(n, m, k, dtype=dtype, **kwargs)
+        ones = np.ones((n, n if m is None else m), dtype=dtype)
+        return tril(ones, k)
+    tri.__wrapped__ = original
+    return tri
+
+
+@contextlib.contextmanager
+def numpy_constants_traced():
+    """While tracing, np.ones / zeros / full / arange / tri of a traced length (a
+    DataDim from ``.shape``) record a constant op; with plain sizes they are NumPy's."""
+    saved = {name: getattr(np, name) for name in ("ones", "zeros", "full", "arange", "tri")}
+    np.ones = _fill(saved["ones"], lambda dtype=None, **_: (1, dtype))
+    np.zeros = _fill(saved["zeros"], lambda dtype=None, **_: (0, dtype))
+    np.full = _fill(saved["full"], lambda fill_value, dtype=None, **_: (fill_value, dtype))
+    np.arange = _arange(saved["arange"])
+    np.tri = _tri(saved["tri"])
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(np, name, fn)
+
+
 def param(name: str, dims, init: str | None = None):
     """A parameter as an array: ``W = qf.param("c_attn.weight", ("d_model", "3*d_model"))``.
 
@@ -604,6 +697,7 @@ def param(name: str, dims, init: str | None = None):
 _FUNCTIONS = {
     "einsum": einsum, "matmul": matmul, "where": where, "concatenate": concat, "split": split,
     "expand_dims": expand_dims, "squeeze": squeeze, "stack": stack, "var": var, "repeat": repeat,
+    "tril": tril, "triu": triu,
     "transpose": transpose, "swapaxes": swapaxes, "reshape": reshape,
     "sum": _np_sum, "mean": _np_mean, "max": _np_max, "amax": _np_max, "min": _np_min, "amin": _np_min,
 }

@@ -27,7 +27,7 @@ from ..ir.graph import new_graph
 from ..ir.ops import infer
 from ..ir.shapes import ShapeIssue
 from .context import ENTRY_CODES, PACKAGE_DIR, Context, Model, activate
-from .tensor import Sym
+from .tensor import Sym, numpy_constants_traced
 
 __all__ = ["trace", "Tracer"]
 
@@ -171,7 +171,7 @@ def trace(model: Model) -> nx.MultiDiGraph:
         raise TraceError(f"trace() needs a qkvflow Model, got {type(model).__name__}")
     _check_declarations(model)
     tracer = Tracer(model.dims, model.sequences, config=dict(model.config), model=model.name)
-    with activate(tracer):
+    with activate(tracer), numpy_constants_traced():
         try:
             outputs = model.build()
         except TraceError as err:  # refused: say where in the user's code
