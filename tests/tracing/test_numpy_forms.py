@@ -227,3 +227,56 @@ def test_positions_from_arange_and_a_table_prefix():
     params = qf.init_params(g)
     ids = np.array([[3, 4, 5]])
     np.testing.assert_allclose(qf.forward(g, params, ids=ids)["y"], params["wte"][ids], atol=1e-15)
+
+
+def _one_block(block, dims, **declared):
+    def run():
+        ids = nn.input("ids", ("batch", "seq"))
+        with qf.scope("lm", stream="lm"):
+            x = qf.param("wte", ("vocab", "d_model"))[ids]
+            with qf.scope("layers.0", layer=0):
+                return {"y": x + block(x, nn.causal_mask(ids))}
+    return qf.Model("one-block", dims, run, sequences={"seq": "causal"}, streams=("lm",), **declared)
+
+
+def named_apart(kv: str, values: str, out: tuple):
+    """Masked self-attention naming its dims in its own words."""
+
+    @qf.attention("decoder_self", q="lm", k="lm", v="lm", mask="causal")
+    def attention(x, causal):
+        B, T, _ = x.shape
+        q = (x @ qf.param("wq", ("d_model", "heads*d_head"))).reshape(B, T, qf.dim("heads"), -1)
+        k = (x @ qf.param("wk", ("d_model", f"{kv}*d_head"))).reshape(B, T, qf.dim(kv), -1)
+        v = (x @ qf.param("wv", ("d_model", f"{kv}*{values}"))).reshape(B, T, qf.dim(kv), -1)
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))              # (B, H, T, Dh)
+        s = np.where(causal, q @ k.swapaxes(-1, -2) / np.sqrt(qf.dim("d_head")), -np.inf)
+        o = (nn.softmax(s, axis=-1) @ v).transpose(0, 2, 1, 3)              # (B, T, H, Dv)
+        o = o.reshape(B, T, o.shape[2] * o.shape[3])
+        return o @ qf.param("wo", out)
+
+    return attention
+
+
+@pytest.mark.parametrize("kv, values, out, dims, declared", [
+    ("heads", "d_head", ("d_head*heads", "d_model"), DIMS, {}),                # products in any order
+    ("heads", "d_v", ("heads*d_head", "d_model"), {**DIMS, "d_v": 3}, {"aliases": {"d_v": "d_head"}}),
+    ("kv_heads", "d_head", ("heads*d_head", "d_model"), {**DIMS, "kv_heads": 4}, {}),  # no grouping
+], ids=["product-order", "alias", "kv_heads-equal-heads"])
+def test_one_dim_under_two_names_is_one_dim(kv, values, out, dims, declared):
+    model = _one_block(named_apart(kv, values, out), dims, **declared)
+    g = qf.trace(model)
+    assert qf.check(g, strict=True) == []
+    params = qf.init_params(g, seed=3)
+    ids = np.array([[1, 2, 3, 4, 5]])
+    assert np.abs(qf.forward(g, params, ids=ids)["y"] - qf.eager(model, params, {"ids": ids})["y"]).max() <= 1e-12
+
+
+def test_two_dims_under_two_names_are_still_two():
+    found = qf.check(qf.trace(_one_block(named_apart("heads", "d_v", ("heads*d_head", "d_model")),
+                                         {**DIMS, "d_v": 3})))
+    assert "QKV202" in {d.code for d in found}  # d_v is d_head only when declared so
+    with pytest.raises(TraceError, match="alias d_v = d_ff needs both sized and equal, got 3 and 19"):
+        qf.trace(_one_block(named_apart("heads", "d_v", ("heads*d_head", "d_model")), {**DIMS, "d_v": 3},
+                            aliases={"d_v": "d_ff"}))
+    found = qf.check(qf.trace(_one_block(named_apart("kv_heads", "d_head", ("heads*d_head", "d_model")), DIMS)))
+    assert "QKV201" in {d.code for d in found}  # 2 K/V heads against 4 query heads, never repeated

@@ -29,11 +29,25 @@ __all__ = [
 
 
 class DimTable(dict):
-    """Sizes by dim name (None for data dims) and the set of sequence dims."""
+    """Sizes by dim name (None for data dims), the set of sequence dims and the
+    aliases a model declares (``{"d_v": "d_head", "d_model": "heads*d_head"}``)."""
 
-    def __init__(self, sizes: dict, seq=()) -> None:
+    def __init__(self, sizes: dict, seq=(), aliases: dict | None = None) -> None:
         super().__init__(sizes)
         self.seq = set(seq)
+        self.aliases = dict(aliases or {})
+
+    def atoms(self, name: str) -> list:
+        """The factors of ``name`` with aliases expanded, sorted: what two names must share
+        to be one dim (``d_k*heads`` and ``heads*d_head`` are, given ``d_k = d_head``)."""
+        out = []
+        for part in factors(name):
+            alias = self.aliases.get(part)
+            out.extend(self.atoms(alias) if alias and alias != part else [part])
+        return sorted(out)
+
+    def same(self, a: str, b: str) -> bool:
+        return a == b or self.atoms(a) == self.atoms(b)
 
     def seq_of(self, name: str) -> str | None:
         """The sequence dim a (possibly composite) dim name runs over, if any."""
@@ -47,7 +61,7 @@ def sequence_of(name: str, sequences) -> str | None:
 
 def dim_table(graph_attrs: dict) -> DimTable:
     """The dims table of a graph (``g.graph``) with its declared sequence dims."""
-    return DimTable(graph_attrs.get("dims", {}), graph_attrs.get("sequences", {}))
+    return DimTable(graph_attrs.get("dims", {}), graph_attrs.get("sequences", {}), graph_attrs.get("aliases"))
 
 
 class Dim(int):

@@ -34,6 +34,11 @@ class ShapeIssue(Exception):
         self.fallback = fallback
 
 
+def same(a: str, b: str, dims) -> bool:
+    """One dim under two names: equal, or the same factors (any order, aliases expanded)."""
+    return a == b or (hasattr(dims, "same") and dims.same(a, b))
+
+
 def _is_seq(name: str, dims) -> bool:
     """Whether ``name`` runs over a sequence dim of the model (see DimTable)."""
     seq = getattr(dims, "seq", ())
@@ -52,7 +57,7 @@ def broadcast(metas: list[Meta], dims: dict, code: str = "QKV201", what: str = "
         offset = ndim - len(m.shape)
         for a, name in enumerate(m.shape):
             have = out[offset + a]
-            if name == "1" or name == have:
+            if name == "1" or same(name, have, dims):
                 continue
             if have == "1":
                 out[offset + a] = name
@@ -92,7 +97,7 @@ def embed(ins, attrs, params, dims):
 
 
 def _last_dim_must_be(x: Meta, want: str, what: str, out: Meta, dims: dict) -> Meta:
-    if x.shape and x.shape[-1] != want:
+    if x.shape and not same(x.shape[-1], want, dims):
         raise ShapeIssue(
             "QKV201",
             f"{what} expects last dim {describe(want, dims)}, got "
@@ -140,7 +145,7 @@ def merge_heads(ins, attrs, params, dims):
 
 def _contract(a: Meta, b: Meta, b_axis: int, what: str, dims: dict, out: Meta) -> None:
     """a's last axis is contracted with b's axis ``b_axis``: same name required."""
-    if a.shape[-1] != b.shape[b_axis]:
+    if not same(a.shape[-1], b.shape[b_axis], dims):
         raise ShapeIssue(
             "QKV202",
             f"{what} contracts {describe(a.shape[-1], dims)} with "
@@ -346,7 +351,7 @@ def einsum(ins, attrs, params, dims):
     for spec, m in zip(specs, ins):
         for letter, name in zip(spec, m.shape):
             have = letters.setdefault(letter, name)
-            if have != name and clash is None:
+            if not same(have, name, dims) and clash is None:
                 clash = (letter, have, name)
     out_shape = tuple(letters[c] for c in rhs)
     # Scores are laid out (..., queries, keys): the key axis is the last output

@@ -40,14 +40,21 @@ class Model:
     (on every non-padding token), e.g. ``{"src": "bidirectional", "tgt":
     "causal"}`` or ``{"seq": "causal"}``. ``streams`` names the model's
     residual streams (the ``stream=`` of its scopes), e.g. ``("encoder",
-    "decoder")``. Undeclared, the sequences are the last dims of the token-id
+    "decoder")``. ``aliases`` names one dim two ways, e.g. ``{"d_v": "d_head",
+    "d_model": "heads*d_head"}``; ``kv_heads`` is ``heads`` when they are of
+    one size (no grouping). Undeclared, the sequences are the last dims of the token-id
     inputs, causal where a ``decoder_self`` block reads them, and the streams
     are those the scopes name.
     """
 
     def __init__(self, name: str, dims: dict, build, config: dict | None = None, *,
-                 sequences: dict | None = None, streams=None) -> None:
+                 sequences: dict | None = None, streams=None, aliases: dict | None = None) -> None:
         _check_model(name, dims, build, config, sequences, streams)
+        if aliases is not None and not (isinstance(aliases, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in aliases.items())):
+            raise ModelLoadError(f"model {name!r}: aliases must map a dim name to a dim name or product, "
+                                 f"got {aliases!r}"[:300])
+        self.aliases = dict(aliases or {})
         self.name = name
         self.dims = dict(dims)
         self.build = build

@@ -170,7 +170,9 @@ def trace(model: Model) -> nx.MultiDiGraph:
     if not isinstance(model, Model):
         raise TraceError(f"trace() needs a qkvflow Model, got {type(model).__name__}")
     _check_declarations(model)
-    tracer = Tracer(model.dims, model.sequences, config=dict(model.config), model=model.name)
+    aliases = _aliases(model)
+    tracer = Tracer(model.dims, model.sequences, config=dict(model.config), model=model.name, aliases=aliases)
+    tracer.dims.aliases = aliases
     with activate(tracer), numpy_constants_traced():
         try:
             outputs = model.build()
@@ -221,6 +223,20 @@ def _check_use(model: Model, g: nx.MultiDiGraph) -> None:
             raise TraceError(f"model {model.name!r}: token input {attrs['name']!r} runs over "
                              f"{attrs['shape'][-1]!r}, which is not one of its sequence dims "
                              f"({', '.join(g.graph['sequences']) or 'none declared'})")
+
+
+def _aliases(model: Model) -> dict:
+    """The model's aliases, checked by size; kv_heads is heads when of one size."""
+    from ..ir.dims import size_of
+    aliases = dict(model.aliases)
+    if model.dims.get("kv_heads") is not None and model.dims.get("kv_heads") == model.dims.get("heads"):
+        aliases.setdefault("kv_heads", "heads")
+    for name, meaning in aliases.items():
+        have, want = size_of(name, model.dims), size_of(meaning, model.dims)
+        if have is None or want is None or have != want:
+            raise TraceError(f"model {model.name!r}: alias {name} = {meaning} needs both sized and equal, "
+                             f"got {have} and {want}")
+    return aliases
 
 
 def _check_declarations(model: Model) -> None:
