@@ -30,10 +30,15 @@ def port():
     return module, qf.trace(module.model())
 
 
-def test_the_port_changes_only_the_lines_it_marks():
-    plain = (EXAMPLES / "gpt2_numpy.py").read_text().split('\n\nif __name__ == "__main__":')[0].splitlines()
-    ported = (EXAMPLES / "gpt2_qkvflow.py").read_text().split("# --- port:")[0].splitlines()
-    body = lambda lines: lines[next(i for i, t in enumerate(lines) if t.startswith("def gelu")):]  # noqa: E731
+PORTS = {"gpt2": ("def gelu", 5, 2), "transformer": ("def softmax", 13, 6)}
+
+
+@pytest.mark.parametrize("name", PORTS)
+def test_the_port_changes_only_the_lines_it_marks(name):
+    first, marked, dropped = PORTS[name]
+    plain = (EXAMPLES / f"{name}_numpy.py").read_text().split('\n\nif __name__ == "__main__":')[0].splitlines()
+    ported = (EXAMPLES / f"{name}_qkvflow.py").read_text().split("# --- port:")[0].splitlines()
+    body = lambda lines: lines[next(i for i, t in enumerate(lines) if t.startswith(first)):]  # noqa: E731
     diff = list(difflib.ndiff(body(plain), body(ported)))
     words = lambda line: " ".join(line.split())  # noqa: E731 - the same line, re-indented
     removed = {words(line[2:]) for line in diff if line.startswith("- ")}
@@ -41,8 +46,8 @@ def test_the_port_changes_only_the_lines_it_marks():
     # Every new line is marked, or is an old line indented into the stream scope.
     unmarked = [line for line in added if not line.rstrip().endswith("# port") and words(line) not in removed]
     assert not unmarked, unmarked
-    assert sum(line.rstrip().endswith("# port") for line in added) == 5
-    assert len(removed - {words(line) for line in added}) == 2  # the causal mask and the loop header
+    assert sum(line.rstrip().endswith("# port") for line in added) == marked
+    assert len(removed - {words(line) for line in added}) == dropped  # lines the marked ones replace
 
 
 def test_the_port_checks_clean_and_runs_equal_to_numpy(port):
@@ -78,3 +83,41 @@ def test_mistakes_planted_in_the_port_are_found(tmp_path, old, new, code):
     path.write_text(source.replace(old, new))
     found = qf.check(qf.trace(_load("planted", path).model()))
     assert code in {d.code for d in found}, [d.text() for d in found]
+
+
+def test_the_encoder_decoder_port_gives_the_textbook_table_and_numpy_logits():
+    module = _load("transformer_qkvflow")
+    g = qf.trace(module.model())
+    assert qf.check(g, strict=True) == []
+    rows = [(r["attention"], r["q"], r["k"], r["v"], r["mask"], r["count"]) for r in provenance(g)]
+    assert rows == [
+        ("encoder self-attention", "encoder stream", "encoder stream", "encoder stream", "source padding", 2),
+        ("masked decoder self-attention", "decoder stream", "decoder stream", "decoder stream",
+         "causal + target padding", 2),
+        ("cross-attention", "decoder stream", "encoder final output", "encoder final output", "source padding", 2)]
+    assert all(len(r["sites"]) == 3 for r in g.graph["attention"].values())  # one softmax per head
+    plain = _load("transformer_numpy")
+    params = qf.init_params(g, seed=3)
+    rng = np.random.default_rng(5)
+    src, tgt = rng.integers(1, 29, (2, 8)), rng.integers(1, 29, (2, 6))
+    src[1, -3:] = 0
+    tgt[0, -2:] = 0
+    logits = qf.forward(g, params, src, tgt)["logits"]
+    assert np.abs(logits - plain.transformer(src, tgt, **module.nested(params))).max() <= 1e-12
+
+
+@pytest.mark.parametrize("old, new, code", [
+    ("cross(y, memory, src_keep[:, None, :], W[\"cross\"])", "cross(y, y, src_keep[:, None, :], W[\"cross\"])",
+     "QKV301"),
+    ("encoder_self(x, x, src_keep[:, None, :], W[\"self\"])", "encoder_self(x, x, src_keep[:, :, None], W[\"self\"])",
+     "QKV402"),
+    ("keep = np.tril(np.ones((T, T), dtype=bool))[None] &", "keep = np.ones((T, T), dtype=bool)[None] &", "QKV401"),
+], ids=["cross-reads-the-decoder", "padding-on-the-query-axis", "no-causal-triangle"])
+def test_mistakes_planted_in_the_encoder_decoder_port_are_found(tmp_path, old, new, code):
+    source = (EXAMPLES / "transformer_qkvflow.py").read_text()
+    assert old in source
+    path = tmp_path / "planted.py"
+    path.write_text(source.replace(old, new))
+    found = qf.check(qf.trace(_load("planted", path).model()))
+    assert code in {d.code for d in found}, [d.text() for d in found]
+
