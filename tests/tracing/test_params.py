@@ -82,6 +82,11 @@ def test_values_taken_from_the_queries_part_are_qkv307():
     assert [(d.code, d.node) for d in found] == [("QKV307", "lm.h.0.self_attn.matmul"),
                                                 ("QKV307", "lm.h.1.self_attn.matmul")]
     assert "V is computed by Q's projection" in found[0].message
+    # The projection is made in the helper linear(); the finding names the block's line that called it.
+    lines = open(gpt.__file__, encoding="utf-8").read().splitlines()
+    line = int(found[0].source.rsplit(":", 1)[1])
+    assert "np.split(linear(x, **c_attn)" in lines[line - 1]
+    assert lines.index("def attention_v_is_q(") < line - 1
 
 
 def test_a_split_that_cannot_name_its_parts_is_a_finding():

@@ -23,5 +23,18 @@ class Diagnostic:
 
 def diag(g, code, node, message, severity="error", source=None) -> Diagnostic:
     """A finding at graph node ``node``; its source is the node's unless given."""
-    src = source or (g.nodes[node].get("source", "?") if node in g else "?")
+    src = source or (_node_source(g, node) if node in g else "?")
     return Diagnostic(code, severity, message, node, src, g.graph.get("model", ""))
+
+
+def _node_source(g, node: str) -> str:
+    """The line a node came from; for a node a helper made inside an attention
+    block, the block's own line that called the helper."""
+    d = g.nodes[node]
+    record = g.graph.get("attention", {}).get(d.get("attention_block")) or {}
+    span = record.get("span") or []
+    for where in [d.get("source", "?"), *d.get("callers", [])]:
+        path, _, line = where.rpartition(":")
+        if len(span) == 3 and path == span[0] and line.isdigit() and span[1] <= int(line) <= span[2]:
+            return where
+    return d.get("source", "?")

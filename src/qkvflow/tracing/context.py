@@ -145,26 +145,37 @@ class Context:
         block, even when it calls a qkvflow helper), else the innermost
         frame outside qkvflow's tracing machinery (a built-in block).
         """
+        return Context.user_sources(depth=1)[0]
+
+    @staticmethod
+    def user_sources(depth: int = 4) -> list:
+        """Up to ``depth`` ``file:line`` of the user's frames, innermost first (a
+        helper's line, then the line in the block that called it), else the
+        innermost frame outside qkvflow's tracing machinery; ["?"] for none."""
         frame = sys._getframe(1)
-        fallback = None
-        while frame is not None and frame.f_code not in ENTRY_CODES:
+        fallback, found = None, []
+        while frame is not None and frame.f_code not in ENTRY_CODES and len(found) < depth:
             filename = frame.f_code.co_filename
             if filename not in _INTERNAL:
                 if fallback is None:
                     fallback = frame
                 if not filename.startswith(PACKAGE_DIR + os.sep):
-                    return _where(frame)
+                    found.append(_where(frame))
             frame = frame.f_back
-        return _where(fallback) if fallback is not None else "?"
+        return found or [_where(fallback) if fallback is not None else "?"]
 
 
 def _where(frame) -> str:
-    filename = frame.f_code.co_filename
+    return f"{shown_path(frame.f_code.co_filename)}:{frame.f_lineno}"
+
+
+def shown_path(filename: str) -> str:
+    """A source file as findings name it: relative to the working folder when inside it."""
     try:
         rel = os.path.relpath(filename)
     except ValueError:
         rel = filename
-    return f"{filename if rel.startswith('..') else rel}:{frame.f_lineno}"
+    return filename if rel.startswith("..") else rel
 
 
 class Eager(Context):

@@ -26,7 +26,7 @@ from ..ir.errors import QkvflowError, TraceError
 from ..ir.graph import new_graph
 from ..ir.ops import infer
 from ..ir.shapes import ShapeIssue
-from .context import ENTRY_CODES, PACKAGE_DIR, Context, Model, activate
+from .context import ENTRY_CODES, PACKAGE_DIR, Context, Model, activate, shown_path
 from .tensor import Sym, numpy_constants_traced
 
 __all__ = ["trace", "Tracer"]
@@ -76,7 +76,8 @@ class Tracer(Context):
             meta = infer(op, metas, attrs, params, self.dims)
         except ShapeIssue as issue:
             meta = issue.fallback  # the checker reports it; keep tracing
-        source = self.user_source()
+        sources = self.user_sources()
+        source = sources[0]
         if source == "?" and args:  # recorded by trace() itself, e.g. an output marker
             source = self.graph.nodes[args[0].node]["source"]
         self.graph.add_node(
@@ -84,6 +85,8 @@ class Tracer(Context):
             key_axis=meta.key_axis, attrs=attrs, params=params,
             source=source, **self.scope_attrs(),
         )
+        if len(sources) > 1:  # made in a helper: the lines that called it, for findings
+            self.graph.nodes[path]["callers"] = sources[1:]
         for i, a in enumerate(args):
             role = roles[i] if roles else None
             if role is None:
@@ -116,6 +119,7 @@ class Tracer(Context):
             output_shape=out.names if isinstance(out, Sym) else None,
             call_source=self.user_source(),  # the line that called the block
             annotation_sources=dict(_annotation_lines(record.get("source", ""))),
+            span=_function_span(record.get("source", "")),
         )
         self.graph.graph["attention"][path] = record
 
@@ -140,6 +144,19 @@ def _annotation_lines(source: str) -> dict:
     if fn.returns is not None:
         found["return"] = f"{path}:{first + fn.returns.lineno}"
     return found
+
+
+@functools.lru_cache(maxsize=256)
+def _function_span(source: str) -> list:
+    """[file, first line, last line] of the function defined at ``source``; [] when unreadable."""
+    path, _, line = source.rpartition(":")
+    if not line.isdigit():
+        return []
+    try:
+        block = inspect.getblock(linecache.getlines(path)[int(line) - 1:])
+    except (SyntaxError, IndexError, ValueError, tokenize.TokenError):
+        return []
+    return [shown_path(path), int(line), int(line) + len(block) - 1] if block else []
 
 
 def _failing_line(err: Exception, user_only: bool = False) -> str | None:
