@@ -115,6 +115,11 @@ def _origin_words(fact) -> str:
     return f"{fact['stream'] or 'no'} stream{layer} ({fact['node']})"
 
 
+def _wiring(*args, **kwargs):
+    """A finding about what a block reads: at the block's own line (see ``diag``)."""
+    return diag(*args, wiring=True, **kwargs)
+
+
 def _site(rec, role: str, default: str) -> tuple[str, str | None]:
     """Where a wrong ``role`` origin is read: (node, source or None for the node's).
 
@@ -135,7 +140,7 @@ def _provenance(g):
     for block, rec in g.graph["attention"].items():
         unknown = [(r, s) for r, s in rec["declared"].items() if r in "qkv" and s != "memory" and s not in streams]
         for role, state in unknown:
-            yield diag(g, "QKV301", block,
+            yield _wiring(g, "QKV301", block,
                        f"{block} declares {role}={state!r}, which is not a stream of the model "
                        f"(streams: {', '.join(sorted(streams)) or 'none'}; or 'memory')", source=rec["source"])
         if not rec["sites"]:
@@ -183,25 +188,25 @@ def _site_provenance(g, block: str, rec: dict):
         if want == "memory" and fact["state"] == "memory":
             continue
         if want == "memory" and fact["stream"] == _memory_stream(g):
-            yield diag(g, "QKV303", node,
+            yield _wiring(g, "QKV303", node,
                        f"{block}: {role.upper()} reads {got}, an intermediate {fact['stream']} state; "
                        f"declared: {_state_words(g, want)}", source=source)
         elif want == "memory" or fact["stream"] != want or fact["state"] == "memory":
-            yield diag(g, "QKV301", node,
+            yield _wiring(g, "QKV301", node,
                        f"{block}: {role.upper()} comes from {got}; declared: {_state_words(g, want)}",
                        source=source)
         elif fact["state"] == "stale":
-            yield diag(g, "QKV304", node,
+            yield _wiring(g, "QKV304", node,
                        f"{block}: {role.upper()} reads {got}, not the state entering layer "
                        f"{rec['layer']}", source=source)
     if origins.get("k") != origins.get("v"):
         node, source = _site(rec, "v", rec["attend"])
-        yield diag(g, "QKV302", node,
+        yield _wiring(g, "QKV302", node,
                    f"{block}: K comes from {_origin_words(facts['k'])} but V from "
                    f"{_origin_words(facts['v'])}; they must read the same state", source=source)
     elif rec["kind"] != "cross" and origins.get("q") != origins.get("k"):
         node, source = _site(rec, "k", rec["scores"])
-        yield diag(g, "QKV302", node,
+        yield _wiring(g, "QKV302", node,
                    f"{block}: self-attention Q comes from {_origin_words(facts['q'])} but K and V "
                    f"from {_origin_words(facts['k'])}", source=source)
 
@@ -220,7 +225,7 @@ def _shared_projections(g, block, rec):
         apart = set(paths.get(role, ())) ^ set(paths.get(other, ()))
         if other and _is_projection(g, node) and not any(
                 g.nodes[n]["op"] == "split_part" for n in apart if n in g):
-            yield diag(g, "QKV307", node,
+            yield _wiring(g, "QKV307", node,
                        f"{block}: {role.upper()} is computed by {other.upper()}'s projection "
                        f"{node}; each of Q, K and V needs its own")
         seen.setdefault(node, role)

@@ -21,9 +21,14 @@ class Diagnostic:
         return f"{self.source}: {self.severity}: {self.code} {self.message} [{self.model}: {self.node}]"
 
 
-def diag(g, code, node, message, severity="error", source=None) -> Diagnostic:
-    """A finding at graph node ``node``; its source is the node's unless given."""
-    src = source or (_node_source(g, node) if node in g else "?")
+def diag(g, code, node, message, severity="error", source=None, wiring: bool = False) -> Diagnostic:
+    """A finding at graph node ``node``; its source is the node's unless given.
+
+    A ``wiring`` finding (what a block reads) on a node a helper made is put at
+    the block's line that called the helper: the wiring is the block's; a
+    shape finding stays at the op's own line, even in a helper.
+    """
+    src = source or ((_node_source(g, node) if wiring else g.nodes[node].get("source", "?")) if node in g else "?")
     return Diagnostic(code, severity, message, node, src, g.graph.get("model", ""))
 
 
