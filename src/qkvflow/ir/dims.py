@@ -47,7 +47,11 @@ class DimTable(dict):
         return sorted(out)
 
     def same(self, a: str, b: str) -> bool:
-        return a == b or self.atoms(a) == self.atoms(b)
+        """Equal names, the same factors, or a literal size (``2*2``) and a dim of that size."""
+        if a == b or self.atoms(a) == self.atoms(b):
+            return True
+        literal = [n for n in (a, b) if all(f.isdigit() for f in factors(n)) and n != "1"]
+        return bool(literal) and size_of(a, self) is not None and size_of(a, self) == size_of(b, self)
 
     def seq_of(self, name: str) -> str | None:
         """The sequence dim a (possibly composite) dim name runs over, if any."""

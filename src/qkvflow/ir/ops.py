@@ -87,7 +87,7 @@ def _op(name: str, doc: str, groups: tuple, shape: Callable, style: str, choices
 
 _ELEMENTWISE_FNS = ("add", "sub", "mul", "div", "pow", "maximum", "minimum", "eq", "ne", "lt", "le", "gt",
                     "ge", "and", "or", "neg", "not", "exp", "log", "sqrt", "tanh", "abs", "square",
-                    "astype_float", "astype_bool", "astype_int")
+                    "astype_float", "astype_bool", "astype_int", "sin", "cos", "reciprocal")
 
 
 _S, _P, _E, _M = Group.SOURCE, Group.PARAMETRISED, Group.ELEMENTWISE, Group.MOVEMENT
@@ -154,6 +154,10 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
         (_E,), shapes.triangle, "mask"),
     _op("triu", "the upper triangle, diagonal offset attrs.k (np.triu): of -inf with k = 1, a causal bias",
         (_E,), shapes.triangle, "mask"),
+    _op("constant", "a small constant array attrs.value (nested lists) of shape attrs.shape, its dims "
+        "named by their sizes: rotary frequencies", (_S,), shapes.fill, "mask"),
+    _op("slice", "entries attrs.start .. attrs.stop - 1 of a sized dim along attrs.axis: x[..., :half]",
+        (_M,), shapes.slice_range, "numpy"),
     _op("prefix", "the first attrs.length entries along attrs.axis: table[:T] (learned positions)",
         (_M,), shapes.prefix, "numpy"),
     _op("repeat", "each entry attrs.repeats times along attrs.axis (np.repeat: K/V heads of "

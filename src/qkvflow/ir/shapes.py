@@ -526,3 +526,11 @@ def triangle(ins, attrs, params, dims):
     square = len(x.shape) >= 2 and x.shape[-1] == x.shape[-2]
     return Meta(x.shape, len(x.shape) - 1 if square else x.key_axis, x.dtype)
 
+
+def slice_range(ins, attrs, params, dims):
+    """A range of a sized dim: its part is named by its size (``x[..., :2]`` of d_head 4: ``2``)."""
+    (x,) = ins
+    axis = attrs["axis"]
+    size = max(attrs["stop"] - attrs["start"], 0)
+    return Meta(x.shape[:axis] + (str(size),) + x.shape[axis + 1:], x.key_axis, x.dtype)
+

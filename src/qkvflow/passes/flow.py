@@ -460,7 +460,13 @@ def _split_part(g, node, ins, flows):
     return _remap(flows[0], {a: a for a in range(rank) if not (split_seq and a == axis)})
 
 
-@implement("transfer", "fill", "arange")
+@implement("transfer", "slice")
+def _slice(g, node, ins, flows):
+    """A range of a sized (feature) dim keeps every fact; of a sequence axis it mixes."""
+    return _split_part(g, node, ins, flows)
+
+
+@implement("transfer", "fill", "arange", "constant")
 def _constant(g, node, ins, flows):
     return Flow()  # the same for every token
 

@@ -171,6 +171,7 @@ _ELEMENTWISE = {
     "sqrt": np.sqrt, "tanh": np.tanh, "abs": np.abs, "square": np.square,
     "astype_float": lambda x: np.asarray(x, dtype=np.float64) if np.asarray(x).dtype.kind != "f" else x,
     "astype_bool": lambda x: np.asarray(x).astype(bool), "astype_int": lambda x: np.asarray(x).astype(np.int64),
+    "sin": np.sin, "cos": np.cos, "reciprocal": np.reciprocal,
 }
 _REDUCE = {"sum": np.sum, "mean": np.mean, "max": np.max, "min": np.min}
 
@@ -257,6 +258,9 @@ _kernel("fill", None, lambda k, i, a, p, s: np.full(
 _kernel("arange", None, lambda k, i, a, p, s: np.arange(size_of(a["length"], s)))
 _kernel("tril", None, lambda k, i, a, p, s: np.tril(i[0], a["k"]))
 _kernel("triu", None, lambda k, i, a, p, s: np.triu(i[0], a["k"]))
+_kernel("constant", None, lambda k, i, a, p, s: np.asarray(
+    a["value"], dtype={"bool": bool, "int": np.int64}.get(a["dtype"], float)))
+_kernel("slice", None, lambda k, i, a, p, s: i[0][(slice(None),) * a["axis"] + (slice(a["start"], a["stop"]),)])
 _kernel("prefix", None, lambda k, i, a, p, s: _prefix(i[0], a["axis"], s[a["length"]]))
 _kernel("repeat", None, lambda k, i, a, p, s: np.repeat(i[0], a["repeats"], axis=a["axis"]))
 _kernel("gather", None, lambda k, i, a, p, s: i[0][i[1]])

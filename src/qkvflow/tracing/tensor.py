@@ -23,7 +23,7 @@ from .context import Eager, current
 __all__ = [
     "Sym", "apply", "reshape", "transpose", "swapaxes", "matmul", "einsum", "where", "reduce",
     "elementwise", "concat", "index", "split", "param", "expand_dims", "squeeze", "stack", "var",
-    "astype", "repeat", "numpy_ufunc", "numpy_function",
+    "astype", "repeat", "constant", "numpy_ufunc", "numpy_function",
 ]
 
 
@@ -255,6 +255,13 @@ def _resolve_reshape(x: Sym, shape: tuple) -> tuple:
     return tuple(names)
 
 
+def _int_bounds(s: slice) -> bool:
+    """A slice with plain integer bounds (not dims): x[..., :half], x[..., half:]."""
+    bounds = [b for b in (s.start, s.stop) if b is not None]
+    return bool(bounds) and all(isinstance(b, numbers.Integral) and not isinstance(b, (Dim, bool))
+                                for b in bounds)
+
+
 def _dim_of_size(x: Sym, size: int, shape: tuple) -> str:
     """The model dim a bare size in a reshape stands for: the one dim of that size."""
     fits = [name for name, s in x.tracer.dims.items() if s == size]
@@ -337,6 +344,21 @@ def einsum(equation: str, *operands):
     return apply("einsum", [_need_sym(o, "einsum") for o in operands], attrs={"equation": equation})
 
 
+CONSTANT_LIMIT = 1 << 16  # entries a constant array may have (it is stored in the graph)
+
+
+def constant(value) -> Sym:
+    """A small NumPy array as a graph constant; its dims are named by their sizes."""
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "biuf" or arr.size > CONSTANT_LIMIT or arr.ndim == 0:
+        raise TraceError(f"a constant array of shape {arr.shape} and dtype {arr.dtype} cannot be traced: "
+                         f"only numeric arrays of up to {CONSTANT_LIMIT} entries")
+    kind = {"b": "bool", "i": "int", "u": "int"}.get(arr.dtype.kind, "float")
+    shape = tuple(str(n) for n in arr.shape)
+    return tracer().record("constant", [], name="constant",
+                           attrs={"shape": shape, "dtype": kind, "value": arr.tolist()})
+
+
 def _scalar(v):
     if isinstance(v, (bool, np.bool_)):
         return bool(v)
@@ -386,6 +408,9 @@ def elementwise(fn: str, a, b=None):
         return apply("elementwise", [a], attrs={"fn": fn, "const": sb})
     if isinstance(b, Sym) and sa is not None:
         return apply("elementwise", [b], attrs={"fn": fn, "const": sa, "const_first": True})
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):  # a constant table (e.g. rotary frequencies)
+        return apply("elementwise", [a if isinstance(a, Sym) else constant(a),
+                                     b if isinstance(b, Sym) else constant(b)], attrs={"fn": fn})
     raise TraceError(f"{fn} of a traced tensor and a {type(b if isinstance(a, Sym) else a).__name__}: "
                      "only scalars or traced tensors can be combined")
 
@@ -399,7 +424,9 @@ def concat(parts, axis: int = -1):
     # the count is named when exactly one model dim has that size.
     ctx = current()
     named = [d for d, size in (ctx.dims.items() if ctx is not None else ()) if size == len(syms)]
-    if len(named) == 1:
+    joined = [s.names[int(axis) % s.ndim] for s in syms]
+    literal = all(n != "1" and all(f.isdigit() for f in n.split("*")) for n in joined)
+    if len(named) == 1 and not literal:  # literal sizes join to a literal size (2 halves of 2: 2*2)
         attrs["count_name"] = named[0]
     return apply("concat", syms, attrs=attrs)
 
@@ -434,6 +461,15 @@ def index(x, idx):
             prefix = (len(names), axis, i.stop.name)  # table[:T]: the first T rows
             names.append(i.stop.name)
             axis += 1
+        elif isinstance(i, slice) and i.step in (None, 1) and prefix is None and _int_bounds(i):
+            size = size_of(x.names[axis], x.tracer.dims)
+            if size is None:
+                raise TraceError(f"indexing {x.node} with {i!r}: a slice with sizes needs a sized dim, "
+                                 f"not {x.names[axis]}")
+            start, stop, _ = i.indices(size)
+            prefix = (len(names), axis, (start, stop))  # x[..., :half]: a range of a sized dim
+            names.append(str(max(stop - start, 0)))
+            axis += 1
         else:
             raise TraceError(
                 f"indexing {x.node} with {i!r}: only None, ':' and '...' can be traced"
@@ -441,8 +477,11 @@ def index(x, idx):
     names.extend(x.names[axis:])
     if prefix is not None:
         out_axis, in_axis, length = prefix
-        x = apply("prefix", [x], attrs={"axis": in_axis, "length": length})
-        names[out_axis] = length
+        if isinstance(length, tuple):
+            x = apply("slice", [x], attrs={"axis": in_axis, "start": length[0], "stop": length[1]})
+        else:
+            x = apply("prefix", [x], attrs={"axis": in_axis, "length": length})
+            names[out_axis] = length
         if tuple(names) == x.names:
             return x
     return apply("reshape", [x], attrs={"shape": tuple(names)})
@@ -456,6 +495,7 @@ _UFUNCS = {
     "less": "lt", "less_equal": "le", "greater": "gt", "greater_equal": "ge",
     "logical_and": "and", "logical_or": "or", "logical_not": "not", "negative": "neg",
     "exp": "exp", "log": "log", "sqrt": "sqrt", "tanh": "tanh", "absolute": "abs", "square": "square",
+    "sin": "sin", "cos": "cos", "reciprocal": "reciprocal",
     "matmul": None,
 }
 
