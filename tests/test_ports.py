@@ -30,7 +30,7 @@ def port():
     return module, qf.trace(module.model())
 
 
-PORTS = {"gpt2": ("def gelu", 5, 2), "transformer": ("def softmax", 13, 6)}
+PORTS = {"gpt2": ("def gelu", 5, 2), "transformer": ("def softmax", 13, 6), "llama": ("def softmax", 4, 1)}
 
 
 @pytest.mark.parametrize("name", PORTS)
@@ -115,6 +115,36 @@ def test_the_encoder_decoder_port_gives_the_textbook_table_and_numpy_logits():
 ], ids=["cross-reads-the-decoder", "padding-on-the-query-axis", "no-causal-triangle"])
 def test_mistakes_planted_in_the_encoder_decoder_port_are_found(tmp_path, old, new, code):
     source = (EXAMPLES / "transformer_qkvflow.py").read_text()
+    assert old in source
+    path = tmp_path / "planted.py"
+    path.write_text(source.replace(old, new))
+    found = qf.check(qf.trace(_load("planted", path).model()))
+    assert code in {d.code for d in found}, [d.text() for d in found]
+
+
+def test_the_llama_port_with_rotary_positions_and_grouped_queries_runs_equal_to_numpy():
+    module = _load("llama_qkvflow")
+    g = qf.trace(module.model())
+    assert qf.check(g, strict=True) == []
+    block = g.graph["attention"]["llama.layers.1.self_attn"]
+    assert [g.nodes[n]["shape"] for n in g if n.startswith("llama.layers.1.self_attn.repeat")] == [
+        ("batch", "heads", "seq", "d_head")] * 2
+    assert block["sites"][0]["masks"] == ["causal"]
+    plain = _load("llama_numpy")
+    params = qf.init_params(g, seed=11)
+    ids = np.random.default_rng(3).integers(0, 29, (2, 9))
+    logits = qf.forward(g, params, ids=ids)["logits"]
+    assert np.abs(logits - plain.llama(ids, **module.nested(params), n_head=4, n_kv_head=2)).max() <= 1e-12
+
+
+@pytest.mark.parametrize("old, new, code", [
+    ("k = np.repeat(k, n_head // n_kv_head, axis=1)", "k = np.repeat(k, n_head // n_kv_head, axis=2)", "QKV201"),
+    ("causal = np.tril(np.ones((T, T), dtype=bool))", "causal = np.tril(np.ones((T, T), dtype=bool), k=1)",
+     "QKV401"),
+    ("q, k = rope(q, T), rope(k, T)", "q, k = rope(q, T), rope(v, T)", "QKV307"),
+], ids=["repeat-over-positions", "mask-one-step-ahead", "k-rotated-from-v"])
+def test_mistakes_planted_in_the_llama_port_are_found(tmp_path, old, new, code):
+    source = (EXAMPLES / "llama_qkvflow.py").read_text()
     assert old in source
     path = tmp_path / "planted.py"
     path.write_text(source.replace(old, new))
