@@ -151,3 +151,13 @@ def test_mistakes_planted_in_the_llama_port_are_found(tmp_path, old, new, code):
     found = qf.check(qf.trace(_load("planted", path).model()))
     assert code in {d.code for d in found}, [d.text() for d in found]
 
+
+@pytest.mark.parametrize("name, family", [("gpt2", "masked self-attention"), ("llama", "masked self-attention"),
+                                          ("transformer", "cross-attention")])
+def test_every_port_explains_and_renders(name, family):
+    g = qf.trace(_load(f"{name}_qkvflow").model())
+    assert family in {r["attention"] for r in provenance(g)}
+    assert "causal" in qf.explain(g, lang="en") and "因果掩码" in qf.explain(g, lang="zh")
+    text = qf.render(g, fmt="mmd")
+    assert text.startswith("flowchart TB") and "mask: causal" in text
+
