@@ -27,7 +27,7 @@ def layer_norm_over_positions(x):
     return (x - x.mean(axis=-1, keepdims=True)) / np.sqrt(x.var(axis=1, keepdims=True) + 1e-5)  # BUG
 
 
-def grouped_query(repeat_axis: int = 1, bias_sign: float = 1.0):
+def grouped_query(repeat_axis: int = 1, bias_sign: float = 1.0, by_name: bool = False):
     """Masked self-attention with 4 query heads over 2 repeated K/V heads."""
 
     @qf.attention("decoder_self", q="lm", k="lm", v="lm", mask="causal")
@@ -38,7 +38,7 @@ def grouped_query(repeat_axis: int = 1, bias_sign: float = 1.0):
         """Q from the lm stream in heads; K, V in kv_heads, each repeated heads // kv_heads times."""
         B, T, D = x.shape
         H, KV = qf.dim("heads"), qf.dim("kv_heads")
-        Dh = D // H                                                          # a bare 3: d_head
+        Dh = qf.dim("d_head") if by_name else D // H                        # a bare 3: d_head
         q = nn.linear(x, "heads*d_head", name="q_proj").reshape(B, T, H, Dh).transpose(0, 2, 1, 3)
         k = nn.linear(x, "kv_heads*d_head", name="k_proj").reshape(B, T, KV, Dh).transpose(0, 2, 1, 3)
         v = nn.linear(x, "kv_heads*d_head", name="v_proj").reshape(B, T, KV, Dh).transpose(0, 2, 1, 3)
@@ -145,7 +145,10 @@ def _refused(body):
     (lambda x: x.reshape(qf.dim("heads"), -1, 6), "the bare size 6 names no one dim (no dim has size 6)"),
     (lambda x: x.var(axis=-1, ddof=1), "only ddof=0 traces"),
     (lambda x: x.astype(np.complex64), "only float, bool and int dtypes trace"),
-    (lambda x: np.repeat(x, [1, 2], axis=1), "give one repeat count and an axis"),
+    (lambda x: np.repeat(x, [1, 2], axis=1), "give one repeat count of 1 or more and an axis"),
+    (lambda x: np.repeat(x, 2), "give one repeat count of 1 or more and an axis"),
+    (lambda x: np.stack([x, x], axis=7), "axis 7 is out of range for 4 axes"),
+    (lambda x: x.var(axis=5), "axis 5 is out of range for 3 axes"),
 ])
 def test_what_is_not_traced_is_one_sentence(body, message):
     with pytest.raises(TraceError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -280,3 +283,78 @@ def test_two_dims_under_two_names_are_still_two():
                             aliases={"d_v": "d_ff"}))
     found = qf.check(qf.trace(_one_block(named_apart("kv_heads", "d_head", ("heads*d_head", "d_model")), DIMS)))
     assert "QKV201" in {d.code for d in found}  # 2 K/V heads against 4 query heads, never repeated
+
+
+def test_a_lower_triangle_below_the_diagonal_is_not_causal():
+    """tril(ones, -1) masks the diagonal too: row 0 keeps no key, and its weights spread over all."""
+
+    @qf.attention("decoder_self", q="lm", k="lm", v="lm", mask="causal")
+    def strictly_lower(x, causal):
+        T = x.shape[1]
+        q, k, v = (nn.linear(x, "d_model", name=f"{r}_proj") for r in "qkv")
+        s = np.where(np.tril(np.ones((T, T), dtype=bool), -1), q @ k.swapaxes(-1, -2) / np.sqrt(12), -1e9)
+        return nn.softmax(s, axis=-1) @ v
+
+    assert {"QKV306", "QKV401"} <= {d.code for d in qf.check(qf.trace(_one_block(strictly_lower, DIMS)))}
+
+
+def test_grouped_queries_are_named_when_another_dim_has_the_size_of_heads():
+    dims = {**DIMS, "d_head": 4, "d_model": 16, "heads": 4, "kv_heads": 2}
+    assert qf.check(qf.trace(lm_with(dims, grouped_query(by_name=True))), strict=True) == []
+    with pytest.raises(TraceError, match="the bare size 4 names no one dim .dims heads, d_head all have size 4."):
+        qf.trace(lm_with(dims, grouped_query()))  # D // H is 4: heads or d_head?
+
+
+def lm_with(dims, block):
+    model = lm(block)
+    return qf.Model(model.name, dims, model.build, sequences={"seq": "causal"}, streams=("lm",))
+
+
+def test_one_part_of_a_fused_projection_taken_twice_is_shared():
+    @qf.attention("decoder_self", q="lm", k="lm", v="lm", mask="causal")
+    def k_is_q(x, causal):
+        qkv = x @ qf.param("w", ("d_model", "3*d_model"))
+        q, k, v = np.split(qkv, 3, axis=-1)[0], np.split(qkv, 3, axis=-1)[0], np.split(qkv, 3, axis=-1)[2]
+        s = np.where(causal, q @ k.swapaxes(-1, -2) / np.sqrt(12), -np.inf)
+        return nn.softmax(s, axis=-1) @ v
+
+    assert "QKV307" in {d.code for d in qf.check(qf.trace(_one_block(k_is_q, DIMS)))}
+
+
+def test_the_first_entries_of_a_token_tensor_keep_their_positions():
+    def run():
+        ids = nn.input("ids", ("batch", "seq"))
+        with qf.scope("lm", stream="lm"):
+            x = qf.param("wte", ("vocab", "d_model"))[ids]
+            return {"y": x[:, :ids.shape[-1]] + x}
+
+    assert qf.check(qf.trace(qf.Model("prefix", DIMS, run, sequences={"seq": "causal"}, streams=("lm",)))) == []
+
+
+def test_a_softmax_whose_sum_is_expanded_by_indexing_is_a_softmax():
+    @qf.attention("decoder_self", q="lm", k="lm", v="lm", mask="causal")
+    def expanded(x, causal):
+        q, k, v = (nn.linear(x, "d_model", name=f"{r}_proj") for r in "qkv")
+        s = np.where(causal, q @ k.swapaxes(-1, -2) / np.sqrt(12), -np.inf)
+        e = np.exp(s - s.max(axis=-1, keepdims=True))
+        return (e / e.sum(axis=-1)[..., None]) @ v
+
+    assert qf.check(qf.trace(_one_block(expanded, DIMS)), strict=True) == []
+
+
+def test_traces_may_overlap_in_two_threads_and_numpy_comes_back():
+    import threading
+    ones = np.ones
+    results, start = [], threading.Barrier(2)
+
+    def work():
+        start.wait()
+        for _ in range(3):
+            results.append(qf.check(qf.trace(lm(causal_from_a_table("tril")))))
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [[]] * 6 and np.ones is ones

@@ -320,6 +320,8 @@ def softmax_logits(g: nx.MultiDiGraph, node: str) -> str | None:
     if d["op"] != "elementwise" or d["attrs"].get("fn") != "div" or "const" in d["attrs"]:
         return None
     numerator, denominator = arg_nodes(g, node)
+    while g.nodes[denominator]["op"] == "reshape":  # e.sum(-1)[..., None]
+        denominator = arg_nodes(g, denominator)[0]
     total = g.nodes[denominator]
     if total["op"] != "reduce" or total["attrs"].get("fn") != "sum" or len(total["attrs"]["axis"]) != 1:
         return None

@@ -150,7 +150,7 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
     _op("fill", "a constant attrs.value of shape attrs.shape (dim names) and attrs.dtype: "
         "np.ones((T, T)), np.full((T, T), -inf)", (_S,), shapes.fill, "mask"),
     _op("arange", "the positions 0 .. size(attrs.length) - 1: np.arange(T)", (_S,), shapes.arange, "mask"),
-    _op("tril", "the lower triangle, diagonal offset attrs.k (np.tril): of ones, a causal mask when k <= 0",
+    _op("tril", "the lower triangle, diagonal offset attrs.k (np.tril): of ones, a causal mask when k = 0",
         (_E,), shapes.triangle, "mask"),
     _op("triu", "the upper triangle, diagonal offset attrs.k (np.triu): of -inf with k = 1, a causal bias",
         (_E,), shapes.triangle, "mask"),

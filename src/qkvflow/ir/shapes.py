@@ -498,7 +498,8 @@ def repeat(ins, attrs, params, dims):
     axis, r = attrs["axis"], attrs["repeats"]
     name = x.shape[axis]
     size = size_of(name, dims)
-    fits = [d for d, s in dims.items() if size is not None and s == size * r] if size is not None else []
+    others = {f for n in x.shape for f in factors(n)}
+    fits = [d for d, s in dims.items() if size is not None and s == size * r and d not in others]
     grown = fits[0] if len(fits) == 1 else f"{r}*{name}" if r > 1 else name
     return Meta(x.shape[:axis] + (grown,) + x.shape[axis + 1:], x.key_axis, x.dtype)
 

@@ -222,13 +222,17 @@ def _shared_projections(g, block, rec):
     for role in ("q", "k", "v"):
         node = entries.get(role)
         other = seen.get(node)
-        apart = set(paths.get(role, ())) ^ set(paths.get(other, ()))
-        if other and _is_projection(g, node) and not any(
-                g.nodes[n]["op"] == "split_part" for n in apart if n in g):
+        if other and _is_projection(g, node) and _parts(g, paths.get(role, ())) == _parts(g, paths.get(other, ())):
             yield _wiring(g, "QKV307", node,
                        f"{block}: {role.upper()} is computed by {other.upper()}'s projection "
                        f"{node}; each of Q, K and V needs its own")
         seen.setdefault(node, role)
+
+
+def _parts(g, path) -> set:
+    """Which parts of which splits a way back takes: (split input, part index)."""
+    return {(next(iter(g.predecessors(n))), g.nodes[n]["attrs"]["index"])
+            for n in path if n in g and g.nodes[n]["op"] == "split_part"}
 
 
 def _is_projection(g, node) -> bool:

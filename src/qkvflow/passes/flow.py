@@ -473,7 +473,7 @@ def _constant(g, node, ins, flows):
 
 @implement("transfer", "tril", "triu")
 def _triangle(g, node, ins, flows):
-    """A triangle of a constant over (seq, seq): tril(ones, k <= 0) keeps the past
+    """A triangle of a constant over (seq, seq): tril(ones, 0) keeps the past
     (values (1, 0)); triu(full(-inf), 1) is the matching bias (values (0, -inf))."""
     d = g.nodes[node]
     rank, k = len(d["shape"]), d["attrs"]["k"]
@@ -481,7 +481,7 @@ def _triangle(g, node, ins, flows):
     if value is None or rank < 2 or _seq_of(g, d["shape"][-1]) is None:
         return Flow(flows[0].deps)
     causal = {("causal", rank - 2, rank - 1)}
-    if d["op"] == "tril" and k <= 0 and value:
+    if d["op"] == "tril" and k == 0 and value:  # k < 0 would leave row 0 with no key at all
         return Flow(mask=causal, values=(float(value), 0.0))
     if d["op"] == "triu" and k == 1 and value:
         return Flow(mask=causal, values=(0.0, float(value)))
@@ -490,10 +490,8 @@ def _triangle(g, node, ins, flows):
 
 @implement("transfer", "prefix")
 def _prefix(g, node, ins, flows):
-    """The first T entries of a table: what they depend on, on the kept axes."""
-    rank = len(g.nodes[node]["shape"])
-    axis = g.nodes[node]["attrs"]["axis"]
-    return _remap(flows[0], {a: a for a in range(rank) if a != axis}) if flows[0].deps else Flow()
+    """The first T entries: entry t is entry t of the input, so every fact stays."""
+    return flows[0]
 
 
 @implement("transfer", "repeat")

@@ -219,7 +219,7 @@ def _makes_mask(g, node: str) -> bool:
     d = g.nodes[node]
     if in_group(d["op"], Group.MASK):
         return True
-    if (d["op"] == "tril" and d["attrs"]["k"] <= 0) or (d["op"] == "triu" and d["attrs"]["k"] == 1):
+    if (d["op"] == "tril" and d["attrs"]["k"] == 0) or (d["op"] == "triu" and d["attrs"]["k"] == 1):
         return any(g.nodes[u]["op"] == "fill" for u in g.predecessors(node))  # of a constant: causal
     return (d["op"] == "elementwise" and d["attrs"].get("fn") in _COMPARISONS and "const" in d["attrs"]
             and all(g.nodes[u]["dtype"] == "int" for u in g.predecessors(node)))

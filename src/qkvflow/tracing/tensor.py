@@ -12,6 +12,7 @@ model-level ops users call (``linear``, ``softmax``, ...) are in
 import contextlib
 import math
 import numbers
+import threading
 
 import numpy as np
 
@@ -255,6 +256,14 @@ def _resolve_reshape(x: Sym, shape: tuple) -> tuple:
     return tuple(names)
 
 
+def _named_size(ctx, size: int, what: str) -> str:
+    """The model dim a bare size stands for: the one dim of that size."""
+    fits = [n for n, s in ctx.dims.items() if s == size]
+    if len(fits) != 1:
+        raise TraceError(f"param {what!r}: the bare size {size} names no one dim; give it by name")
+    return fits[0]
+
+
 def _int_bounds(s: slice) -> bool:
     """A slice with plain integer bounds (not dims): x[..., :half], x[..., half:]."""
     bounds = [b for b in (s.start, s.stop) if b is not None]
@@ -392,8 +401,9 @@ def where(cond, a, b):
 def reduce(fn: str, x, axis=None, keepdims: bool = False):
     if not isinstance(x, Sym):
         return getattr(np, fn)(x, axis=axis, keepdims=keepdims)
-    axes = tuple(range(x.ndim)) if axis is None else ((axis,) if isinstance(axis, int) else tuple(axis))
-    return apply("reduce", [x], attrs={"fn": fn, "axis": tuple(a % x.ndim for a in axes),
+    axes = tuple(range(x.ndim)) if axis is None else (
+        (axis,) if isinstance(axis, numbers.Integral) else tuple(axis))
+    return apply("reduce", [x], attrs={"fn": fn, "axis": tuple(_axis(x, a, x.ndim, fn) for a in axes),
                                         "keepdims": bool(keepdims)})
 
 
@@ -532,9 +542,16 @@ def split(x, parts, axis: int = 0) -> list:
     if not isinstance(parts, numbers.Integral) or int(parts) < 1:
         raise TraceError(f"np.split of {x.node} into {parts!r}: only a number of equal parts traces "
                          "(np.split(x, 3, axis=-1)), not split points")
-    axis = int(axis) % x.ndim
+    axis = _axis(x, axis, x.ndim, "np.split")
     return [apply("split_part", [x], attrs={"axis": axis, "parts": int(parts), "index": i})
             for i in range(int(parts))]
+
+
+def _axis(x, axis, rank: int, what: str) -> int:
+    """``axis`` of a result of ``rank`` axes, as NumPy reads it (negative from the end)."""
+    if not isinstance(axis, numbers.Integral) or isinstance(axis, bool) or not -rank <= int(axis) < rank:
+        raise TraceError(f"{what} of {x.node} {x.names}: axis {axis!r} is out of range for {rank} axes")
+    return int(axis) % rank
 
 
 def expand_dims(x, axis: int):
@@ -543,6 +560,7 @@ def expand_dims(x, axis: int):
         return np.expand_dims(x, axis)
     axes = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
     rank = x.ndim + len(axes)
+    axes = tuple(_axis(x, a, rank, "expand_dims") for a in axes)
     new = {int(a) % rank for a in axes}
     rest = iter(x.names)
     names = tuple("1" if a in new else next(rest) for a in range(rank))
@@ -553,7 +571,8 @@ def squeeze(x, axis=None):
     """``np.squeeze``: drop axes of size 1 (all of them, or ``axis``)."""
     if not isinstance(x, Sym):
         return np.squeeze(x, axis=axis)
-    axes = range(x.ndim) if axis is None else [a % x.ndim for a in ((axis,) if isinstance(axis, int) else axis)]
+    axes = range(x.ndim) if axis is None else [
+        _axis(x, a, x.ndim, "squeeze") for a in ((axis,) if isinstance(axis, numbers.Integral) else axis)]
     wrong = [a for a in axes if x.names[a] != "1"]
     if axis is not None and wrong:
         raise TraceError(f"squeeze of {x.node} {x.names} along axis {wrong[0]}: it is "
@@ -567,7 +586,7 @@ def stack(parts, axis: int = 0):
     if not any(isinstance(p, Sym) for p in parts):
         return np.stack(parts, axis=axis)
     syms = [_need_sym(p, "stack") for p in parts]
-    axis = int(axis) % (syms[0].ndim + 1)
+    axis = _axis(syms[0], axis, syms[0].ndim + 1, "stack")
     return concat([expand_dims(s, axis) for s in syms], axis=axis)
 
 
@@ -593,14 +612,14 @@ def astype(x, dtype):
     return apply("elementwise", [x], attrs={"fn": fn})
 
 
-def repeat(x, repeats, axis: int):
+def repeat(x, repeats, axis=None):
     """``np.repeat(x, r, axis)``: each entry ``r`` times (grouped-query attention repeats
     ``kv_heads`` K/V heads ``heads // kv_heads`` times)."""
     if not isinstance(x, Sym):
         return np.repeat(x, repeats, axis=axis)
-    if axis is None or not isinstance(repeats, numbers.Integral):
-        raise TraceError(f"np.repeat of {x.node}: give one repeat count and an axis")
-    axis = int(axis) % x.ndim
+    if axis is None or not isinstance(repeats, numbers.Integral) or int(repeats) < 1:
+        raise TraceError(f"np.repeat of {x.node}: give one repeat count of 1 or more and an axis")
+    axis = _axis(x, axis, x.ndim, "np.repeat")
     return apply("repeat", [x], attrs={"axis": axis, "repeats": int(repeats)})
 
 
@@ -679,21 +698,40 @@ def _tri(original):
     return tri
 
 
+_PATCH_LOCK = threading.Lock()
+_PATCHED: dict = {}  # "count" of traces running, "saved" NumPy's own functions
+
+
 @contextlib.contextmanager
 def numpy_constants_traced():
     """While tracing, np.ones / zeros / full / arange / tri of a traced length (a
-    DataDim from ``.shape``) record a constant op; with plain sizes they are NumPy's."""
-    saved = {name: getattr(np, name) for name in ("ones", "zeros", "full", "arange", "tri")}
-    np.ones = _fill(saved["ones"], lambda dtype=None, **_: (1, dtype))
-    np.zeros = _fill(saved["zeros"], lambda dtype=None, **_: (0, dtype))
-    np.full = _fill(saved["full"], lambda fill_value, dtype=None, **_: (fill_value, dtype))
-    np.arange = _arange(saved["arange"])
-    np.tri = _tri(saved["tri"])
+    DataDim from ``.shape``) record a constant op; with plain sizes, and in any
+    thread or context that is not tracing, they are NumPy's own. Installed by
+    the first trace that runs and removed by the last, so traces may overlap."""
+    with _PATCH_LOCK:
+        if not _PATCHED.get("count"):
+            saved = {name: getattr(np, name) for name in ("ones", "zeros", "full", "arange", "tri")}
+            _PATCHED["saved"] = saved
+            np.ones = _fill(saved["ones"], lambda dtype=None, **_: (1, dtype))
+            np.zeros = _fill(saved["zeros"], lambda dtype=None, **_: (0, dtype))
+            np.full = _fill(saved["full"], _full_value)
+            np.arange = _arange(saved["arange"])
+            np.tri = _tri(saved["tri"])
+        _PATCHED["count"] = _PATCHED.get("count", 0) + 1
     try:
         yield
     finally:
-        for name, fn in saved.items():
-            setattr(np, name, fn)
+        with _PATCH_LOCK:
+            _PATCHED["count"] -= 1
+            if not _PATCHED["count"]:
+                for name, fn in _PATCHED.pop("saved").items():
+                    setattr(np, name, fn)
+
+
+def _full_value(fill_value=None, dtype=None, **_):
+    if fill_value is None:
+        raise TraceError("np.full of a traced shape needs a fill value: np.full((T, T), value)")
+    return fill_value, dtype
 
 
 def param(name: str, dims, init: str | None = None):
@@ -712,9 +750,12 @@ def param(name: str, dims, init: str | None = None):
         raise TraceError(f"param({name!r}) needs a trace or an eager run")
     if init is not None and init not in INITS:
         raise TraceError(f"param {name!r}: init {init!r} is not known; use one of {', '.join(INITS)}")
-    if isinstance(dims, str):
+    if isinstance(dims, (str, numbers.Integral)):
         dims = (dims,)
-    shape = tuple(name_of(d) for d in dims)
+    if not isinstance(dims, (tuple, list)):
+        raise TraceError(f"param {name!r}: dims must be a tuple of dim names, got {dims!r}"[:200])
+    shape = tuple(_named_size(ctx, d, name) if isinstance(d, numbers.Integral) and not isinstance(d, (Dim, bool))
+                  else name_of(d) for d in dims)
     if not ctx.tracing:
         return ctx.param(ctx.path(name))
     unknown = [f for d in shape for f in d.split("*") if not f.isdigit() and f not in ctx.dims]
