@@ -158,6 +158,11 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
         "named by their sizes: rotary frequencies", (_S,), shapes.fill, "mask"),
     _op("slice", "entries attrs.start .. attrs.stop - 1 of a sized dim along attrs.axis: x[..., :half]",
         (_M,), shapes.slice_range, "numpy"),
+    _op("reverse", "the entries along attrs.axis backwards: x[:, ::-1]", (_M,), shapes.same_shape, "numpy"),
+    _op("cumsum", "running sums along attrs.axis (np.cumsum): along a sequence, entry t sums entries <= t",
+        (Group.REDUCTION,), shapes.same_shape, "numpy"),
+    _op("roll", "entries shifted by attrs.shift along attrs.axis, wrapping around (np.roll)",
+        (_M,), shapes.same_shape, "numpy"),
     _op("prefix", "the first attrs.length entries along attrs.axis: table[:T] (learned positions)",
         (_M,), shapes.prefix, "numpy"),
     _op("repeat", "each entry attrs.repeats times along attrs.axis (np.repeat: K/V heads of "

@@ -535,3 +535,9 @@ def slice_range(ins, attrs, params, dims):
     size = max(attrs["stop"] - attrs["start"], 0)
     return Meta(x.shape[:axis] + (str(size),) + x.shape[axis + 1:], x.key_axis, x.dtype)
 
+
+def same_shape(ins, attrs, params, dims):
+    """Entries moved or summed along one axis: the shape stays."""
+    (x,) = ins
+    return Meta(x.shape, x.key_axis, "float" if x.dtype == "bool" else x.dtype)
+

@@ -466,6 +466,27 @@ def _slice(g, node, ins, flows):
     return _split_part(g, node, ins, flows)
 
 
+@implement("transfer", "reverse", "roll")
+def _reorder(g, node, ins, flows):
+    """Entries moved along an axis: along a sequence, position t holds another
+    position's entry (roll wraps the last to the first), so that axis mixes."""
+    return _split_part(g, node, ins, flows)
+
+
+@implement("transfer", "cumsum")
+def _cumsum(g, node, ins, flows):
+    """Running sums: along a sequence, entry t depends on entries <= t (what they
+    depend on, then causally); along a feature axis nothing moves between positions."""
+    axis = g.nodes[node]["attrs"]["axis"]
+    f = flows[0]
+    if _seq_of(g, g.nodes[node]["shape"][axis]) is None:
+        return Flow(f.deps)
+    deps = {}
+    for s, facts in f.deps.items():
+        deps[s] = _norm({("causal", axis) if fact[:2] == ("pos", axis) else fact for fact in facts})
+    return Flow(deps)
+
+
 @implement("transfer", "fill", "arange", "constant")
 def _constant(g, node, ins, flows):
     return Flow()  # the same for every token

@@ -102,7 +102,11 @@ class Sym:
         )
 
     def __len__(self) -> int:
-        raise TraceError(f"len() of traced tensor {self.node}: use .shape[0]")
+        first = self.shape[0] if self.ndim else None
+        if isinstance(first, Dim):
+            return int(first)  # a model dim's size (its name is lost: prefer .shape[0])
+        raise TraceError(f"len() of traced tensor {self.node}: its first dim "
+                         f"{self.names[0] if self.ndim else '(none)'} has no size while tracing; use .shape[0]")
 
     # --- NumPy-style methods, all recorded through qkvflow.nn ----------------
     def reshape(self, *shape):
@@ -142,6 +146,9 @@ class Sym:
 
     def squeeze(self, axis=None):
         return squeeze(self, axis)
+
+    def cumsum(self, axis=None):
+        return cumsum(self, axis)
 
     def repeat(self, repeats, axis=None):
         return repeat(self, repeats, axis)
@@ -471,6 +478,10 @@ def index(x, idx):
             prefix = (len(names), axis, i.stop.name)  # table[:T]: the first T rows
             names.append(i.stop.name)
             axis += 1
+        elif isinstance(i, slice) and i == slice(None, None, -1) and prefix is None:
+            prefix = (len(names), axis, "reverse")  # x[:, ::-1]: the axis backwards
+            names.append(x.names[axis])
+            axis += 1
         elif isinstance(i, slice) and i.step in (None, 1) and prefix is None and _int_bounds(i):
             size = size_of(x.names[axis], x.tracer.dims)
             if size is None:
@@ -487,7 +498,9 @@ def index(x, idx):
     names.extend(x.names[axis:])
     if prefix is not None:
         out_axis, in_axis, length = prefix
-        if isinstance(length, tuple):
+        if length == "reverse":
+            x = apply("reverse", [x], attrs={"axis": in_axis})
+        elif isinstance(length, tuple):
             x = apply("slice", [x], attrs={"axis": in_axis, "start": length[0], "stop": length[1]})
         else:
             x = apply("prefix", [x], attrs={"axis": in_axis, "length": length})
@@ -552,6 +565,24 @@ def _axis(x, axis, rank: int, what: str) -> int:
     if not isinstance(axis, numbers.Integral) or isinstance(axis, bool) or not -rank <= int(axis) < rank:
         raise TraceError(f"{what} of {x.node} {x.names}: axis {axis!r} is out of range for {rank} axes")
     return int(axis) % rank
+
+
+def cumsum(x, axis=None, **kwargs):
+    """``np.cumsum`` along one axis: along a sequence, entry t sums entries <= t."""
+    if not isinstance(x, Sym):
+        return np.cumsum(x, axis=axis, **kwargs)
+    if axis is None or kwargs:
+        raise TraceError(f"np.cumsum of {x.node}: give the axis (a flattened cumsum does not trace)")
+    return apply("cumsum", [x], attrs={"axis": _axis(x, axis, x.ndim, "np.cumsum")})
+
+
+def roll(x, shift, axis=None):
+    """``np.roll`` along one axis by a whole number of entries (they wrap around)."""
+    if not isinstance(x, Sym):
+        return np.roll(x, shift, axis=axis)
+    if axis is None or not isinstance(shift, numbers.Integral) or isinstance(axis, (tuple, list)):
+        raise TraceError(f"np.roll of {x.node}: give one integer shift and one axis")
+    return apply("roll", [x], attrs={"axis": _axis(x, axis, x.ndim, "np.roll"), "shift": int(shift)})
 
 
 def expand_dims(x, axis: int):
@@ -778,7 +809,7 @@ def param(name: str, dims, init: str | None = None):
 _FUNCTIONS = {
     "einsum": einsum, "matmul": matmul, "where": where, "concatenate": concat, "split": split,
     "expand_dims": expand_dims, "squeeze": squeeze, "stack": stack, "var": var, "repeat": repeat,
-    "tril": tril, "triu": triu,
+    "tril": tril, "triu": triu, "cumsum": cumsum, "roll": roll,
     "transpose": transpose, "swapaxes": swapaxes, "reshape": reshape,
     "sum": _np_sum, "mean": _np_mean, "max": _np_max, "amax": _np_max, "min": _np_min, "amin": _np_min,
 }
