@@ -89,19 +89,6 @@ def model() -> qf.Model:
     return qf.Model("gpt2-numpy", DIMS, build, sequences={"seq": "causal"}, streams=("gpt",))
 
 
-def nested(params: dict) -> dict:
-    """qkvflow's flat parameters (``blocks.0.attn.c_attn.w``) as gpt2_numpy.py's nested dict."""
-    tree: dict = {}
-    for path, value in params.items():
-        *parents, leaf = path.split(".")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    tree["blocks"] = [tree["blocks"][str(i)] for i in range(len(tree["blocks"]))]
-    return tree
-
-
 if __name__ == "__main__":
     g = qf.trace(model())
     print(qf.format_diagnostics(qf.check(g)))

@@ -105,19 +105,6 @@ def model() -> qf.Model:
                     aliases={"d_model": "heads*d_head"})
 
 
-def nested(params: dict) -> dict:
-    """qkvflow's flat parameters (``layers.0.attn.wq``) as llama_numpy.py's nested dict."""
-    tree: dict = {}
-    for path, value in params.items():
-        *parents, leaf = path.split(".")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    tree["layers"] = [tree["layers"][str(i)] for i in range(len(tree["layers"]))]
-    return tree
-
-
 if __name__ == "__main__":
     g = qf.trace(model())
     print(qf.format_diagnostics(qf.check(g)))

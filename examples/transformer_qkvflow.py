@@ -109,23 +109,6 @@ def model() -> qf.Model:
                     streams=("encoder", "decoder"))
 
 
-def nested(params: dict) -> dict:
-    """qkvflow's flat parameters (``encoder.0.self.q.2``) as transformer_numpy.py's nested dict."""
-    tree: dict = {}
-    for path, value in params.items():
-        *parents, leaf = path.split(".")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-
-    def lists(node):
-        if isinstance(node, dict) and node and all(k.isdigit() for k in node):
-            return [lists(node[str(i)]) for i in range(len(node))]
-        return {k: lists(v) for k, v in node.items()} if isinstance(node, dict) else node
-    return lists(tree)
-
-
 if __name__ == "__main__":
     g = qf.trace(model())
     print(qf.format_diagnostics(qf.check(g)))

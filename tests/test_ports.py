@@ -59,7 +59,7 @@ def test_the_port_checks_clean_and_runs_equal_to_numpy(port):
     params = qf.init_params(g, seed=7)
     ids = np.random.default_rng(2).integers(0, 29, (2, 9))
     logits = qf.forward(g, params, ids=ids)["logits"]
-    want = plain.gpt2(ids, **module.nested(params), n_head=3)
+    want = plain.gpt2(ids, **qf.nest_params(params), n_head=3)
     assert logits.shape == (2, 9, 29) and np.abs(logits - want).max() <= 1e-12
     assert np.abs(qf.eager(module.model(), params, {"ids": ids})["logits"] - want).max() <= 1e-12
     assert "gpt stream" in qf.render(g, fmt="mmd")
@@ -70,19 +70,6 @@ def test_the_port_runs_from_the_command_line():
                            "--ids", "5 6 7"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0] == "logits: shape (1, 3, 29) (batch, seq, vocab), dtype float64"
-
-
-@pytest.mark.parametrize("old, new, code", [
-    ("softmax(np.where(causal, s, -1e10))", "softmax(s)", "QKV401"),
-    ("/ np.sqrt(D // n_head)", "/ np.sqrt(D)", "QKV207"),
-], ids=["no-causal-mask", "scaled-by-d_model"])
-def test_mistakes_planted_in_the_port_are_found(tmp_path, old, new, code):
-    source = (EXAMPLES / "gpt2_qkvflow.py").read_text()
-    assert old in source
-    path = tmp_path / "planted.py"
-    path.write_text(source.replace(old, new))
-    found = qf.check(qf.trace(_load("planted", path).model()))
-    assert code in {d.code for d in found}, [d.text() for d in found]
 
 
 def test_the_encoder_decoder_port_gives_the_textbook_table_and_numpy_logits():
@@ -103,23 +90,7 @@ def test_the_encoder_decoder_port_gives_the_textbook_table_and_numpy_logits():
     src[1, -3:] = 0
     tgt[0, -2:] = 0
     logits = qf.forward(g, params, src, tgt)["logits"]
-    assert np.abs(logits - plain.transformer(src, tgt, **module.nested(params))).max() <= 1e-12
-
-
-@pytest.mark.parametrize("old, new, code", [
-    ("cross(y, memory, src_keep[:, None, :], W[\"cross\"])", "cross(y, y, src_keep[:, None, :], W[\"cross\"])",
-     "QKV301"),
-    ("encoder_self(x, x, src_keep[:, None, :], W[\"self\"])", "encoder_self(x, x, src_keep[:, :, None], W[\"self\"])",
-     "QKV402"),
-    ("keep = np.tril(np.ones((T, T), dtype=bool))[None] &", "keep = np.ones((T, T), dtype=bool)[None] &", "QKV401"),
-], ids=["cross-reads-the-decoder", "padding-on-the-query-axis", "no-causal-triangle"])
-def test_mistakes_planted_in_the_encoder_decoder_port_are_found(tmp_path, old, new, code):
-    source = (EXAMPLES / "transformer_qkvflow.py").read_text()
-    assert old in source
-    path = tmp_path / "planted.py"
-    path.write_text(source.replace(old, new))
-    found = qf.check(qf.trace(_load("planted", path).model()))
-    assert code in {d.code for d in found}, [d.text() for d in found]
+    assert np.abs(logits - plain.transformer(src, tgt, **qf.nest_params(params))).max() <= 1e-12
 
 
 def test_the_llama_port_with_rotary_positions_and_grouped_queries_runs_equal_to_numpy():
@@ -134,22 +105,7 @@ def test_the_llama_port_with_rotary_positions_and_grouped_queries_runs_equal_to_
     params = qf.init_params(g, seed=11)
     ids = np.random.default_rng(3).integers(0, 29, (2, 9))
     logits = qf.forward(g, params, ids=ids)["logits"]
-    assert np.abs(logits - plain.llama(ids, **module.nested(params), n_head=4, n_kv_head=2)).max() <= 1e-12
-
-
-@pytest.mark.parametrize("old, new, code", [
-    ("k = np.repeat(k, n_head // n_kv_head, axis=1)", "k = np.repeat(k, n_head // n_kv_head, axis=2)", "QKV201"),
-    ("causal = np.tril(np.ones((T, T), dtype=bool))", "causal = np.tril(np.ones((T, T), dtype=bool), k=1)",
-     "QKV401"),
-    ("q, k = rope(q, T), rope(k, T)", "q, k = rope(q, T), rope(v, T)", "QKV307"),
-], ids=["repeat-over-positions", "mask-one-step-ahead", "k-rotated-from-v"])
-def test_mistakes_planted_in_the_llama_port_are_found(tmp_path, old, new, code):
-    source = (EXAMPLES / "llama_qkvflow.py").read_text()
-    assert old in source
-    path = tmp_path / "planted.py"
-    path.write_text(source.replace(old, new))
-    found = qf.check(qf.trace(_load("planted", path).model()))
-    assert code in {d.code for d in found}, [d.text() for d in found]
+    assert np.abs(logits - plain.llama(ids, **qf.nest_params(params), n_head=4, n_kv_head=2)).max() <= 1e-12
 
 
 @pytest.mark.parametrize("name, family", [("gpt2", "masked self-attention"), ("llama", "masked self-attention"),
@@ -160,4 +116,30 @@ def test_every_port_explains_and_renders(name, family):
     assert "causal" in qf.explain(g, lang="en") and "因果掩码" in qf.explain(g, lang="zh")
     text = qf.render(g, fmt="mmd")
     assert text.startswith("flowchart TB") and "mask: causal" in text
+
+
+@pytest.mark.parametrize("name, old, new, code", [
+    ("gpt2", "softmax(np.where(causal, s, -1e10))", "softmax(s)", "QKV401"),
+    ("gpt2", "/ np.sqrt(D // n_head)", "/ np.sqrt(D)", "QKV207"),
+    ("transformer", "cross(y, memory, src_keep[:, None, :], W[\"cross\"])",
+     "cross(y, y, src_keep[:, None, :], W[\"cross\"])", "QKV301"),
+    ("transformer", "encoder_self(x, x, src_keep[:, None, :], W[\"self\"])",
+     "encoder_self(x, x, src_keep[:, :, None], W[\"self\"])", "QKV402"),
+    ("transformer", "keep = np.tril(np.ones((T, T), dtype=bool))[None] &",
+     "keep = np.ones((T, T), dtype=bool)[None] &", "QKV401"),
+    ("llama", "k = np.repeat(k, n_head // n_kv_head, axis=1)", "k = np.repeat(k, n_head // n_kv_head, axis=2)",
+     "QKV201"),
+    ("llama", "causal = np.tril(np.ones((T, T), dtype=bool))", "causal = np.tril(np.ones((T, T), dtype=bool), k=1)",
+     "QKV401"),
+    ("llama", "q, k = rope(q, T), rope(k, T)", "q, k = rope(q, T), rope(v, T)", "QKV307"),
+], ids=["gpt2-no-causal-mask", "gpt2-scaled-by-d_model", "transformer-cross-reads-the-decoder",
+        "transformer-padding-on-the-query-axis", "transformer-no-causal-triangle", "llama-repeat-over-positions",
+        "llama-mask-one-step-ahead", "llama-k-rotated-from-v"])
+def test_mistakes_planted_in_a_port_are_found(tmp_path, name, old, new, code):
+    source = (EXAMPLES / f"{name}_qkvflow.py").read_text()
+    assert old in source
+    path = tmp_path / "planted.py"
+    path.write_text(source.replace(old, new))
+    found = qf.check(qf.trace(_load("planted", path).model()))
+    assert code in {d.code for d in found}, [d.text() for d in found]
 

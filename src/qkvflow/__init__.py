@@ -27,7 +27,7 @@ _sys.modules[f"{__name__}.nn"] = nn
 
 __all__ = [
     "trace", "check", "format_diagnostics", "render", "explain", "forward", "Executor",
-    "init_params", "load_params", "save_params",
+    "init_params", "load_params", "save_params", "nest_params",
     "load_model", "preset", "load_toml", "Config", "PRESETS", "Model",
     "attention", "param", "scope", "dim", "eager", "nn", "QkvflowError", "__version__",
 ]
@@ -66,6 +66,7 @@ _LAZY = {
     "init_params": ("run.params", "init_params"),
     "load_params": ("run.params", "load_params"),
     "save_params": ("run.params", "save_params"),
+    "nest_params": ("run.params", "nest_params"),
 }
 # Modules reachable as attributes: qf.transformer.build(...), qf.graph.tabular(...).
 _MODULES = {

@@ -17,7 +17,7 @@ from ..ir.errors import ParamError
 from ..ir.graph import param_path
 from ..ir.ops import spec
 
-__all__ = ["param_specs", "init_params", "validate_params", "save_params", "load_params"]
+__all__ = ["param_specs", "init_params", "validate_params", "save_params", "load_params", "nest_params"]
 
 
 def param_specs(g: nx.MultiDiGraph) -> dict[str, tuple]:
@@ -123,3 +123,30 @@ def load_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except Exception as err:
         raise ParamError(f"parameter file {str(path)!r} cannot be read: {err}") from None
     raise ParamError(f"parameter file {str(path)!r}: expected .safetensors or .npz")
+
+
+def nest_params(params: dict) -> dict:
+    """Flat parameters by path (``blocks.0.attn.c_attn.w``) as the nested dicts and
+    lists a NumPy model keeps its weights in (``{"blocks": [{"attn": {"c_attn": {"w": ...}}}]}``):
+    a level whose keys are 0..n-1 becomes a list.
+
+    >>> nest_params({"h.0.w": 1, "h.1.w": 2, "ln.g": 3})
+    {'h': [{'w': 1}, {'w': 2}], 'ln': {'g': 3}}
+    """
+    tree: dict = {}
+    for path, value in params.items():
+        *parents, leaf = path.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+
+    def lists(node):
+        if not isinstance(node, dict):
+            return node
+        if node and sorted(node) == sorted(str(i) for i in range(len(node))):
+            return [lists(node[str(i)]) for i in range(len(node))]
+        return {k: lists(v) for k, v in node.items()}
+
+    return lists(tree)
+
