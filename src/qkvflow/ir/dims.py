@@ -94,6 +94,14 @@ class Dim(int):
 
     __rmul__ = __mul__
 
+    def __floordiv__(self, other):
+        # (heads*d_head) // heads is d_head by name; other quotients are plain sizes.
+        if isinstance(other, Dim) and other.name in factors(self.name) and int(other):
+            rest = list(factors(self.name))
+            rest.remove(other.name)
+            return Dim("*".join(rest) or "1", int(self) // int(other))
+        return int(self) // other
+
 
 class DataDim:
     """A data dim (batch, src, tgt) whose size is only known at run time."""

@@ -158,6 +158,8 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
         "named by their sizes: rotary frequencies", (_S,), shapes.fill, "mask"),
     _op("slice", "entries attrs.start .. attrs.stop - 1 of a sized dim along attrs.axis: x[..., :half]",
         (_M,), shapes.slice_range, "numpy"),
+    _op("pick", "entry attrs.index along attrs.axis, the axis dropped: h[:, -1] (negative from the end)",
+        (_M,), shapes.pick, "numpy"),
     _op("reverse", "the entries along attrs.axis backwards: x[:, ::-1]", (_M,), shapes.same_shape, "numpy"),
     _op("cumsum", "running sums along attrs.axis (np.cumsum): along a sequence, entry t sums entries <= t",
         (Group.REDUCTION,), shapes.same_shape, "numpy"),

@@ -541,3 +541,11 @@ def same_shape(ins, attrs, params, dims):
     (x,) = ins
     return Meta(x.shape, x.key_axis, "float" if x.dtype == "bool" else x.dtype)
 
+
+def pick(ins, attrs, params, dims):
+    """One entry along an axis; the axis goes."""
+    (x,) = ins
+    axis = attrs["axis"]
+    key = None if x.key_axis in (None, axis) else x.key_axis - (x.key_axis > axis)
+    return Meta(x.shape[:axis] + x.shape[axis + 1:], key, x.dtype)
+

@@ -284,7 +284,11 @@ def _flow(g):
             continue
         place = d.get("block_path") or node
         for seq, rule in sequences:
-            before = [flows[i].deps.get(seq, ()) for i in ins]
+            # A position exists only on a tensor with an axis over the sequence: a value
+            # picked or pooled out of it leaks only where it is spread back over positions.
+            if not _has_axis(g, node, seq):
+                continue
+            before = [flows[i].deps.get(seq, ()) for i in ins if _has_axis(g, i, seq)]
             after = flows[node].deps.get(seq, ())
             if rule == "causal" and _widens(before, after, future):
                 yield diag(g, "QKV401", node,
@@ -314,6 +318,10 @@ def _flow(g):
                 yield diag(g, "QKV403", site["softmax"],
                            f"{block}: encoder self-attention is causally masked, so position i "
                            f"ignores the tokens after i", severity="warning")
+
+
+def _has_axis(g, node: str, seq: str) -> bool:
+    return any(seq in name.split("*") for name in g.nodes[node]["shape"])
 
 
 def _widens(before, after, bad) -> bool:

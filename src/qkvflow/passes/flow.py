@@ -466,6 +466,20 @@ def _slice(g, node, ins, flows):
     return _split_part(g, node, ins, flows)
 
 
+@implement("transfer", "pick")
+def _pick(g, node, ins, flows):
+    """One entry along an axis: the other axes keep their facts. Along a sequence,
+    entry 0 (a first or CLS token) reads no position after any other; any other
+    entry stands for the whole sequence (the last position has read every token)."""
+    rank = len(g.nodes[ins[0]]["shape"])
+    axis, index = g.nodes[node]["attrs"]["axis"], g.nodes[node]["attrs"]["index"]
+    f = flows[0]
+    if index == 0:
+        f = Flow({s: frozenset(x for x in facts if not (x[0] in ("pos", "causal") and x[1] == axis))
+                  for s, facts in f.deps.items()}, f.minf, f.zeros, f.mask, f.values)
+    return _remap(f, {a: a - (a > axis) for a in range(rank) if a != axis})
+
+
 @implement("transfer", "reverse", "roll")
 def _reorder(g, node, ins, flows):
     """Entries moved along an axis: along a sequence, position t holds another

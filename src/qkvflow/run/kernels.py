@@ -261,6 +261,7 @@ _kernel("triu", None, lambda k, i, a, p, s: np.triu(i[0], a["k"]))
 _kernel("constant", None, lambda k, i, a, p, s: np.asarray(
     a["value"], dtype={"bool": bool, "int": np.int64}.get(a["dtype"], float)))
 _kernel("slice", None, lambda k, i, a, p, s: i[0][(slice(None),) * a["axis"] + (slice(a["start"], a["stop"]),)])
+_kernel("pick", None, lambda k, i, a, p, s: np.take(i[0], a["index"], axis=a["axis"]))
 _kernel("reverse", None, lambda k, i, a, p, s: np.flip(i[0], axis=a["axis"]))
 _kernel("cumsum", None, lambda k, i, a, p, s: np.cumsum(i[0], axis=a["axis"]))
 _kernel("roll", None, lambda k, i, a, p, s: np.roll(i[0], a["shift"], axis=a["axis"]))

@@ -271,6 +271,15 @@ def _named_size(ctx, size: int, what: str) -> str:
     return fits[0]
 
 
+def _position(i) -> int | None:
+    """An integer index, or a list of one (``h[:, -1]``, ``h[:, [-1]]``), as an int."""
+    if isinstance(i, list) and len(i) == 1:
+        i = i[0]
+    if isinstance(i, numbers.Integral) and not isinstance(i, (bool, Dim)):
+        return int(i)
+    return None
+
+
 def _int_bounds(s: slice) -> bool:
     """A slice with plain integer bounds (not dims): x[..., :half], x[..., half:]."""
     bounds = [b for b in (s.start, s.stop) if b is not None]
@@ -450,8 +459,9 @@ def concat(parts, axis: int = -1):
 
 def index(x, idx):
     """``x[:, None, ...]`` (new axes, full slices, Ellipsis), ``table[:T]`` (the
-    first T entries, T a dim from ``.shape``) and ``table[ids]`` (rows at
-    traced integer ids, an embedding lookup) trace."""
+    first T entries, T a dim from ``.shape``), ``x[..., :half]``, ``x[:, ::-1]``,
+    one position ``h[:, -1]`` / ``h[:, [-1]]`` and ``table[ids]`` (rows at
+    traced integer ids, an embedding lookup) trace, one such index at a time."""
     if isinstance(idx, Sym):
         if not isinstance(x, Sym) or idx.dtype != "int":
             raise TraceError(f"indexing with traced {idx.dtype} array {idx.node}: only a traced table "
@@ -478,6 +488,12 @@ def index(x, idx):
             prefix = (len(names), axis, i.stop.name)  # table[:T]: the first T rows
             names.append(i.stop.name)
             axis += 1
+        elif _position(i) is not None and prefix is None:
+            # h[:, -1] drops the axis; h[:, [-1]] keeps it as a 1
+            prefix = (len(names), axis, ("pick", _position(i), isinstance(i, list)))
+            if isinstance(i, list):
+                names.append("1")
+            axis += 1
         elif isinstance(i, slice) and i == slice(None, None, -1) and prefix is None:
             prefix = (len(names), axis, "reverse")  # x[:, ::-1]: the axis backwards
             names.append(x.names[axis])
@@ -498,6 +514,14 @@ def index(x, idx):
     names.extend(x.names[axis:])
     if prefix is not None:
         out_axis, in_axis, length = prefix
+        if isinstance(length, tuple) and length[0] == "pick":
+            size = size_of(x.names[in_axis], x.tracer.dims)
+            if size is not None and not -size <= length[1] < size:
+                raise TraceError(f"index {length[1]} of {x.node} is out of range for {x.names[in_axis]} ({size})")
+            x = apply("pick", [x], attrs={"axis": in_axis, "index": length[1]})
+            if tuple(names) == x.names:
+                return x
+            return apply("reshape", [x], attrs={"shape": tuple(names)})
         if length == "reverse":
             x = apply("reverse", [x], attrs={"axis": in_axis})
         elif isinstance(length, tuple):
