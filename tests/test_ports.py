@@ -53,6 +53,7 @@ def test_the_port_changes_only_the_lines_it_marks(name):
 def test_the_port_checks_clean_and_runs_equal_to_numpy(port):
     module, g = port
     assert qf.check(g, strict=True) == []
+    assert not any(s["rotary"] for r in g.graph["attention"].values() for s in r["sites"])  # learned positions
     (row,) = provenance(g)
     assert (row["attention"], row["mask"], row["count"]) == ("masked self-attention", "causal", 2)
     plain = _load("gpt2_numpy")
@@ -101,6 +102,7 @@ def test_the_llama_port_with_rotary_positions_and_grouped_queries_runs_equal_to_
     assert [g.nodes[n]["shape"] for n in g if n.startswith("llama.layers.1.self_attn.repeat")] == [
         ("batch", "heads", "seq", "d_head")] * 2
     assert block["sites"][0]["masks"] == ["causal"]
+    assert block["sites"][0]["rotary"] is True  # Q and K rotated by sin/cos of np.arange(T)
     plain = _load("llama_numpy")
     params = qf.init_params(g, seed=11)
     ids = np.random.default_rng(3).integers(0, 29, (2, 9))

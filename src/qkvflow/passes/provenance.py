@@ -25,6 +25,9 @@ per softmax into the block's record, under ``sites``:
 ``scale``, ``contracted``
     the constant the scores are multiplied by before the softmax (None when
     it cannot be told) and the dims Q and K are contracted over;
+``rotary``
+    whether Q and K are both multiplied by sines / cosines of the positions
+    (rotary positions, however they are written);
 ``problem``
     instead of the above, why the pattern was not found.
 
@@ -84,7 +87,24 @@ def _site(g, sm: str, inside: set) -> dict:
     logits = softmax_logits(g, sm)
     return {"softmax": sm, "logits": logits, "scores": scores, "attend": attend,
             "origins": origins, "entries": entries, "paths": paths, "masks": masks,
-            "scale": _scale(g, scores, logits, paths), "contracted": _contracted(g, scores)}
+            "scale": _scale(g, scores, logits, paths), "contracted": _contracted(g, scores),
+            "rotary": all(_rotated(g, paths.get(r, []), origins.get(r)) for r in ("q", "k"))}
+
+
+def _rotated(g, path: list, origin: str | None) -> bool:
+    """Whether a way back multiplies by sines or cosines of position indices (np.arange):
+    rotary positions, however they are written. Only the side operands of the
+    way are searched (not the state it reads)."""
+    for node in path:
+        for u in g.predecessors(node):
+            if u in path or u == origin or g.nodes[u]["op"] == "param" or (
+                    origin in g and nx.has_path(g, origin, u)):
+                continue
+            trig = [n for n in nx.ancestors(g, u) | {u}
+                    if g.nodes[n]["op"] == "elementwise" and g.nodes[n]["attrs"].get("fn") in ("sin", "cos")]
+            if any(g.nodes[a]["op"] == "arange" for t in trig for a in nx.ancestors(g, t)):
+                return True
+    return False
 
 
 def _factor(g, node: str) -> float | None:
