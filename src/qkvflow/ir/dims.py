@@ -25,6 +25,7 @@ __all__ = [
     "describe_shape",
     "dim_table",
     "sequence_of",
+    "dims_of_size",
 ]
 
 
@@ -61,6 +62,11 @@ class DimTable(dict):
 def sequence_of(name: str, sequences) -> str | None:
     """The first factor of dim ``name`` that is one of ``sequences``, if any."""
     return next((part for part in factors(name) if part in sequences), None)
+
+
+def dims_of_size(sizes: dict, size: int) -> list:
+    """The model dims of ``size``: a bare size names a dim when it is the only one."""
+    return [name for name, s in sizes.items() if s is not None and s == size]
 
 
 def dim_table(graph_attrs: dict) -> DimTable:

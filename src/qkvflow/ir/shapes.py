@@ -15,7 +15,7 @@ self-attention, where both axes are named ``tgt``.
 
 from typing import NamedTuple
 
-from .dims import describe, describe_shape, factors, size_of
+from .dims import describe, describe_shape, dims_of_size, factors, size_of
 
 __all__ = ["Meta", "ShapeIssue", "broadcast", "reshape_map"]
 
@@ -499,7 +499,7 @@ def repeat(ins, attrs, params, dims):
     name = x.shape[axis]
     size = size_of(name, dims)
     others = {f for n in x.shape for f in factors(n)}
-    fits = [d for d, s in dims.items() if size is not None and s == size * r and d not in others]
+    fits = [d for d in dims_of_size(dims, size * r) if d not in others] if size is not None else []
     grown = fits[0] if len(fits) == 1 else f"{r}*{name}" if r > 1 else name
     return Meta(x.shape[:axis] + (grown,) + x.shape[axis + 1:], x.key_axis, x.dtype)
 

@@ -451,19 +451,15 @@ def _gather(g, node, ins, flows):
     return _remap(Flow(ids.deps), {a: a for a in range(rank_ids)})
 
 
-@implement("transfer", "split_part")
-def _split_part(g, node, ins, flows):
-    """Axes keep their facts, but the split axis only when it is no sequence axis."""
+@implement("transfer", "split_part", "slice", "reverse", "roll", "repeat")
+def _along_axis(g, node, ins, flows):
+    """Entries split, sliced, reversed, rolled or repeated along one axis: every axis
+    keeps its facts, but that one only when it is no sequence axis (along a sequence
+    a position would hold another position's entry)."""
     rank = len(g.nodes[node]["shape"])
     axis = g.nodes[node]["attrs"]["axis"] % rank
     split_seq = _seq_of(g, g.nodes[ins[0]]["shape"][axis]) is not None
     return _remap(flows[0], {a: a for a in range(rank) if not (split_seq and a == axis)})
-
-
-@implement("transfer", "slice")
-def _slice(g, node, ins, flows):
-    """A range of a sized (feature) dim keeps every fact; of a sequence axis it mixes."""
-    return _split_part(g, node, ins, flows)
 
 
 @implement("transfer", "pick")
@@ -478,13 +474,6 @@ def _pick(g, node, ins, flows):
         f = Flow({s: frozenset(x for x in facts if not (x[0] in ("pos", "causal") and x[1] == axis))
                   for s, facts in f.deps.items()}, f.minf, f.zeros, f.mask, f.values)
     return _remap(f, {a: a - (a > axis) for a in range(rank) if a != axis})
-
-
-@implement("transfer", "reverse", "roll")
-def _reorder(g, node, ins, flows):
-    """Entries moved along an axis: along a sequence, position t holds another
-    position's entry (roll wraps the last to the first), so that axis mixes."""
-    return _split_part(g, node, ins, flows)
 
 
 @implement("transfer", "cumsum")
@@ -527,15 +516,6 @@ def _triangle(g, node, ins, flows):
 def _prefix(g, node, ins, flows):
     """The first T entries: entry t is entry t of the input, so every fact stays."""
     return flows[0]
-
-
-@implement("transfer", "repeat")
-def _repeat(g, node, ins, flows):
-    """Entries copied along an axis: its facts stay unless it is a sequence axis."""
-    rank = len(g.nodes[node]["shape"])
-    axis = g.nodes[node]["attrs"]["axis"]
-    along_seq = _seq_of(g, g.nodes[ins[0]]["shape"][axis]) is not None
-    return _remap(flows[0], {a: a for a in range(rank) if not (along_seq and a == axis)})
 
 
 @implement("transfer", "embed")

@@ -16,7 +16,7 @@ import threading
 
 import numpy as np
 
-from ..ir.dims import DataDim, Dim, name_of, size_of
+from ..ir.dims import DataDim, Dim, dims_of_size, name_of, size_of
 from ..ir.errors import TraceError
 from ..ir.shapes import Meta
 from .context import Eager, current
@@ -265,7 +265,7 @@ def _resolve_reshape(x: Sym, shape: tuple) -> tuple:
 
 def _named_size(ctx, size: int, what: str) -> str:
     """The model dim a bare size stands for: the one dim of that size."""
-    fits = [n for n, s in ctx.dims.items() if s == size]
+    fits = dims_of_size(ctx.dims, size)
     if len(fits) != 1:
         raise TraceError(f"param {what!r}: the bare size {size} names no one dim; give it by name")
     return fits[0]
@@ -289,7 +289,7 @@ def _int_bounds(s: slice) -> bool:
 
 def _dim_of_size(x: Sym, size: int, shape: tuple) -> str:
     """The model dim a bare size in a reshape stands for: the one dim of that size."""
-    fits = [name for name, s in x.tracer.dims.items() if s == size]
+    fits = dims_of_size(x.tracer.dims, size)
     if len(fits) == 1:
         return fits[0]
     which = f"dims {', '.join(fits)} all have size {size}" if fits else f"no dim has size {size}"
@@ -318,7 +318,7 @@ def _infer_minus_one(x: Sym, names: list) -> str:
     taken = [size_of(f, dims) for f in unmatched]
     if None not in have and None not in taken and math.prod(taken) and math.prod(have) % math.prod(taken) == 0:
         size = math.prod(have) // math.prod(taken)
-        fits = [d for d, s in dims.items() if s == size]
+        fits = dims_of_size(dims, size)
         if len(fits) == 1:
             return fits[0]
     raise TraceError(
@@ -449,7 +449,7 @@ def concat(parts, axis: int = -1):
     # A loop over a model dim (one part per head) joins to that dim times the part's:
     # the count is named when exactly one model dim has that size.
     ctx = current()
-    named = [d for d, size in (ctx.dims.items() if ctx is not None else ()) if size == len(syms)]
+    named = dims_of_size(ctx.dims, len(syms)) if ctx is not None else []
     joined = [s.names[int(axis) % s.ndim] for s in syms]
     literal = all(n != "1" and all(f.isdigit() for f in n.split("*")) for n in joined)
     if len(named) == 1 and not literal:  # literal sizes join to a literal size (2 halves of 2: 2*2)
@@ -711,7 +711,7 @@ def _traced_shape(shape) -> tuple | None:
         elif isinstance(d, numbers.Integral) and int(d) == 1:
             names.append("1")
         else:
-            fits = [n for n, s in active.dims.items() if s == d]
+            fits = dims_of_size(active.dims, d)
             if len(fits) != 1:
                 raise TraceError(f"a table of shape {shape!r}: give its size {d!r} by name (from .shape)")
             names.append(fits[0])
