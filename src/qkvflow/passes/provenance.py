@@ -59,7 +59,8 @@ def annotate(g: nx.MultiDiGraph) -> nx.MultiDiGraph:
     for path, record in g.graph["attention"].items():
         inside = members.get(path, [])
         inside_set = set(inside)
-        record["sites"] = [_site(g, sm, inside_set) for sm in inside if softmax_logits(g, sm)]
+        normalised = ((sm, softmax_logits(g, sm)) for sm in inside)
+        record["sites"] = [_site(g, sm, logits, inside_set) for sm, logits in normalised if logits]
     return g
 
 
@@ -77,14 +78,13 @@ def ensure(g: nx.MultiDiGraph) -> nx.MultiDiGraph:
     return g
 
 
-def _site(g, sm: str, inside: set) -> dict:
+def _site(g, sm: str, logits: str, inside: set) -> dict:
     scores = _nearest(g, sm, inside, backwards=True)
     attend = _nearest(g, sm, inside, backwards=False)
     if scores is None or attend is None:
         return {"softmax": sm, "problem": "no scores product before the softmax or no weighted sum after it"}
     origins, entries, paths = _trace_qkv(g, scores, sm, attend, inside)
     masks = sorted({_mask_label(g, n) for n in _masks_beside(g, sm, scores, inside)})
-    logits = softmax_logits(g, sm)
     return {"softmax": sm, "logits": logits, "scores": scores, "attend": attend,
             "origins": origins, "entries": entries, "paths": paths, "masks": masks,
             "scale": _scale(g, scores, logits, paths), "contracted": _contracted(g, scores),

@@ -124,21 +124,35 @@ class Tracer(Context):
         self.graph.graph["attention"][path] = record
 
 @functools.lru_cache(maxsize=256)
+def _function_lines(source: str) -> tuple[str, int, list] | None:
+    """(file, first line, source lines) of the function defined at ``source``;
+    None when its source text cannot be read."""
+    path, _, line = source.rpartition(":")
+    if not line.isdigit():
+        return None
+    try:
+        block = inspect.getblock(linecache.getlines(path)[int(line) - 1:])
+    except (SyntaxError, IndexError, ValueError, tokenize.TokenError):
+        return None
+    return (path, int(line), block) if block else None
+
+
+@functools.lru_cache(maxsize=256)
 def _annotation_lines(source: str) -> dict:
     """``file:line`` of each annotated argument (and ``return``) of the function
     defined at ``source``; {} when its source text cannot be read."""
-    path, _, line = source.rpartition(":")
-    if not line.isdigit():
+    found = _function_lines(source)
+    if found is None:
         return {}
+    path, line, block = found
     try:
-        block = inspect.getblock(linecache.getlines(path)[int(line) - 1:])
         tree = ast.parse(textwrap.dedent("".join(block)))
-    except (SyntaxError, IndexError, ValueError, tokenize.TokenError):
+    except SyntaxError:
         return {}
     fn = tree.body[0] if tree.body else None
     if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
         return {}
-    first = int(line) - 1
+    first = line - 1
     args = fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs
     found = {a.arg: f"{path}:{first + a.annotation.lineno}" for a in args if a.annotation}
     if fn.returns is not None:
@@ -149,14 +163,11 @@ def _annotation_lines(source: str) -> dict:
 @functools.lru_cache(maxsize=256)
 def _function_span(source: str) -> list:
     """[file, first line, last line] of the function defined at ``source``; [] when unreadable."""
-    path, _, line = source.rpartition(":")
-    if not line.isdigit():
+    found = _function_lines(source)
+    if found is None:
         return []
-    try:
-        block = inspect.getblock(linecache.getlines(path)[int(line) - 1:])
-    except (SyntaxError, IndexError, ValueError, tokenize.TokenError):
-        return []
-    return [shown_path(path), int(line), int(line) + len(block) - 1] if block else []
+    path, line, block = found
+    return [shown_path(path), line, line + len(block) - 1]
 
 
 def _failing_line(err: Exception, user_only: bool = False) -> str | None:
