@@ -90,11 +90,11 @@ def broken_model(tmp_path_factory):
 
 # --- presets, trace ------------------------------------------------------------------
 
-def test_presets_lists_the_three_presets():
+def test_presets_lists_every_preset():
     proc = shell("presets")
     assert proc.returncode == 0 and proc.stderr == ""
     names = [line.split()[0] for line in proc.stdout.strip().splitlines()]
-    assert sorted(names) == sorted(PRESETS)
+    assert sorted(names) == sorted(qkvflow.PRESETS) and set(PRESETS) < set(names)
     assert "heads 3, d_head 7" in proc.stdout
 
 

@@ -126,8 +126,14 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
         (_K,), shapes.padding_mask, "mask"),
     _op("causal_mask", "(seq, seq) True where key position <= query position",
         (_K,), shapes.causal_mask, "mask"),
-    _op("unembed", "x @ weight.T: logits over the vocabulary; attrs.tied_to names a shared weight",
-        (_P,), shapes.unembed, "projection", weight="fan_in"),
+    _op("unembed", "x @ weight.T (+ bias): logits over the vocabulary; attrs.tied_to names a shared weight",
+        (_P,), shapes.unembed, "projection", weight="fan_in", bias="zeros"),
+    _op("rotary", "rotary positions: features i and i + d/2 turned by the angle (attrs.offset + position) "
+        "* attrs.theta^(-2i/d) along the sequence axis -2 (Llama's rotate_half layout)",
+        (_E,), shapes.rotary, "projection"),
+    _op("relative_bias", "a learned bias per head from the bucketed distance key - query (T5); inputs: "
+        "query-side and key-side ids; attrs: bidirectional, buckets, max_distance; params: weight "
+        "(buckets, heads)", (_P,), shapes.relative_bias, "mask", weight="small"),
     _op("output", "a run output; attrs: name", (Group.SINK,), shapes.output, "io"),
     _op("reshape", "reshape to attrs.shape (dim names): split or merge adjacent dims only",
         (_M,), shapes.reshape, "numpy"),

@@ -268,6 +268,24 @@ def unembed(ins, attrs, params, dims):
     return _last_dim_must_be(x, d_model, "unembed", out, dims)
 
 
+def rotary(ins, attrs, params, dims):
+    """Same shape; the rotated (last) dim must have an even size."""
+    (x,) = ins
+    out = Meta(x.shape, x.key_axis, x.dtype)
+    size = size_of(x.shape[-1], dims) if x.shape else None
+    if size is not None and size % 2:
+        raise ShapeIssue("QKV201", f"rotary positions turn pairs of features, but "
+                         f"{describe(x.shape[-1], dims)} is odd", out)
+    return out
+
+
+def relative_bias(ins, attrs, params, dims):
+    """(..., q_seq) and (..., k_seq) ids -> (heads, q_seq, k_seq), the heads of the weight."""
+    q_ids, k_ids = ins
+    buckets, heads = params["weight"]
+    return Meta((heads, q_ids.shape[-1], k_ids.shape[-1]), 2, "float")
+
+
 def output(ins, attrs, params, dims):
     return ins[0]
 

@@ -17,23 +17,44 @@ from ..ir.ops import OPS
 __all__ = ["Config", "PRESETS", "preset", "load_toml", "from_dict", "CHOICES"]
 
 
+FAMILIES = ("encoder_decoder", "decoder_only", "encoder_only")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
+    """One Transformer of a family, every option a field (see README, "Families")."""
+
     name: str = "custom"
+    family: str = "encoder_decoder"
     encoder_layers: int = 6
     decoder_layers: int = 6
     d_model: int = 512
     heads: int = 8
     d_head: int = 0  # 0: d_model // heads
+    kv_heads: int = 0  # 0: heads (grouped-query attention when fewer)
     d_ff: int = 2048
     vocab: int = 32000
+    src_vocab: int = 0  # 0: the source shares the target vocabulary
+    type_vocab: int = 0  # token types (BERT's segments); 0: none
     max_positions: int = 512
     norm: str = "post"
+    norm_type: str = "layer"
     activation: str = "relu"
+    ffn: str = "plain"
+    bias: bool = True
     positions: str = "sinusoidal"
+    position_offset: int = 0  # BART's learned positions start at row 2
+    rope_theta: float = 10000.0
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    attention_scale: str = "sqrt"
     tied_embeddings: bool = True
     scale_embeddings: bool = True
+    embed_norm: bool = False
+    logits_bias: bool = False
+    rescale_output: bool = False  # T5: d_model^-0.5 before a tied output projection
     final_norms: bool = False
+    head: str = "lm"
     norm_eps: float = 1e-5
     pad_id: int = 0
     bos_id: int = 1
@@ -46,22 +67,41 @@ class Config:
 
     def dims(self) -> dict:
         """The dims table: model dims with sizes, data dims free (None)."""
-        return {
-            "batch": None, "src": None, "tgt": None,
-            "d_model": self.d_model, "heads": self.heads, "d_head": self.head_dim,
-            "d_ff": self.d_ff, "vocab": self.vocab, "max_positions": self.max_positions,
-        }
+        seqs = ("src", "tgt") if self.family == "encoder_decoder" else ("seq",)
+        dims = {"batch": None, **dict.fromkeys(seqs),
+                "d_model": self.d_model, "heads": self.heads, "d_head": self.head_dim,
+                "d_ff": self.d_ff, "vocab": self.vocab,
+                "max_positions": self.max_positions + (self.position_offset if self.positions == "learned" else 0)}
+        if self.kv_heads and self.kv_heads != self.heads:
+            dims["kv_heads"] = self.kv_heads
+        if self.src_vocab and self.family == "encoder_decoder":
+            dims["src_vocab"] = self.src_vocab
+        if self.type_vocab:
+            dims["type_vocab"] = self.type_vocab
+        if self.positions == "relative":
+            dims["buckets"] = self.relative_buckets
+        return dims
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-# The accepted values of each option: what the builder and the kernels (the op registry) implement.
+# The accepted values of each option: what the builders and the kernels (the op registry) implement.
 CHOICES = {
+    "family": FAMILIES,
     "norm": ("post", "pre"),
+    "norm_type": OPS["norm"].choices["kind"],
     "activation": OPS["activation"].choices["fn"],
-    "positions": OPS["positional"].choices["kind"],
+    "ffn": ("plain", "gated"),
+    "positions": OPS["positional"].choices["kind"] + ("rotary", "relative"),
+    "attention_scale": ("sqrt", "none"),
+    "head": ("lm", "mlm", "pooled"),
 }
+# Options that only one family has, and the heads each family may have.
+FAMILY_ONLY = {"src_vocab": "encoder_decoder", "type_vocab": "encoder_only"}
+HEADS = {"encoder_decoder": ("lm",), "decoder_only": ("lm",), "encoder_only": ("mlm", "pooled")}
+STACKS = {"encoder_decoder": ("encoder_layers", "decoder_layers"), "decoder_only": ("decoder_layers",),
+          "encoder_only": ("encoder_layers",)}
 
 PRESETS = {
     "vaswani-base": Config(
@@ -81,6 +121,88 @@ PRESETS = {
         vocab=41, max_positions=64, norm="post", activation="relu", positions="sinusoidal",
         tied_embeddings=True, scale_embeddings=True,
         description="2+2 layers, every dim a different size (heads 3, d_head 7, d_ff 29, vocab 41)",
+    ),
+    # --- BART, Marian, T5: encoder–decoder ------------------------------------------
+    "bart-tiny": Config(
+        name="bart-tiny", encoder_layers=2, decoder_layers=2, d_model=24, heads=4, d_ff=37, vocab=53,
+        max_positions=40, positions="learned", position_offset=2, embed_norm=True, scale_embeddings=False,
+        activation="gelu", logits_bias=True, pad_id=1, bos_id=0, eos_id=2,
+        description="BART at a small size: learned positions from row 2, embedding LayerNorm, logits bias",
+    ),
+    "bart-base": Config(
+        name="bart-base", encoder_layers=6, decoder_layers=6, d_model=768, heads=12, d_ff=3072,
+        vocab=50265, max_positions=1024, positions="learned", position_offset=2, embed_norm=True,
+        scale_embeddings=False, activation="gelu", logits_bias=True, pad_id=1, bos_id=0, eos_id=2,
+        description="facebook/bart-base's shapes (weights: qkvflow import)",
+    ),
+    "marian-tiny": Config(
+        name="marian-tiny", encoder_layers=2, decoder_layers=2, d_model=20, heads=5, d_ff=33, vocab=47,
+        max_positions=50, positions="sinusoidal_half", activation="silu", logits_bias=True, pad_id=46,
+        bos_id=46, eos_id=0,
+        description="Marian at a small size: half-split sinusoids, SiLU, logits bias, start token = pad",
+    ),
+    "opus-mt-en-zh": Config(
+        name="opus-mt-en-zh", encoder_layers=6, decoder_layers=6, d_model=512, heads=8, d_ff=2048,
+        vocab=65001, max_positions=512, positions="sinusoidal_half", activation="silu", logits_bias=True,
+        pad_id=65000, bos_id=65000, eos_id=0,
+        description="Helsinki-NLP/opus-mt-en-zh's shapes, English -> Chinese (weights: qkvflow import)",
+    ),
+    "t5-tiny": Config(
+        name="t5-tiny", encoder_layers=2, decoder_layers=2, d_model=20, heads=3, d_head=7, d_ff=29,
+        vocab=43, max_positions=64, norm="pre", norm_type="rms", norm_eps=1e-6, positions="relative",
+        relative_buckets=8, relative_max_distance=20, attention_scale="none", bias=False, ffn="gated",
+        activation="gelu_tanh", tied_embeddings=False, scale_embeddings=False, pad_id=0, bos_id=0, eos_id=1,
+        description="T5 v1.1 at a small size: RMSNorm, relative position buckets, unscaled attention, "
+                    "gated GELU, untied head, inner width heads*d_head 21 != d_model 20",
+    ),
+    "t5-small": Config(
+        name="t5-small", encoder_layers=6, decoder_layers=6, d_model=512, heads=8, d_head=64, d_ff=2048,
+        vocab=32128, max_positions=512, norm="pre", norm_type="rms", norm_eps=1e-6, positions="relative",
+        attention_scale="none", bias=False, activation="relu", tied_embeddings=True, rescale_output=True,
+        scale_embeddings=False, pad_id=0, bos_id=0, eos_id=1,
+        description="google-t5/t5-small's shapes: tied head after a d_model^-0.5 rescale (weights: qkvflow import)",
+    ),
+    # --- GPT-2, Llama: decoder-only ------------------------------------------------
+    "gpt2-tiny": Config(
+        name="gpt2-tiny", family="decoder_only", encoder_layers=0, decoder_layers=2, d_model=18, heads=3,
+        d_ff=31, vocab=59, max_positions=37, norm="pre", positions="learned", activation="gelu_tanh",
+        scale_embeddings=False, pad_id=0, bos_id=58, eos_id=58,
+        description="GPT-2 at a small size: pre-norm, learned positions, tanh GELU, tied output",
+    ),
+    "gpt2": Config(
+        name="gpt2", family="decoder_only", encoder_layers=0, decoder_layers=12, d_model=768, heads=12,
+        d_ff=3072, vocab=50257, max_positions=1024, norm="pre", positions="learned", activation="gelu_tanh",
+        scale_embeddings=False, pad_id=-1, bos_id=50256, eos_id=50256,
+        description="openai-community/gpt2's shapes, 124M (weights: qkvflow import); no padding token",
+    ),
+    "llama-tiny": Config(
+        name="llama-tiny", family="decoder_only", encoder_layers=0, decoder_layers=2, d_model=24, heads=4,
+        kv_heads=2, d_ff=19, vocab=61, max_positions=64, norm="pre", norm_type="rms", norm_eps=1e-6,
+        positions="rotary", activation="silu", ffn="gated", bias=False, tied_embeddings=False,
+        scale_embeddings=False, pad_id=0, bos_id=1, eos_id=2,
+        description="Llama at a small size: RMSNorm, SwiGLU, rotary positions, 4 query heads sharing 2 K/V heads",
+    ),
+    "tinyllama-1.1b": Config(
+        name="tinyllama-1.1b", family="decoder_only", encoder_layers=0, decoder_layers=22, d_model=2048,
+        heads=32, kv_heads=4, d_ff=5632, vocab=32000, max_positions=2048, norm="pre", norm_type="rms",
+        positions="rotary", activation="silu", ffn="gated", bias=False, tied_embeddings=False,
+        scale_embeddings=False, pad_id=-1, bos_id=1, eos_id=2,
+        description="TinyLlama/TinyLlama-1.1B's shapes (weights: qkvflow import); no padding token",
+    ),
+    # --- BERT: encoder-only --------------------------------------------------------
+    "bert-tiny": Config(
+        name="bert-tiny", family="encoder_only", encoder_layers=2, decoder_layers=0, d_model=26, heads=2,
+        d_ff=35, vocab=67, type_vocab=2, max_positions=45, positions="learned", activation="gelu",
+        embed_norm=True, norm_eps=1e-12, scale_embeddings=False, logits_bias=True, head="mlm", pad_id=0,
+        bos_id=2, eos_id=3,
+        description="BERT at a small size: token types, embedding LayerNorm, post-norm, masked-LM head",
+    ),
+    "bert-base-uncased": Config(
+        name="bert-base-uncased", family="encoder_only", encoder_layers=12, decoder_layers=0, d_model=768,
+        heads=12, d_ff=3072, vocab=30522, type_vocab=2, max_positions=512, positions="learned",
+        activation="gelu", embed_norm=True, norm_eps=1e-12, scale_embeddings=False, logits_bias=True,
+        head="mlm", pad_id=0, bos_id=101, eos_id=102,
+        description="google-bert/bert-base-uncased's shapes with its masked-LM head (weights: qkvflow import)",
     ),
 }
 
@@ -110,6 +232,10 @@ def from_dict(values: dict, origin: str = "config") -> Config:
     base = {}
     if "preset" in values:
         base = preset(values["preset"]).as_dict()
+    if "family" in values and "preset" not in values:
+        for key in ("encoder_layers", "decoder_layers"):  # a single-stream family has one stack
+            if key not in STACKS.get(values["family"], STACKS["encoder_decoder"]):
+                base.setdefault(key, 0)
     for key, value in values.items():
         if key == "preset":
             continue
@@ -124,7 +250,29 @@ def from_dict(values: dict, origin: str = "config") -> Config:
                 f"{origin}: {key} = {value!r} is not accepted; use one of: {', '.join(CHOICES[key])}"
             )
         base[key] = float(value) if want is float else value
-    return Config(**base)
+    cfg = Config(**base)
+    _check_family(cfg, values, origin)
+    return cfg
+
+
+def _check_family(cfg: Config, given: dict, origin: str) -> None:
+    """Options the config's family does not have are a ConfigError naming them."""
+    fam = cfg.family
+    for key in ("encoder_layers", "decoder_layers"):
+        if key not in STACKS[fam] and getattr(cfg, key) != 0:
+            raise ConfigError(f"{origin}: a {fam} model has no {key.split('_')[0]} stack; "
+                              f"{key} must be 0, got {getattr(cfg, key)}")
+    for key, only in FAMILY_ONLY.items():
+        if getattr(cfg, key) and fam != only:
+            raise ConfigError(f"{origin}: {key} is an option of {only} models, not of {fam}")
+    if cfg.head not in HEADS[fam]:
+        raise ConfigError(f"{origin}: head = {cfg.head!r} is not a head of {fam} models; "
+                          f"use one of: {', '.join(HEADS[fam])}")
+    if cfg.pad_id < -1 or (cfg.pad_id == -1 and fam != "decoder_only"):
+        raise ConfigError(f"{origin}: pad_id = {cfg.pad_id} is not accepted; a token id, or -1 (no padding "
+                          "token) for a decoder_only model")
+    if cfg.position_offset and cfg.positions != "learned":
+        raise ConfigError(f"{origin}: position_offset is for learned positions, not {cfg.positions}")
 
 
 def load_toml(path: str | Path) -> Config:

@@ -5,52 +5,31 @@ Q/K/V provenance and their mask; :func:`build` wires them into a model. Any
 block can be swapped for a user's own (``build(cfg, cross_attention=mine)``).
 """
 
-import math
-
 import numpy as np
 from jaxtyping import Bool, Float
 
 from ..tracing import nn
+from ..tracing.context import Model, scope
+from .blocks import (PLAIN, AttentionOptions, embed, feed_forward, final_norm, lm_head, multi_head_attention,
+                     position_bias, sublayer)
 from .config import Config
-from ..tracing.context import Model, dim, scope
 
-__all__ = [
-    "encoder_self_attention",
-    "decoder_self_attention",
-    "cross_attention",
-    "multi_head_attention",
-    "feed_forward",
-    "build",
-]
-
-
-def multi_head_attention(x_q, x_kv, keep):
-    """Scaled dot-product attention over ``heads`` heads.
-
-    x_q (batch, q_seq, d_model), x_kv (batch, k_seq, d_model),
-    keep broadcastable to (batch, heads, q_seq, k_seq).
-    """
-    q = nn.split_heads(nn.linear(x_q, "heads*d_head", name="q_proj"))   # (batch, heads, q_seq, d_head)
-    k = nn.split_heads(nn.linear(x_kv, "heads*d_head", name="k_proj"))  # (batch, heads, k_seq, d_head)
-    v = nn.split_heads(nn.linear(x_kv, "heads*d_head", name="v_proj"))  # (batch, heads, k_seq, d_head)
-    d_head = dim("d_head")  # a non-positive size is the checker's QKV103, not a crash here
-    s = nn.scores(q, k, scale=1.0)                                      # (batch, heads, q_seq, k_seq)
-    s = nn.scale(s, 1.0 / math.sqrt(d_head) if d_head > 0 else 1.0)
-    p = nn.softmax(nn.mask(s, keep), axis=-1)                           # over k_seq
-    o = nn.merge_heads(nn.attend(p, v))                                 # (batch, q_seq, heads*d_head)
-    return nn.linear(o, "d_model", name="out_proj")                     # (batch, q_seq, d_model)
+__all__ = ["encoder_self_attention", "decoder_self_attention", "cross_attention", "multi_head_attention",
+           "feed_forward", "build"]
 
 
 @nn.attention("encoder_self", q="encoder", k="encoder", v="encoder", mask="src_padding")
 def encoder_self_attention(
     x: Float[np.ndarray, "batch src d_model"],
     src_keep: Bool[np.ndarray, "batch src"],
+    position_bias: Float[np.ndarray, "heads src src"] | None = None,
+    *, opts: AttentionOptions = PLAIN,
 ) -> Float[np.ndarray, "batch src d_model"]:
     """Encoder self-attention: context inside the source.
 
     Q, K, V all from the encoder stream; keys at source padding are masked.
     """
-    return multi_head_attention(x, x, src_keep[:, None, None, :])
+    return multi_head_attention(x, x, src_keep[:, None, None, :], opts=opts, position_bias=position_bias)
 
 
 @nn.attention("decoder_self", q="decoder", k="decoder", v="decoder", mask="causal+tgt_padding")
@@ -58,6 +37,8 @@ def decoder_self_attention(
     y: Float[np.ndarray, "batch tgt d_model"],
     causal: Bool[np.ndarray, "tgt tgt"],
     tgt_keep: Bool[np.ndarray, "batch tgt"],
+    position_bias: Float[np.ndarray, "heads tgt tgt"] | None = None,
+    *, opts: AttentionOptions = PLAIN,
 ) -> Float[np.ndarray, "batch tgt d_model"]:
     """Masked decoder self-attention: context inside what was generated so far.
 
@@ -65,7 +46,7 @@ def decoder_self_attention(
     are not padding.
     """
     keep = causal[None, None, :, :] & tgt_keep[:, None, None, :]  # (batch, 1, tgt, tgt)
-    return multi_head_attention(y, y, keep)
+    return multi_head_attention(y, y, keep, opts=opts, position_bias=position_bias)
 
 
 @nn.attention("cross", q="decoder", k="memory", v="memory", mask="src_padding")
@@ -73,46 +54,48 @@ def cross_attention(
     y: Float[np.ndarray, "batch tgt d_model"],
     memory: Float[np.ndarray, "batch src d_model"],
     src_keep: Bool[np.ndarray, "batch src"],
+    *, opts: AttentionOptions = PLAIN,
 ) -> Float[np.ndarray, "batch tgt d_model"]:
     """Cross-attention: the decoder reads the encoder's final output.
 
-    Q from the decoder stream; K and V from the memory; source padding masked.
+    Q from the decoder stream; K and V from the memory; source padding masked
+    (no position bias: T5's cross-attention has none).
     """
-    return multi_head_attention(y, memory, src_keep[:, None, None, :])
+    return multi_head_attention(y, memory, src_keep[:, None, None, :], opts=opts)
 
 
-def feed_forward(x, activation: str):
-    """linear1 -> activation -> linear2: (.., d_model) -> (.., d_ff) -> (.., d_model)."""
-    h = nn.activation(nn.linear(x, "d_ff", name="linear1"), activation)
-    return nn.linear(h, "d_model", name="linear2")
+def _blocks(scale: str) -> tuple:
+    """The three blocks above declared with another scale (T5: ``"none"``)."""
+    def declared(kind, fn):
+        decl = {k: v for k, v in fn.declaration.items() if k != "kind"}
+        return nn.attention(kind, **{**decl, "scale": scale})(fn.__wrapped__)
+
+    return (declared("encoder_self", encoder_self_attention), declared("decoder_self", decoder_self_attention),
+            declared("cross", cross_attention))
 
 
-def _sublayer(cfg: Config, x, fn, norm_name: str):
-    """Residual sub-layer, post-norm: norm(x + f(x)); pre-norm: x + f(norm(x))."""
-    if cfg.norm == "pre":
-        return nn.residual(x, fn(nn.norm(x, eps=cfg.norm_eps, name=norm_name)))
-    return nn.norm(nn.residual(x, fn(x)), eps=cfg.norm_eps, name=norm_name)
+def build(cfg: Config, *, encoder_self=None, decoder_self=None, cross=None, ffn=None) -> Model:
+    """The encoder–decoder Model of ``cfg``; any block can be replaced.
 
-
-def build(cfg: Config, *, encoder_self=encoder_self_attention, decoder_self=decoder_self_attention,
-          cross=cross_attention, ffn=feed_forward) -> Model:
-    """The encoder–decoder Model of ``cfg``; any block can be replaced."""
-
-    def embed(ids, stream: str):
-        with scope("", block="embed"):
-            scale = math.sqrt(cfg.d_model) if cfg.scale_embeddings and cfg.d_model > 0 else 1.0
-            if stream == "decoder" and cfg.tied_embeddings:
-                x = nn.embed(ids, scale=scale, name="embed", tied_to="encoder.embed.weight")
-            else:
-                x = nn.embed(ids, scale=scale, name="embed")
-            return nn.positional(x, cfg.positions, name="positional")
-
-    def final_norm(x):
-        # torch.nn.Transformer always adds one; a pre-norm stack needs one.
-        if cfg.final_norms or cfg.norm == "pre":
-            with scope("", block="final_norm"):
-                x = nn.norm(x, eps=cfg.norm_eps, name="norm")
-        return x
+    Covers the paper's model, torch.nn.Transformer, BART, Marian and T5 (see
+    :class:`~qkvflow.models.config.Config`). A replacement attention block is
+    called ``block(x, keep)`` / ``block(y, memory, src_keep)``, with
+    ``position_bias=`` too when the config has relative positions, and
+    ``opts=`` (:class:`~qkvflow.models.blocks.AttentionOptions`) when the
+    config's attention is not the plain one.
+    """
+    opts = AttentionOptions.of(cfg)
+    own = (encoder_self_attention, decoder_self_attention, cross_attention)
+    if opts.scale != "sqrt":
+        own = _blocks(opts.scale)
+    encoder_self, decoder_self, cross = (mine or theirs for mine, theirs in zip((encoder_self, decoder_self, cross), own))
+    ffn = ffn or (lambda h, act: feed_forward(h, act, gated=cfg.ffn == "gated", bias=cfg.bias))
+    extra = {} if opts == PLAIN else {"opts": opts}
+    relative = cfg.positions == "relative"
+    separate = cfg.src_vocab > 0
+    # The decoder's embedding and the output projection share one table when tied; with
+    # separate vocabularies that table is the decoder's own, else the encoder's.
+    shared = "decoder.embed.weight" if separate else "encoder.embed.weight"
 
     def run():
         src = nn.input("src_ids", ("batch", "src"), pad_id=cfg.pad_id)
@@ -122,28 +105,29 @@ def build(cfg: Config, *, encoder_self=encoder_self_attention, decoder_self=deco
             tgt_keep = nn.padding_mask(tgt, cfg.pad_id, name="tgt_keep")
             causal = nn.causal_mask(tgt, name="causal")
         with scope("encoder", stream="encoder"):
-            x = embed(src, "encoder")
+            x = embed(cfg, src, vocab="src_vocab" if separate else "vocab")
+            bias = {"position_bias": position_bias(cfg, src, src, bidirectional=True)} if relative else {}
             for i in range(cfg.encoder_layers):
                 with scope(f"layers.{i}", layer=i):
                     with scope("", block="self_attn"):
-                        x = _sublayer(cfg, x, lambda h: encoder_self(h, src_keep), "norm1")
+                        x = sublayer(cfg, x, lambda h: encoder_self(h, src_keep, **bias, **extra), "norm1")
                     with scope("", block="ffn"):
-                        x = _sublayer(cfg, x, lambda h: ffn(h, cfg.activation), "norm2")
-            memory = nn.mark_memory(final_norm(x))
+                        x = sublayer(cfg, x, lambda h: ffn(h, cfg.activation), "norm2")
+            memory = nn.mark_memory(final_norm(cfg, x))
         with scope("decoder", stream="decoder"):
-            y = embed(tgt, "decoder")
+            tied = None if separate or not cfg.tied_embeddings else shared
+            y = embed(cfg, tgt, tied_to=tied)
+            bias = {"position_bias": position_bias(cfg, tgt, tgt, bidirectional=False)} if relative else {}
             for i in range(cfg.decoder_layers):
                 with scope(f"layers.{i}", layer=i):
                     with scope("", block="self_attn"):
-                        y = _sublayer(cfg, y, lambda h: decoder_self(h, causal, tgt_keep), "norm1")
+                        y = sublayer(cfg, y, lambda h: decoder_self(h, causal, tgt_keep, **bias, **extra), "norm1")
                     with scope("", block="cross_attn"):
-                        y = _sublayer(cfg, y, lambda h: cross(h, memory, src_keep), "norm2")
+                        y = sublayer(cfg, y, lambda h: cross(h, memory, src_keep, **extra), "norm2")
                     with scope("", block="ffn"):
-                        y = _sublayer(cfg, y, lambda h: ffn(h, cfg.activation), "norm3")
-            y = final_norm(y)
-            with scope("", block="output"):
-                tied = "encoder.embed.weight" if cfg.tied_embeddings else None
-                logits = nn.unembed(y, tied_to=tied, name="unembed")
+                        y = sublayer(cfg, y, lambda h: ffn(h, cfg.activation), "norm3")
+            y = final_norm(cfg, y)
+            logits = lm_head(cfg, y, tied_to=shared)
         return {"logits": logits}
 
     return Model(cfg.name, cfg.dims(), run, config=cfg.as_dict(),

@@ -18,7 +18,7 @@ __all__ = ["load_model"]
 
 
 def _from_config(cfg: Config) -> Model:
-    from .encoder_decoder import build
+    from .families import build
     return build(cfg)
 
 

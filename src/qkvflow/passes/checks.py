@@ -74,6 +74,8 @@ def _config(g):
     vocab = dims.get("vocab")
     for key in ("pad_id", "bos_id", "eos_id"):
         value = cfg.get(key)
+        if key == "pad_id" and value == -1 and cfg.get("family") == "decoder_only":
+            continue  # no padding token
         if value is not None and vocab and vocab > 0 and not 0 <= value < vocab:
             yield diag(g, "QKV104", "config",
                         f"{key} = {value} is not a token id of the vocabulary 0..{vocab - 1}", source=where)

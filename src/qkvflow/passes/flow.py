@@ -118,7 +118,7 @@ def _aligned(g, node, ins, flows) -> list[Flow]:
             for f, i in zip(flows, ins)]
 
 
-@implement("transfer", "positional", "activation")
+@implement("transfer", "positional", "activation", "rotary")
 def _plain(g, node, ins, flows):
     """Pointwise ops that keep no dead entries and make no mask."""
     return Flow(_deps_join(_aligned(g, node, ins, flows)))
@@ -490,7 +490,7 @@ def _cumsum(g, node, ins, flows):
     return Flow(deps)
 
 
-@implement("transfer", "fill", "arange", "constant")
+@implement("transfer", "fill", "arange", "constant", "relative_bias")
 def _constant(g, node, ins, flows):
     return Flow()  # the same for every token
 

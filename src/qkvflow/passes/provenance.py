@@ -95,6 +95,8 @@ def _rotated(g, path: list, origin: str | None) -> bool:
     """Whether a way back multiplies by sines or cosines of position indices (np.arange):
     rotary positions, however they are written. Only the side operands of the
     way are searched (not the state it reads)."""
+    if any(g.nodes[n]["op"] == "rotary" for n in path):
+        return True
     for node in path:
         for u in g.predecessors(node):
             if u in path or u == origin or g.nodes[u]["op"] == "param" or (

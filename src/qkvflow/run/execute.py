@@ -89,9 +89,14 @@ class Executor:
         g = self.graph
         sizes = dict(g.graph["dims"])
         values = {}
-        for node in g.graph["inputs"]:
+        # Inputs with a default come last: their shape is what the others bound.
+        order = sorted(g.graph["inputs"], key=lambda n: "default" in g.nodes[n]["attrs"])
+        for node in order:
             attrs = g.nodes[node]["attrs"]
             name, names = attrs["name"], attrs["shape"]
+            if name not in feeds and "default" in attrs and all(size_of(n, sizes) for n in names):
+                values[node] = np.full([size_of(n, sizes) for n in names], attrs["default"], dtype=np.int64)
+                continue
             if name not in feeds:
                 raise InputError(f"input {name} {describe_shape(names, sizes)} was not given")
             try:

@@ -150,8 +150,48 @@ def causal_mask(ids: Shaped[Array, "*b s"]) -> Bool[Array, "s s"]:
     return np.tril(np.ones((seq, seq), dtype=bool))
 
 
-def unembed(x: Float[Array, "*b d"], weight: Float[Array, "vocab d"]) -> Float[Array, "*b vocab"]:
-    return (x.reshape(-1, x.shape[-1]) @ weight.T).reshape(*x.shape[:-1], weight.shape[0])
+def unembed(x: Float[Array, "*b d"], weight: Float[Array, "vocab d"],
+            bias: Float[Array, "vocab"] | None) -> Float[Array, "*b vocab"]:
+    return linear(x, weight, bias)
+
+
+def rotary(x: Float[Array, "*b s d"], theta: float, offset: int) -> Float[Array, "*b s d"]:
+    """Features i and i + d/2 turned by the angle (offset + t) * theta^(-2i/d) at position t:
+    [x1 cos - x2 sin, x2 cos + x1 sin] (angles in float64, then cast)."""
+    seq, d = x.shape[-2:]
+    half = d // 2
+    inv = np.power(float(theta), -np.arange(0, 2 * half, 2, dtype=np.float64) / d)  # (d/2,)
+    angles = np.arange(offset, offset + seq, dtype=np.float64)[:, None] * inv[None, :]  # (s, d/2)
+    cos, sin = np.cos(angles).astype(x.dtype), np.sin(angles).astype(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def relative_buckets(q_len: int, k_len: int, bidirectional: bool, buckets: int, max_distance: int,
+                     offset: int = 0) -> np.ndarray:
+    """(q_len, k_len) bucket of the distance key - query, T5's scheme: exact below half the
+    buckets, logarithmic up to ``max_distance``; bidirectional halves the buckets by sign.
+    The logarithm is taken in float32, as T5 does, so the buckets agree at their edges."""
+    rel = np.arange(k_len)[None, :] - np.arange(offset, offset + q_len)[:, None]
+    out = np.zeros_like(rel)
+    if bidirectional:
+        buckets //= 2
+        out += (rel > 0) * buckets
+        rel = np.abs(rel)
+    else:
+        rel = -np.minimum(rel, 0)
+    exact = buckets // 2
+    far = np.log(np.maximum(rel, 1).astype(np.float32) / np.float32(exact)) / np.float32(
+        math.log(max_distance / exact))
+    far = exact + (far * np.float32(buckets - exact)).astype(np.int64)
+    return out + np.where(rel < exact, rel, np.minimum(far, buckets - 1))
+
+
+def relative_bias(q_ids: Shaped[Array, "*b q"], k_ids: Shaped[Array, "*c k"], weight: Float[Array, "n h"],
+                  bidirectional: bool, max_distance: int, offset: int) -> Float[Array, "h q k"]:
+    buckets = relative_buckets(q_ids.shape[-1], k_ids.shape[-1], bidirectional, weight.shape[0],
+                               max_distance, offset)
+    return np.ascontiguousarray(np.moveaxis(weight[buckets], -1, 0))  # (q, k, h) -> (h, q, k)
 
 
 def identity(x: Shaped[Array, "*s"]) -> Shaped[Array, "*s"]:
@@ -240,7 +280,10 @@ _kernel("norm", norm, lambda k, i, a, p, s: k(i[0], p["weight"], p.get("bias"), 
 _kernel("activation", activation, lambda k, i, a, p, s: k(i[0], a["fn"]))
 _kernel("padding_mask", padding_mask, lambda k, i, a, p, s: k(i[0], a["pad_id"]))
 _kernel("causal_mask", causal_mask, lambda k, i, a, p, s: k(i[0]))
-_kernel("unembed", unembed, lambda k, i, a, p, s: k(i[0], p["weight"]))
+_kernel("unembed", unembed, lambda k, i, a, p, s: k(i[0], p["weight"], p.get("bias")))
+_kernel("rotary", rotary, lambda k, i, a, p, s: k(i[0], a["theta"], a.get("offset", 0)))
+_kernel("relative_bias", relative_bias, lambda k, i, a, p, s: k(
+    i[0], i[1], p["weight"], a["bidirectional"], a["max_distance"], a.get("offset", 0)))
 _kernel("output", identity, lambda k, i, a, p, s: k(i[0]))
 _kernel("reshape", None, lambda k, i, a, p, s: i[0].reshape([size_of(n, s) for n in a["shape"]]))
 _kernel("transpose", None, lambda k, i, a, p, s: np.transpose(i[0], a["perm"]))

@@ -26,7 +26,7 @@ from .tensor import (Sym, apply, concat, einsum, elementwise, index, matmul, par
 __all__ = [
     "input", "embed", "positional", "linear", "split_heads", "merge_heads",
     "scores", "scale", "mask", "softmax", "attend", "add", "residual", "norm",
-    "activation", "padding_mask", "causal_mask", "unembed", "output",
+    "activation", "padding_mask", "causal_mask", "unembed", "rotary", "relative_bias", "output",
     "reshape", "transpose", "swapaxes", "matmul", "einsum", "where", "reduce",
     "elementwise", "concat", "concat_heads", "index", "split", "param", "mark_memory", "attention",
 ]
@@ -39,20 +39,29 @@ def concat_heads(parts):
 
 # --- inputs, embeddings, positions ------------------------------------------
 
-def input(name: str, shape: tuple, dtype: str = "int", *, pad_id: int | None = None):  # noqa: A001
+def input(name: str, shape: tuple, dtype: str = "int", *, pad_id: int | None = None,  # noqa: A001
+          default: int | None = None):
     """A run input, e.g. ``input("src_ids", ("batch", "src"), pad_id=0)``.
 
     An ``int`` input holds token ids; its last dim is a sequence dim, and
-    ``pad_id`` (if any) is the id of its padding token.
+    ``pad_id`` (if any) is the id of its padding token. An input with a
+    ``default`` may be left out of a run: it is then filled with that value
+    in the shape the other inputs give (BERT's token types, all 0).
     """
     active = tracer()
     if active is not None:
         _check_input(active, name, shape, dtype, pad_id)
+        if default is not None and (isinstance(default, bool) or not isinstance(default, (int, np.integer))):
+            raise TraceError(f"input {name!r}: default must be an integer, got {default!r}"[:300])
         attrs = {"name": name, "shape": tuple(name_of(d) for d in shape), "dtype": dtype}
         if pad_id is not None:
             attrs["pad_id"] = int(pad_id)
+        if default is not None:
+            attrs["default"] = int(default)
         return active.record_input(name, attrs)
     ctx = current()
+    if isinstance(ctx, Eager) and name not in ctx.feeds and default is not None:
+        return None
     if not isinstance(ctx, Eager) or name not in ctx.feeds:
         raise TraceError(f"input {name!r} was not given")
     return np.asarray(ctx.feeds[name])
@@ -178,13 +187,30 @@ def causal_mask(ids, *, name: str = "causal_mask"):
     return apply("causal_mask", [ids], name=name)
 
 
-def unembed(x, *, vocab="vocab", tied_to: str | None = None, name: str = "unembed"):
-    """Logits: x @ W.T with W (vocab, d_model); ``tied_to`` reuses a weight by path."""
+def unembed(x, *, vocab="vocab", tied_to: str | None = None, bias: bool = False, name: str = "unembed"):
+    """Logits: x @ W.T (+ b) with W (vocab, d_model); ``tied_to`` reuses a weight by path;
+    ``bias`` adds a learned bias per vocabulary entry (BART's ``final_logits_bias``)."""
     d = x.names[-1] if isinstance(x, Sym) else "d_model"
+    params = {"bias": (name_of(vocab),)} if bias else {}
     if tied_to:
-        return apply("unembed", [x], name=name,
+        return apply("unembed", [x], name=name, params=params or None,
                       attrs={"tied_to": tied_to, "tied_shape": (name_of(vocab), d)})
-    return apply("unembed", [x], name=name, params={"weight": (name_of(vocab), d)})
+    return apply("unembed", [x], name=name, params={"weight": (name_of(vocab), d), **params})
+
+
+def rotary(x, *, theta: float = 10000.0, offset: int = 0, name: str = "rotary"):
+    """Rotary positions on (..., seq, d_head): features i and i + d_head/2 turned by
+    the angle position * theta^(-2i/d_head) (Llama's layout)."""
+    return apply("rotary", [x], name=name, attrs={"theta": float(theta), "offset": int(offset)})
+
+
+def relative_bias(q_ids, k_ids, *, bidirectional: bool, max_distance: int = 128, buckets="buckets",
+                  heads="heads", name: str = "relative_bias"):
+    """T5's position bias (heads, q_seq, k_seq): a learned scalar per head for each bucket
+    of the distance key - query; ``q_ids`` and ``k_ids`` give the two sequences."""
+    return apply("relative_bias", [q_ids, k_ids], name=name,
+                 attrs={"bidirectional": bool(bidirectional), "max_distance": int(max_distance)},
+                 params={"weight": (name_of(buckets), name_of(heads))})
 
 
 def output(x, name: str):
