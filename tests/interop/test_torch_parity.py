@@ -19,7 +19,7 @@ CONFIGS = {
     "torch-transformer (final norms)": {"preset": "torch-transformer"},
     "vaswani-base (tied, post-norm)": {"preset": "vaswani-base"},
     "pre-norm, gelu, learned": {"preset": "vaswani-base", "norm": "pre", "activation": "gelu",
-                                "positions": "learned", "tied_embeddings": False},
+                                "positions": "learned", "shared_embeddings": False, "tied_embeddings": False},
 }
 # Small sizes, each different: heads 3, d_head 7, d_model 21, d_ff 29, vocab 41; batch 2, src 11, tgt 5.
 SMALL = {"encoder_layers": 2, "decoder_layers": 2, "d_model": 21, "heads": 3, "d_ff": 29,

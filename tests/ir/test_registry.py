@@ -33,7 +33,7 @@ def test_every_stage_covers_every_op(op):
 def test_every_parameter_an_op_can_own_has_an_initialiser():
     g = qf.trace(qf.load_model("tiny"))
     learned = qf.trace(qf.transformer.build(qf.models.config.from_dict(
-        {"preset": "tiny", "positions": "learned", "tied_embeddings": False})))
+        {"preset": "tiny", "positions": "learned", "shared_embeddings": False, "tied_embeddings": False})))
     for graph in (g, learned):
         for node, data in graph.nodes(data=True):
             assert set(data["params"]) <= set(spec(data["op"]).init), node

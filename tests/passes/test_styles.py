@@ -143,7 +143,7 @@ MODELS = {
         {"preset": "tiny", "name": "marian-like", "positions": "sinusoidal_half", "activation": "silu"})),
     "gelu_tanh": lambda: build(from_dict({"preset": "tiny", "name": "gpt-like", "activation": "gelu_tanh"})),
     "untied_final_norms": lambda: build(from_dict(
-        {"preset": "tiny", "name": "untied", "tied_embeddings": False, "final_norms": True})),
+        {"preset": "tiny", "name": "untied", "shared_embeddings": False, "tied_embeddings": False, "final_norms": True})),
 }
 
 

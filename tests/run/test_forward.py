@@ -99,7 +99,7 @@ def reference_logits(cfg, P: dict, src: np.ndarray, tgt: np.ndarray, pe=paper_pe
         x = layer_norm(x, "encoder.norm")
     memory = x  # every cross-attention reads this one state
 
-    dec_table = P["encoder.embed.weight"] if cfg.tied_embeddings else P["decoder.embed.weight"]
+    dec_table = P["encoder.embed.weight"] if cfg.shared_embeddings else P["decoder.embed.weight"]
     y = embed(tgt, "decoder", dec_table)
     for i in range(cfg.decoder_layers):
         at = f"decoder.layers.{i}"
@@ -110,7 +110,7 @@ def reference_logits(cfg, P: dict, src: np.ndarray, tgt: np.ndarray, pe=paper_pe
         y = sublayer(y, lambda h: ffn(h, at), at + ".norm3")
     if cfg.final_norms or cfg.norm == "pre":
         y = layer_norm(y, "decoder.norm")
-    out_table = P["encoder.embed.weight"] if cfg.tied_embeddings else P["decoder.unembed.weight"]
+    out_table = dec_table if cfg.tied_embeddings else P["decoder.unembed.weight"]
     return y @ out_table.T
 
 
@@ -203,7 +203,7 @@ def test_pre_norm_learned_positions_gelu_matches_reference():
     cfg = from_dict({
         "name": "pre-gelu", "encoder_layers": 2, "decoder_layers": 1, "d_model": 21, "heads": 3,
         "d_ff": 29, "vocab": 41, "max_positions": 17, "norm": "pre", "activation": "gelu",
-        "positions": "learned", "tied_embeddings": False, "scale_embeddings": False,
+        "positions": "learned", "shared_embeddings": False, "tied_embeddings": False, "scale_embeddings": False,
     })
     assert _parity(cfg, seed=12) <= 1e-12
 
@@ -276,7 +276,7 @@ def test_eager_run_equals_graph_execution(tiny, ids):
 
 def test_eager_pre_norm_learned_equals_graph():
     cfg = from_dict({"preset": "tiny", "norm": "pre", "positions": "learned", "activation": "gelu",
-                     "tied_embeddings": False})
+                     "shared_embeddings": False, "tied_embeddings": False})
     g = qf.trace(build(cfg))
     params = noisy_params(g, 21)
     rng = np.random.default_rng(21)
@@ -401,7 +401,8 @@ def model_and_sizes(draw):
         "norm": draw(st.sampled_from(("post", "pre"))),
         "activation": draw(st.sampled_from(("relu", "gelu"))),
         "positions": draw(st.sampled_from(("sinusoidal", "learned"))),
-        "tied_embeddings": draw(st.booleans()), "final_norms": draw(st.booleans()),
+        "shared_embeddings": draw(st.booleans()), "tied_embeddings": draw(st.booleans()),
+        "final_norms": draw(st.booleans()),
     }
     data = {"batch": fresh(range(1, 5)), "src": fresh(range(1, 14)),
             "tgt": fresh(range(1, 10))}

@@ -85,8 +85,8 @@ def to_torch(cfg: Config, params: dict):
     dec.eval()
 
     src_table = t("encoder.embed.weight")
-    tgt_table = src_table if cfg.tied_embeddings else t("decoder.embed.weight")
-    out_table = src_table if cfg.tied_embeddings else t("decoder.unembed.weight")
+    tgt_table = src_table if cfg.shared_embeddings else t("decoder.embed.weight")
+    out_table = tgt_table if cfg.tied_embeddings else t("decoder.unembed.weight")
     scale = math.sqrt(cfg.d_model) if cfg.scale_embeddings else 1.0
 
     def positions(stream: str, length: int):

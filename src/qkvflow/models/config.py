@@ -48,7 +48,8 @@ class Config:
     relative_buckets: int = 32
     relative_max_distance: int = 128
     attention_scale: str = "sqrt"
-    tied_embeddings: bool = True
+    shared_embeddings: bool = True  # encoder and decoder read one token table (encoder_decoder)
+    tied_embeddings: bool = True  # the output projection is the decoder's token table
     scale_embeddings: bool = True
     embed_norm: bool = False
     logits_bias: bool = False
@@ -113,7 +114,8 @@ PRESETS = {
     "torch-transformer": Config(
         name="torch-transformer", encoder_layers=6, decoder_layers=6, d_model=512, heads=8,
         d_ff=2048, vocab=32000, max_positions=1024, norm="post", activation="relu",
-        positions="sinusoidal", tied_embeddings=False, scale_embeddings=True, final_norms=True,
+        positions="sinusoidal", shared_embeddings=False, tied_embeddings=False, scale_embeddings=True,
+        final_norms=True,
         description="torch.nn.Transformer defaults (with its final norms) plus embeddings and output",
     ),
     "tiny": Config(
@@ -271,6 +273,9 @@ def _check_family(cfg: Config, given: dict, origin: str) -> None:
     if cfg.pad_id < -1 or (cfg.pad_id == -1 and fam != "decoder_only"):
         raise ConfigError(f"{origin}: pad_id = {cfg.pad_id} is not accepted; a token id, or -1 (no padding "
                           "token) for a decoder_only model")
+    if cfg.src_vocab and cfg.shared_embeddings:
+        raise ConfigError(f"{origin}: a separate source vocabulary (src_vocab = {cfg.src_vocab}) cannot share "
+                          "the target's embeddings; set shared_embeddings = false")
     if cfg.position_offset and cfg.positions != "learned":
         raise ConfigError(f"{origin}: position_offset is for learned positions, not {cfg.positions}")
 

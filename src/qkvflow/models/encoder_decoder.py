@@ -93,9 +93,10 @@ def build(cfg: Config, *, encoder_self=None, decoder_self=None, cross=None, ffn=
     extra = {} if opts == PLAIN else {"opts": opts}
     relative = cfg.positions == "relative"
     separate = cfg.src_vocab > 0
-    # The decoder's embedding and the output projection share one table when tied; with
-    # separate vocabularies that table is the decoder's own, else the encoder's.
-    shared = "decoder.embed.weight" if separate else "encoder.embed.weight"
+    # The decoder reads the encoder's token table when shared, else its own; a tied
+    # output projection is the decoder's table.
+    shared = cfg.shared_embeddings and not separate
+    table = "encoder.embed.weight" if shared else "decoder.embed.weight"
 
     def run():
         src = nn.input("src_ids", ("batch", "src"), pad_id=cfg.pad_id)
@@ -115,8 +116,7 @@ def build(cfg: Config, *, encoder_self=None, decoder_self=None, cross=None, ffn=
                         x = sublayer(cfg, x, lambda h: ffn(h, cfg.activation), "norm2")
             memory = nn.mark_memory(final_norm(cfg, x))
         with scope("decoder", stream="decoder"):
-            tied = None if separate or not cfg.tied_embeddings else shared
-            y = embed(cfg, tgt, tied_to=tied)
+            y = embed(cfg, tgt, tied_to=table if shared else None)
             bias = {"position_bias": position_bias(cfg, tgt, tgt, bidirectional=False)} if relative else {}
             for i in range(cfg.decoder_layers):
                 with scope(f"layers.{i}", layer=i):
@@ -127,7 +127,7 @@ def build(cfg: Config, *, encoder_self=None, decoder_self=None, cross=None, ffn=
                     with scope("", block="ffn"):
                         y = sublayer(cfg, y, lambda h: ffn(h, cfg.activation), "norm3")
             y = final_norm(cfg, y)
-            logits = lm_head(cfg, y, tied_to=shared)
+            logits = lm_head(cfg, y, tied_to=table)
         return {"logits": logits}
 
     return Model(cfg.name, cfg.dims(), run, config=cfg.as_dict(),
