@@ -17,15 +17,19 @@ DEMO_SRC = "I love China"
 DEMO_TGT = "<bos> 我 爱 中国"
 
 
-def _model(spec: str):
-    """The graph of MODEL: traced from a preset, TOML file or factory, or read
-    from a graph file written by ``qkvflow trace --format json``."""
+def _model(spec: str, *, with_params: bool = False):
+    """The graph of MODEL: traced from a preset, TOML file, factory or Hugging Face
+    folder (``hf:PATH``), or read from a graph file written by ``qkvflow trace
+    --format json``. ``with_params``: (graph, the model's own weights or None)."""
     if spec.endswith(".json"):
         from .ir.graph import read_graph
-        return read_graph(spec)
+        g = read_graph(spec)
+        return (g, None) if with_params else g
     from . import trace
     from .models.loader import load_model
-    return trace(load_model(spec))
+    model = load_model(spec)
+    g = trace(model)
+    return (g, model.params) if with_params else g
 
 
 def _emit(text: str | bytes, out: str | None) -> None:
@@ -106,7 +110,8 @@ def _feeds(g, args, vocab=None) -> dict:
     """Token ids for the model's inputs: --ids for a model with one input, --src
     and --tgt for its first and second (an encoder–decoder's src_ids, tgt_ids)."""
     from .ir.errors import InputError
-    names = [g.nodes[n]["attrs"]["name"] for n in g.graph["inputs"]]
+    names = [g.nodes[n]["attrs"]["name"] for n in g.graph["inputs"]
+             if "default" not in g.nodes[n]["attrs"]]  # an input with a default may be left out
     flags = ["--ids"] if len(names) == 1 else ["--src", "--tgt"]
     given = {f: getattr(args, f[2:], None) for f in ("--ids", "--src", "--tgt")}
     if len(names) > 2 or any(given[f] is None for f in flags) or any(
@@ -118,18 +123,23 @@ def _feeds(g, args, vocab=None) -> dict:
     return {name: _ids(given[flag], flag, vocab) for flag, name in zip(flags, names)}
 
 
-def _run(g, args, vocab=None, words=None) -> tuple[str, dict, dict]:
+def _run(g, args, vocab=None, words=None, weights=None) -> tuple[str, dict, dict]:
     import numpy as np
 
     from .run.execute import forward
     from .run.params import init_params, load_params
     feeds = _feeds(g, args, vocab)
-    params = load_params(args.params) if args.params else init_params(g, seed=args.seed)
+    if args.params:
+        params, said = load_params(args.params), f"weights: {args.params}"
+    elif weights is not None:
+        params, said = weights, f"weights: imported with {args.model}"
+    else:
+        params, said = init_params(g, seed=args.seed), f"weights: seeded random (seed {args.seed}; --params FILE for real ones)"
     out = forward(g, params, dtype=args.dtype, capture=bool(getattr(args, "save_activations", None)), **feeds)
     first = g.graph["outputs"][0]
     name, names = g.nodes[first]["attrs"]["name"], g.nodes[first]["shape"]
     logits = out[name]
-    lines = [f"{name}: shape {logits.shape} ({', '.join(names)}), dtype {logits.dtype}"]
+    lines = [said, f"{name}: shape {logits.shape} ({', '.join(names)}), dtype {logits.dtype}"]
     top = min(args.top, logits.shape[-1])
     for t in range(logits.shape[1]):
         row = logits[0, t]
@@ -143,8 +153,8 @@ def _run(g, args, vocab=None, words=None) -> tuple[str, dict, dict]:
 
 
 def cmd_run(args) -> int:
-    g = _model(args.model)
-    text, _, out = _run(g, args)
+    g, weights = _model(args.model, with_params=True)
+    text, _, out = _run(g, args, weights=weights)
     print(text)
     if args.save_activations:
         from .ir.errors import ParamError

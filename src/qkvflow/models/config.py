@@ -238,6 +238,7 @@ def from_dict(values: dict, origin: str = "config") -> Config:
         for key in ("encoder_layers", "decoder_layers"):  # a single-stream family has one stack
             if key not in STACKS.get(values["family"], STACKS["encoder_decoder"]):
                 base.setdefault(key, 0)
+        base.setdefault("head", HEADS.get(values["family"], ("lm",))[0])
     for key, value in values.items():
         if key == "preset":
             continue

@@ -61,6 +61,7 @@ class Model:
         self.config = dict(config or {})
         self.sequences = None if sequences is None else dict(sequences)
         self.streams = None if streams is None else tuple(streams)
+        self.params = None  # an imported model's weights (qkvflow.load_model("hf:PATH")), by parameter path
 
     def __repr__(self) -> str:
         return f"Model({self.name!r})"

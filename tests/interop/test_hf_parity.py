@@ -1,0 +1,64 @@
+"""Hugging Face models imported from their saved folders run like the originals.
+
+Each family's random-weight model is saved with ``save_pretrained`` and read
+back with qkvflow's importer (no transformers at import time); logits must
+agree on a padded batch: float64 to 1e-12 (with transformers' float32 steps
+inside its float64 models recomputed in float64, see ``hf_models.float64``; T5
+as transformers runs it, its norm's variance in float32, to 1e-5), float32 to 1e-4.
+"""
+
+import numpy as np
+import pytest
+
+import qkvflow as qf
+from hf_models import CONFIGS, build, feeds, float64, hf_logits, save
+
+pytest.importorskip("transformers")
+
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    made = {}
+    for family in CONFIGS:
+        model = build(family)
+        folder = save(model, tmp_path_factory.mktemp(family))
+        made[family] = (model, qf.load_model(f"hf:{folder}"))
+    return made
+
+
+@pytest.mark.parametrize("family", CONFIGS)
+def test_imported_model_checks_clean(imported, family):
+    _, model = imported[family]
+    assert qf.check(qf.trace(model)) == []
+
+
+@pytest.mark.parametrize("family", CONFIGS)
+def test_float64_logits_agree(imported, family):
+    hf, model = imported[family]
+    g = qf.trace(model)
+    inputs = feeds(family, g.graph["dims"]["vocab"])
+    ours = qf.forward(g, model.params, **inputs)["logits"]
+    theirs = hf_logits(float64(hf), family, inputs)
+    assert ours.shape == theirs.shape and ours.dtype == np.float64
+    assert np.max(np.abs(ours - theirs)) <= 1e-12
+
+
+def test_t5_as_transformers_runs_it_in_float64(imported):
+    """T5's RMSNorm variance is taken in float32 even in a float64 model: that rounding is all there is."""
+    _, model = imported["t5"]
+    g = qf.trace(model)
+    inputs = feeds("t5", g.graph["dims"]["vocab"])
+    theirs = hf_logits(float64(build("t5"), exact=False), "t5", inputs)
+    assert 1e-12 < np.max(np.abs(qf.forward(g, model.params, **inputs)["logits"] - theirs)) <= 1e-5
+
+
+@pytest.mark.parametrize("family", CONFIGS)
+def test_float32_logits_agree(imported, family):
+    hf, model = imported[family]
+    g = qf.trace(model)
+    inputs = feeds(family, g.graph["dims"]["vocab"], seed=2)
+    ours = qf.forward(g, model.params, dtype="float32", **inputs)["logits"]
+    theirs = hf_logits(build(family).float(), family, inputs)
+    assert ours.dtype == np.float32
+    assert np.max(np.abs(ours - theirs)) <= 1e-4
