@@ -94,7 +94,7 @@ def test_presets_lists_every_preset():
     proc = shell("presets")
     assert proc.returncode == 0 and proc.stderr == ""
     names = [line.split()[0] for line in proc.stdout.strip().splitlines()]
-    assert sorted(names) == sorted(qkvflow.PRESETS) and set(PRESETS) < set(names)
+    assert sorted(names) == sorted(qf.PRESETS) and set(PRESETS) < set(names)
     assert "heads 3, d_head 7" in proc.stdout
 
 
@@ -321,7 +321,8 @@ def test_run_prints_logits_shape_and_the_top_tokens(capsys):
     src, tgt = "5 6 7 8 9 10 11 12 13 2 0", "1 20 21 22 23"
     code, out, err = main(capsys, "run", "tiny", "--src", src, "--tgt", tgt, "--top", "2", "--seed", "4")
     assert code == 0 and err == ""
-    lines = out.strip().splitlines()
+    said, *lines = out.strip().splitlines()
+    assert said == "weights: seeded random (seed 4; --params FILE for real ones)"
     assert lines[0] == "logits: shape (1, 5, 41) (batch, tgt, vocab), dtype float64"
     assert len(lines) == 1 + 5
     g = qf.trace(qf.load_model("tiny"))
@@ -344,7 +345,8 @@ def test_run_float32_with_saved_params_and_activations(capsys, tmp_path):
     code, out, _ = main(capsys, "run", "tiny", "--src", "5 6 7", "--tgt", "1 8", "--params",
                         tmp_path / "w.npz", "--dtype", "float32", "--save-activations", acts)
     assert code == 0
-    assert out.splitlines()[0] == "logits: shape (1, 2, 41) (batch, tgt, vocab), dtype float32"
+    assert out.splitlines()[0].startswith("weights: ")
+    assert out.splitlines()[1] == "logits: shape (1, 2, 41) (batch, tgt, vocab), dtype float32"
     saved = qf.load_params(acts)
     want = qf.forward(g, params, np.array([[5, 6, 7]]), np.array([[1, 8]]), dtype="float32")["logits"]
     np.testing.assert_array_equal(saved["logits"], want)
@@ -544,7 +546,7 @@ def test_run_feeds_a_model_with_one_input_through_ids(capsys):
     lm = f"{Path(__file__).parent / 'single_stream.py'}:decoder_only"
     code, out, _ = main(capsys, "run", lm, "--ids", "1 2 3 4", "--top", "2")
     assert code == 0
-    lines = out.splitlines()
+    lines = out.splitlines()[1:]
     assert lines[0] == "logits: shape (1, 4, 53) (batch, seq, vocab), dtype float64"
     assert [line.split(":")[0].strip() for line in lines[1:]] == ["seq[0]", "seq[1]", "seq[2]", "seq[3]"]
     assert_usage_error(shell("run", lm, "--src", "1 2", "--tgt", "3"),

@@ -70,7 +70,7 @@ def test_the_port_runs_from_the_command_line():
     proc = subprocess.run([sys.executable, "-m", "qkvflow", "run", f"{EXAMPLES / 'gpt2_qkvflow.py'}:model",
                            "--ids", "5 6 7"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[0] == "logits: shape (1, 3, 29) (batch, seq, vocab), dtype float64"
+    assert proc.stdout.splitlines()[1] == "logits: shape (1, 3, 29) (batch, seq, vocab), dtype float64"
 
 
 def test_the_encoder_decoder_port_gives_the_textbook_table_and_numpy_logits():

@@ -16,7 +16,7 @@ import sys as _sys
 
 from .ir.errors import QkvflowError
 from .models.config import PRESETS, Config, load_toml, preset
-from .models.loader import load_model
+from .models import loader as _loader
 from .tracing import nn
 from .tracing.context import Model, dim, eager, scope
 from .tracing.nn import attention, param
@@ -28,7 +28,7 @@ _sys.modules[f"{__name__}.nn"] = nn
 __all__ = [
     "trace", "check", "format_diagnostics", "render", "explain", "forward", "Executor",
     "init_params", "load_params", "save_params", "nest_params",
-    "load_model", "preset", "load_toml", "Config", "PRESETS", "Model",
+    "load_model", "import_hf", "diff", "from_torch_state_dict", "preset", "load_toml", "Config", "PRESETS", "Model",
     "attention", "param", "scope", "dim", "eager", "nn", "QkvflowError", "__version__",
 ]
 
@@ -56,7 +56,29 @@ def trace(model):
     return annotate(_trace(model))
 
 
+def load_model(spec):
+    """A Model from a preset name, a ``.toml`` path, ``module:factory``, a Config or a
+    Model, or ``hf:PATH``: a local Hugging Face folder (config.json + safetensors), its
+    weights in the model's ``params``.
+
+    Examples
+    --------
+    >>> import qkvflow as qf
+    >>> qf.load_model("gpt2-tiny").config["family"]
+    'decoder_only'
+    """
+    if isinstance(spec, str) and spec.startswith("hf:"):
+        from .interop.hf import import_hf
+        imported = import_hf(spec[3:])
+        imported.model.params = imported.params
+        return imported.model
+    return _loader.load_model(spec)
+
+
 _LAZY = {
+    "import_hf": ("interop.hf", "import_hf"),
+    "diff": ("interop.diff", "diff"),
+    "from_torch_state_dict": ("interop.torch_import", "from_torch_state_dict"),
     "check": ("passes.checks", "check"),
     "format_diagnostics": ("passes.formats", "format_diagnostics"),
     "render": ("views.render", "render"),

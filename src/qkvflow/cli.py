@@ -25,8 +25,7 @@ def _model(spec: str, *, with_params: bool = False):
         from .ir.graph import read_graph
         g = read_graph(spec)
         return (g, None) if with_params else g
-    from . import trace
-    from .models.loader import load_model
+    from . import load_model, trace
     model = load_model(spec)
     g = trace(model)
     return (g, model.params) if with_params else g
@@ -168,6 +167,57 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    from .atomic import write_atomic
+    from .interop.hf import import_hf
+    from .run.params import save_params
+    imported = import_hf(args.path)
+    out = Path(args.output)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        from .atomic import OutputError
+        raise OutputError(f"cannot create the output folder {str(out)!r}: {err.strerror}") from None
+    cfg = imported.config
+    write_atomic(out / "model.toml", _toml(cfg.as_dict()))
+    save_params(imported.params, out / "params.safetensors")
+    size = sum(v.nbytes for v in imported.params.values())
+    print(f"imported {cfg.family} model {cfg.name!r} from {args.path}: {len(imported.params)} tensors, "
+          f"{size / 2**20:.1f} MB")
+    if imported.unused:
+        print(f"left unused (the family says they are not weights qkvflow runs): {', '.join(imported.unused)}")
+    print(f"wrote {out / 'model.toml'} and {out / 'params.safetensors'}\n"
+          f"run it: qkvflow run {out / 'model.toml'} --params {out / 'params.safetensors'} ...")
+    return 0
+
+
+def _toml(values: dict) -> str:
+    import json
+    lines = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            lines.append(f"{key} = {'true' if value else 'false'}")
+        elif isinstance(value, (int, float)):
+            lines.append(f"{key} = {value!r}")
+        else:
+            lines.append(f"{key} = {json.dumps(str(value), ensure_ascii=False)}")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_diff(args) -> int:
+    from .interop.diff import diff
+    from .run.params import load_params
+    g, weights = _model(args.model, with_params=True)
+    params = load_params(args.params) if args.params else weights
+    if params is None:
+        from .ir.errors import ParamError
+        raise ParamError(f"model {args.model!r} has no weights: give --params FILE, or an hf:PATH model")
+    inputs = _feeds(g, args) if (args.ids or args.src or args.tgt) else None
+    report = diff(g, params, args.against, inputs=inputs, tolerance=args.tolerance)
+    _emit(report.text(), args.output)
+    return 0 if report.first_divergence is None else 1
+
+
 def _demo_vocab(size: int) -> list[str]:
     words = ["<pad>", "<bos>", "<eos>", "I", "love", "China", "我", "爱", "中国"]
     return words + [f"w{i}" for i in range(len(words), size)]
@@ -298,6 +348,23 @@ def _parser() -> argparse.ArgumentParser:
     run_args(u)
     u.add_argument("--save-activations", help="write every node's activation (.safetensors/.npz)")
     u.set_defaults(fn=cmd_run)
+
+    i = sub.add_parser("import", help="import a local Hugging Face folder (config.json + safetensors)")
+    i.add_argument("path", help="the folder: BART, Marian, T5, GPT-2, Llama or BERT")
+    i.add_argument("-o", "--output", required=True, help="folder for model.toml and params.safetensors")
+    i.set_defaults(fn=cmd_import)
+
+    f = sub.add_parser("diff", help="compare every node with a Hugging Face model's modules (needs torch, "
+                                    "transformers); exit 1 when they diverge")
+    f.add_argument("model", help="qkvflow's side: hf:PATH, or a preset/TOML with --params")
+    f.add_argument("--against", required=True, help="hf:PATH, the transformers side")
+    f.add_argument("--src", help="source token ids (default: seeded random ids, a padded batch of 2)")
+    f.add_argument("--tgt", help="target token ids")
+    f.add_argument("--ids", help="token ids of a model with one input")
+    f.add_argument("--params", help="qkvflow's weights (.safetensors/.npz) when MODEL has none")
+    f.add_argument("--tolerance", type=float, default=1e-6, help="largest relative error that agrees")
+    f.add_argument("-o", "--output")
+    f.set_defaults(fn=cmd_diff)
 
     d = sub.add_parser("demo", help="trace, check, explain, render and run a built-in model")
     d.add_argument("--model", default="tiny")

@@ -134,16 +134,16 @@ def _hint(name: str, prefix: str, cfg: Config) -> str:
     """Why a left-over tensor has no place in ``cfg``'s parameters, when the config explains it."""
     bare = name[len(prefix):] if name.startswith(prefix) else name
     if _FINAL.match(bare):
-        return (f"config {cfg.name!r} has no final norms (nn.Transformer always adds encoder.norm and "
-                "decoder.norm), set final_norms = true")
+        return (f"config {cfg.name!r} has no final norms, which nn.Transformer always adds, "
+                "so set final_norms = true")
     layer = re.match(r"^(encoder|decoder)\.layers\.(\d+)\.", bare)
     if layer and int(layer.group(2)) >= getattr(cfg, f"{layer.group(1)}_layers"):
         count = getattr(cfg, f"{layer.group(1)}_layers")
         return f"config {cfg.name!r} has {count} {layer.group(1)} layers"
     if bare == "decoder.embed.weight" and cfg.shared_embeddings:
-        return f"config {cfg.name!r} shares encoder.embed.weight with the decoder (shared_embeddings = true)"
+        return f"config {cfg.name!r} shares encoder.embed.weight with the decoder: shared_embeddings = true"
     if bare == "decoder.unembed.weight" and cfg.tied_embeddings:
-        return f"config {cfg.name!r} ties the output projection to the decoder's embedding (tied_embeddings = true)"
+        return f"config {cfg.name!r} ties the output projection to the decoder's embedding: tied_embeddings = true"
     if bare.endswith("positional.weight") and cfg.positions != "learned":
         return f"config {cfg.name!r} has {cfg.positions} positions, which have no table"
     return ""
@@ -194,10 +194,9 @@ def from_torch_state_dict(state: dict, cfg: Config, *, embeddings: dict | None =
         if key not in extras:
             close = difflib.get_close_matches(key, list(extras), n=1)
             hint = _hint(key, "", cfg)
-            raise ParamError(f"embeddings[{key!r}] is not a table config {cfg.name!r} needs"
-                             + (f" ({hint})" if hint else "")
-                             + (f"; did you mean {close[0]!r}?" if close else
-                                f"; expected: {', '.join(sorted(extras)) or 'none'}"))
+            raise ParamError(f"embeddings[{key!r}] is not a table config {cfg.name!r} needs; "
+                             + (hint if hint else f"did you mean {close[0]!r}?" if close else
+                                f"it needs {', '.join(sorted(extras)) or 'none'}"))
         if isinstance(value, str):
             if value not in pending:
                 raise ParamError(f"embeddings[{key!r}] names state tensor {value!r}, which is not in state")
@@ -221,8 +220,7 @@ def from_torch_state_dict(state: dict, cfg: Config, *, embeddings: dict | None =
             key, list(expected) + list(extras), n=1)
         hint = _hint(key, prefix, cfg)
         raise ParamError(f"tensor {key} is not a parameter of torch.nn.Transformer for config {cfg.name!r}"
-                         + (f" ({hint})" if hint else "")
-                         + (f"; did you mean {close[0]}?" if close else ""))
+                         + (f"; {hint}" if hint else f"; did you mean {close[0]}?" if close else ""))
 
     def checked(where: str, value, want: tuple, shape_text: str) -> np.ndarray:
         arr = _array(where, value)
@@ -243,7 +241,7 @@ def from_torch_state_dict(state: dict, cfg: Config, *, embeddings: dict | None =
             first = specs[parts[0][0]]
             text = "(" + f"{len(parts)}*{first[0]}" + "".join(f", {n}" for n in first[1:]) + ")"
         if full not in pending:
-            raise ParamError(f"tensor {full} {text} = {want} is missing from the state_dict")
+            raise ParamError(f"tensor {full} is missing from the state_dict, expected {text} = {want}")
         arr = checked(full, pending[full], want, text)
         for path, rows in parts:
             params[path] = (arr if rows is None else arr[rows]).copy()

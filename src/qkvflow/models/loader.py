@@ -58,8 +58,7 @@ def _import_factory(spec: str):
 
 
 def load_model(spec) -> Model:
-    """A Model from a preset name, a ``.toml`` path, ``module:factory``, a Config or a Model,
-    or ``hf:PATH``: a local Hugging Face folder, its weights in the model's ``params``."""
+    """A Model from a preset name, a ``.toml`` path, ``module:factory``, a Config or a Model."""
     if isinstance(spec, Model):
         return spec
     if isinstance(spec, Config):
@@ -68,11 +67,6 @@ def load_model(spec) -> Model:
         raise ModelLoadError(f"MODEL must be a preset, a TOML file or module:factory, got {spec!r}")
     if spec in PRESETS:
         return _from_config(preset(spec))
-    if spec.startswith("hf:"):
-        from ..interop.hf import import_hf
-        imported = import_hf(spec[3:])
-        imported.model.params = imported.params
-        return imported.model
     if spec.endswith(".toml"):
         return _from_config(load_toml(spec))
     if ":" in spec:
