@@ -235,7 +235,7 @@ def cmd_demo(args) -> int:
     g = _model(args.model)
     vocab_words = _demo_vocab(g.graph["dims"].get("vocab") or 0)
     vocab = {w: i for i, w in enumerate(vocab_words)}
-    if len(g.graph["inputs"]) == 2:
+    if sum("default" not in g.nodes[n]["attrs"] for n in g.graph["inputs"]) == 2:
         args.src, args.tgt = args.src or DEMO_SRC, args.tgt or DEMO_TGT
     else:
         args.ids = args.ids or f"{DEMO_TGT}"
