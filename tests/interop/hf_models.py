@@ -28,6 +28,11 @@ def _configs() -> dict:
             vocab_size=47, d_model=20, encoder_attention_heads=5, decoder_attention_heads=5, encoder_ffn_dim=33,
             decoder_ffn_dim=33, max_position_embeddings=50, pad_token_id=46, decoder_start_token_id=46,
             eos_token_id=0, activation_function="swish", scale_embedding=True, **small)),
+        "marian-separate": lambda: T.MarianMTModel(T.MarianConfig(  # source and target vocabularies apart
+            vocab_size=47, decoder_vocab_size=31, share_encoder_decoder_embeddings=False, d_model=20,
+            encoder_attention_heads=5, decoder_attention_heads=5, encoder_ffn_dim=33, decoder_ffn_dim=33,
+            max_position_embeddings=50, pad_token_id=30, decoder_start_token_id=30, eos_token_id=0,
+            activation_function="swish", scale_embedding=True, **small)),
         "t5": lambda: T.T5ForConditionalGeneration(T.T5Config(
             vocab_size=43, d_model=20, d_kv=7, d_ff=29, num_layers=2, num_heads=3, feed_forward_proj="gated-gelu",
             tie_word_embeddings=False, relative_attention_num_buckets=8, relative_attention_max_distance=20)),
@@ -44,8 +49,8 @@ def _configs() -> dict:
 
 
 CONFIGS = _configs()
-ENCODER_DECODER = ("bart", "marian", "t5")
-PADS = {"bart": 1, "marian": 46, "t5": 0, "gpt2": 0, "llama": 0, "bert": 0}
+ENCODER_DECODER = ("bart", "marian", "marian-separate", "t5")
+PADS = {"bart": 1, "marian": 46, "marian-separate": 30, "t5": 0, "gpt2": 0, "llama": 0, "bert": 0}
 
 
 def build(family: str, seed: int = 0):
