@@ -62,3 +62,22 @@ def test_float32_logits_agree(imported, family):
     theirs = hf_logits(build(family).float(), family, inputs)
     assert ours.dtype == np.float32
     assert np.max(np.abs(ours - theirs)) <= 1e-4
+
+
+def test_bert_pooled_output_agrees(tmp_path):
+    """A bare BertModel (no MLM head) imports with the pooled head: hidden states and pooler output."""
+    import torch
+    import transformers as T
+    torch.manual_seed(3)
+    bert = T.BertModel(T.BertConfig(vocab_size=67, hidden_size=26, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=35, max_position_embeddings=45)).eval()
+    model = qf.load_model(f"hf:{save(bert, tmp_path)}")
+    assert model.config["head"] == "pooled"
+    ids = feeds("bert", 67)["ids"]
+    types = (np.arange(ids.shape[1]) >= 3).astype(np.int64)[None].repeat(2, axis=0)
+    ours = qf.forward(qf.trace(model), model.params, ids=ids, type_ids=types)
+    with torch.no_grad():
+        out = bert.double()(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(ids != 0).long(),
+                            token_type_ids=torch.from_numpy(types))
+    assert np.max(np.abs(ours["hidden"] - out.last_hidden_state.numpy())) <= 1e-12
+    assert np.max(np.abs(ours["pooled"] - out.pooler_output.numpy())) <= 1e-12
