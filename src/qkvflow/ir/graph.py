@@ -222,6 +222,26 @@ def from_json(text: str) -> nx.MultiDiGraph:
     return g
 
 
+def independent_of(g: nx.MultiDiGraph, inputs) -> set:
+    """The nodes whose values do not depend on the named inputs: what stays the same while
+    only those inputs change. For an encoder–decoder and ``["tgt_ids"]``: the whole
+    encoder and every cross-attention's K and V projections, computed once per source.
+
+    >>> import qkvflow as qf
+    >>> fixed = independent_of(qf.trace(qf.load_model("tiny")), ["tgt_ids"])
+    >>> "decoder.layers.1.cross_attn.k_proj" in fixed, "decoder.layers.1.cross_attn.q_proj" in fixed
+    (True, False)
+    """
+    by_name = {g.nodes[n]["attrs"]["name"]: n for n in g.graph["inputs"]}
+    unknown = [name for name in inputs if name not in by_name]
+    if unknown:
+        raise GraphError(f"the model has no input {unknown[0]!r}; its inputs are {', '.join(by_name)}")
+    changing = {by_name[name] for name in inputs}
+    for node in list(changing):
+        changing |= nx.descendants(g, node)
+    return set(g) - changing
+
+
 def param_path(node: str, name: str) -> str:
     """The path of parameter ``name`` of ``node``: ``<node>.<name>``, or the node's
     own path for a parameter node (``qkvflow.param``), whose one parameter is named ""."""

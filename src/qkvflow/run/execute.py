@@ -128,16 +128,29 @@ class Executor:
                 raise InputError(f"{dim} length {sizes[dim]} exceeds max_positions = {limit}")
         return values, sizes
 
-    def run(self, feeds: dict, capture: bool = False) -> dict:
+    def run(self, feeds: dict, capture: bool = False, initial: dict | None = None) -> dict:
         """Execute the graph. ``feeds`` maps input names (src_ids, tgt_ids) to arrays.
 
         Returns the outputs by name; with ``capture`` also ``"activations"``:
-        every node's array by path.
+        every node's array by path. ``initial`` gives node values computed before
+        (by path, e.g. from a captured run): those nodes are taken, not computed,
+        still checked against their named shapes. With
+        :func:`qkvflow.ir.graph.independent_of` it computes the encoder once per source.
         """
         values, sizes = self._bind_inputs(feeds)
         params = self.params
+        initial = initial or {}
+        stray = next((n for n in initial if n not in self.graph or n in self.graph.graph["inputs"]), None)
+        if stray is not None:
+            raise InputError(f"initial value for {stray!r}: not a computed node of the graph")
         for node, op, args, attrs, pnames, names, kernel, call, source in self.plan:
             if op == "input":
+                continue
+            if node in initial:
+                out = np.asarray(initial[node])
+                if self.check:
+                    self._check_shape(node, names, out, sizes, source)
+                values[node] = out
                 continue
             ins = [values[a] for a in args]
             p = {n: params[param_path(node, n)] for n in pnames}
@@ -196,16 +209,17 @@ def _bind(names: tuple, shape: tuple, sizes: dict) -> tuple | None:
 
 
 def forward(graph: nx.MultiDiGraph, params: dict, *inputs, dtype="float64",
-            check: bool = True, capture: bool = False, **named) -> dict:
+            check: bool = True, capture: bool = False, initial: dict | None = None, **named) -> dict:
     """Run a traced graph on its inputs, e.g. token ids.
 
     Inputs are given in the order the model declares them (an
     encoder–decoder: ``src_ids, tgt_ids``) or by name (a decoder-only model
     with an input ``ids``: ``forward(g, params, ids=...)``). Returns the
     outputs by name, e.g. ``{"logits": (batch, tgt, vocab) array}`` (plus
-    ``"activations"`` by node path with ``capture=True``). An input named
-    like one of forward's own keywords (``dtype``, ``check``, ``capture``)
-    is given by position.
+    ``"activations"`` by node path with ``capture=True``). ``initial``: node
+    values computed before, taken instead of computed (see
+    :meth:`Executor.run`). An input named like one of forward's own keywords
+    (``dtype``, ``check``, ``capture``, ``initial``) is given by position.
 
     Examples
     --------
@@ -228,4 +242,4 @@ def forward(graph: nx.MultiDiGraph, params: dict, *inputs, dtype="float64",
         if name in feeds:
             raise InputError(f"forward got input {name!r} twice, by position and by name")
         feeds[name] = value
-    return Executor(graph, params, dtype=dtype, check=check).run(feeds, capture=capture)
+    return Executor(graph, params, dtype=dtype, check=check).run(feeds, capture=capture, initial=initial)
