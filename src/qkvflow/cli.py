@@ -135,10 +135,19 @@ def _run(g, args, vocab=None, words=None, weights=None) -> tuple[str, dict, dict
     else:
         params, said = init_params(g, seed=args.seed), f"weights: seeded random (seed {args.seed}; --params FILE for real ones)"
     out = forward(g, params, dtype=args.dtype, capture=bool(getattr(args, "save_activations", None)), **feeds)
+    lines = [said]
+    for node in g.graph["outputs"]:
+        name, names = g.nodes[node]["attrs"]["name"], g.nodes[node]["shape"]
+        lines.append(f"{name}: shape {out[name].shape} ({', '.join(names)}), dtype {out[name].dtype}")
     first = g.graph["outputs"][0]
     name, names = g.nodes[first]["attrs"]["name"], g.nodes[first]["shape"]
     logits = out[name]
-    lines = [said, f"{name}: shape {logits.shape} ({', '.join(names)}), dtype {logits.dtype}"]
+    if names[-1] != "vocab" or logits.ndim < 3:  # top ids only mean something over a vocabulary
+        for node in g.graph["outputs"]:
+            value = out[g.nodes[node]["attrs"]["name"]]
+            lines.append(f"  {g.nodes[node]['attrs']['name']}: mean {value.mean():.4f}, "
+                         f"min {value.min():.4f}, max {value.max():.4f}")
+        return "\n".join(lines), params, out
     top = min(args.top, logits.shape[-1])
     for t in range(logits.shape[1]):
         row = logits[0, t]
@@ -171,12 +180,19 @@ def cmd_import(args) -> int:
     from .atomic import write_atomic
     from .interop.hf import import_hf
     from .run.params import save_params
-    imported = import_hf(args.path)
+    from .atomic import OutputError
+    if not args.output.strip():
+        raise OutputError("-o is empty; give the folder to write model.toml and params.safetensors into")
     out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{str(out)!r} is a file; -o takes a folder for model.toml and params.safetensors")
+    for name in ("model.toml", "params.safetensors"):
+        if (out / name).is_dir():
+            raise OutputError(f"{str(out / name)!r} is a folder; cannot write the file {name} there")
+    imported = import_hf(args.path)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        from .atomic import OutputError
         raise OutputError(f"cannot create the output folder {str(out)!r}: {err.strerror}") from None
     cfg = imported.config
     write_atomic(out / "model.toml", _toml(cfg.as_dict()))
@@ -362,7 +378,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--tgt", help="target token ids")
     f.add_argument("--ids", help="token ids of a model with one input")
     f.add_argument("--params", help="qkvflow's weights (.safetensors/.npz) when MODEL has none")
-    f.add_argument("--tolerance", type=float, default=1e-6, help="largest relative error that agrees")
+    f.add_argument("--tolerance", type=_tolerance, default=1e-6, help="largest relative error that agrees")
     f.add_argument("-o", "--output")
     f.set_defaults(fn=cmd_diff)
 
@@ -372,6 +388,17 @@ def _parser() -> argparse.ArgumentParser:
     run_args(d)
     d.set_defaults(fn=cmd_demo)
     return p
+
+
+def _tolerance(text: str) -> float:
+    import math
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative number")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

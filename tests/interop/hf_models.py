@@ -51,6 +51,7 @@ def _configs() -> dict:
 CONFIGS = _configs()
 ENCODER_DECODER = ("bart", "marian", "marian-separate", "t5")
 PADS = {"bart": 1, "marian": 46, "marian-separate": 30, "t5": 0, "gpt2": 0, "llama": 0, "bert": 0}
+START = {"bart": 2, "marian": 46, "marian-separate": 30, "t5": 0}  # decoder_start_token_id
 
 
 def build(family: str, seed: int = 0):
@@ -105,7 +106,9 @@ def feeds(family: str, vocab: int, seed: int = 1) -> dict:
         return x
 
     if family in ENCODER_DECODER:
-        return {"src_ids": ids(SRC, SRC - 2), "tgt_ids": ids(TGT, TGT - 1)}
+        tgt = ids(TGT, TGT - 1)
+        tgt[:, 0] = START[family]  # the decoder starts with its start token (T5's and Marian's is the pad id)
+        return {"src_ids": ids(SRC, SRC - 2), "tgt_ids": tgt}
     return {"ids": ids(SEQ, SEQ - 2)}
 
 
@@ -114,8 +117,10 @@ def hf_logits(model, family: str, inputs: dict) -> np.ndarray:
     t = {k: torch.from_numpy(v) for k, v in inputs.items()}
     with torch.no_grad():
         if family in ENCODER_DECODER:
+            keep = t["tgt_ids"] != pad
+            keep[:, 0] = True  # the start token is never padding
             out = model(input_ids=t["src_ids"], attention_mask=t["src_ids"] != pad,
-                        decoder_input_ids=t["tgt_ids"], decoder_attention_mask=t["tgt_ids"] != pad)
+                        decoder_input_ids=t["tgt_ids"], decoder_attention_mask=keep)
         else:
             out = model(input_ids=t["ids"], attention_mask=(t["ids"] != pad).long())
     return out.logits.numpy()

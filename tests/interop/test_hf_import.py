@@ -101,7 +101,7 @@ def test_missing_leftover_and_pickled_tensors_are_named(folders, tmp_path):
     save_file({**tensors, "transformer.h.0.attn.c_attn.weigth": tensors["transformer.h.0.attn.c_attn.weight"]},
               folder / "model.safetensors")
     proc = shell("run", f"hf:{folder}", "--ids", "5 6")
-    assert proc.returncode == 2 and "tensor h.0.attn.c_attn.weigth has no place in qkvflow's gpt2 model" \
+    assert proc.returncode == 2 and "tensor transformer.h.0.attn.c_attn.weigth has no place in qkvflow's gpt2 model" \
         in proc.stderr, proc.stderr
     del tensors["transformer.ln_f.bias"]
     save_file(tensors, folder / "model.safetensors")
@@ -166,3 +166,84 @@ def test_diff_api_with_a_model_in_memory_and_given_ids(folders):
 def test_diff_without_weights_is_a_usage_error(folders):
     proc = shell("diff", "bart-tiny", "--against", f"hf:{folders['bart']}")
     assert proc.returncode == 2 and "has no weights: give --params FILE" in proc.stderr
+
+
+# --- what a demanding user feeds it ---------------------------------------------------------------
+
+@pytest.mark.parametrize("change, needle", [
+    ({"model_type": ["gpt2"]}, "model_type ['gpt2'] is not supported"),
+    ({"model_type": None}, "config.json has no model_type"),
+    ({"n_layer": "2"}, "config.json n_layer = '2', expected an integer >= 0"),
+    ({"n_head": 0}, "config.json n_head = 0, expected an integer >= 1"),
+    ({"activation_function": ["relu"]}, "activation ['relu'] is not one qkvflow runs"),
+    ({"scale_attn_weights": "false"}, "config.json scale_attn_weights = 'false', expected true or false"),
+    ({"layer_norm_epsilon": -1}, "layer_norm_epsilon = -1, expected a positive number"),
+])
+def test_wrong_typed_config_values_name_the_key_of_config_json(folders, tmp_path, change, needle):
+    folder = _copy(folders["gpt2"], tmp_path)
+    _edit_config(folder, **change)
+    with pytest.raises(qf.QkvflowError) as err:
+        qf.load_model(f"hf:{folder}")
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_shard_index_says_where_each_tensor_is(folders, tmp_path):
+    from safetensors.numpy import load_file, save_file
+    model = build("gpt2")
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    first, second = sorted(set(index["weight_map"].values()))[:2]
+    name = next(k for k, v in index["weight_map"].items() if v == first)
+    extra = load_file(tmp_path / second)
+    save_file({**extra, name: load_file(tmp_path / first)[name] + 1.0}, tmp_path / second)
+    with pytest.raises(qf.QkvflowError, match=f"holds tensor {re_escape(name)}, which the index puts in"):
+        qf.load_model(f"hf:{tmp_path}")
+
+
+def re_escape(text: str) -> str:
+    import re
+    return re.escape(text)
+
+
+def test_diff_refuses_another_family_or_size(folders, tmp_path):
+    proc = shell("diff", f"hf:{folders['gpt2']}", "--against", f"hf:{folders['llama']}")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "is a llama model with" in proc.stderr and "diff compares one model in two implementations" \
+        in proc.stderr, proc.stderr
+    bigger = T_build_gpt2(tmp_path)
+    proc = shell("diff", f"hf:{folders['gpt2']}", "--against", f"hf:{bigger}")
+    assert proc.returncode == 2 and "is a gpt2 model with d_model = 24" in proc.stderr, proc.stderr
+    proc = shell("diff", f"hf:{folders['gpt2']}", "--against", f"hf:{folders['gpt2']}", "--tolerance", "nan")
+    assert proc.returncode == 2 and "'nan' is not a non-negative number" in proc.stderr
+
+
+def T_build_gpt2(tmp_path) -> str:
+    import transformers as T
+    torch.manual_seed(0)
+    model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=59, n_embd=24, n_layer=2, n_head=3, n_positions=37,
+                                           pad_token_id=0, bos_token_id=58, eos_token_id=58))
+    return save(model, tmp_path / "bigger")
+
+
+def test_diff_of_a_bare_base_model(tmp_path):
+    import transformers as T
+    torch.manual_seed(0)
+    bert = T.BertModel(T.BertConfig(vocab_size=67, hidden_size=26, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=35, max_position_embeddings=45))
+    folder = save(bert, tmp_path / "bert")
+    model = qf.load_model(f"hf:{folder}")
+    report = qf.diff(model, model.params, f"hf:{folder}")
+    assert report.first_divergence is None and len(report.rows) > 10
+    assert report.rows[0].module.startswith("embeddings.")  # the bare model's own module names
+
+
+def test_import_checks_its_output_folder_before_writing(folders, tmp_path):
+    (tmp_path / "file").write_text("x")
+    proc = shell("import", folders["gpt2"], "-o", tmp_path / "file")
+    assert proc.returncode == 2 and "is a file; -o takes a folder" in proc.stderr
+    (tmp_path / "out" / "params.safetensors").mkdir(parents=True)
+    proc = shell("import", folders["gpt2"], "-o", tmp_path / "out")
+    assert proc.returncode == 2 and "is a folder; cannot write the file params.safetensors" in proc.stderr
+    assert not (tmp_path / "out" / "model.toml").exists()
+    proc = shell("import", folders["gpt2"] + "/config.json", "-o", tmp_path / "x")
+    assert proc.returncode == 2 and "is a file; expected the Hugging Face model folder" in proc.stderr

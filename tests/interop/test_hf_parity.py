@@ -81,3 +81,17 @@ def test_bert_pooled_output_agrees(tmp_path):
                             token_type_ids=torch.from_numpy(types))
     assert np.max(np.abs(ours["hidden"] - out.last_hidden_state.numpy())) <= 1e-12
     assert np.max(np.abs(ours["pooled"] - out.pooler_output.numpy())) <= 1e-12
+
+
+@pytest.mark.parametrize("family", ["t5", "marian"])
+def test_a_start_token_that_is_the_pad_id_is_read_not_masked(imported, family):
+    """T5 and Marian begin the target with the pad id; transformers, given no decoder mask, reads it."""
+    import torch
+    hf, model = imported[family]
+    g = qf.trace(model)
+    src = np.array([[5, 6, 7, 8]])
+    tgt = np.array([[model.config["pad_id"], 9, 10]])
+    ours = qf.forward(g, model.params, src, tgt)["logits"]
+    with torch.no_grad():
+        theirs = float64(hf)(input_ids=torch.from_numpy(src), decoder_input_ids=torch.from_numpy(tgt)).logits
+    assert np.max(np.abs(ours - theirs.numpy())) <= 1e-12

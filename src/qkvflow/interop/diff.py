@@ -90,6 +90,7 @@ def _torch_model(folder: str):
         raise ModelLoadError(f"{folder}: config.json names no transformers architecture qkvflow can load "
                              f"(architectures = {config.get('architectures')!r})")
     transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()  # its config warnings are not qkvflow's one line
     try:
         model = cls.from_pretrained(folder)
     except Exception as err:  # noqa: BLE001 - transformers raises many kinds; one line for each
@@ -101,10 +102,15 @@ def _torch_model(folder: str):
 def _hf_inputs(torch, graph, feeds: dict) -> dict:
     pads = {graph.nodes[n]["attrs"]["name"]: graph.nodes[n]["attrs"].get("pad_id") for n in graph.graph["inputs"]}
 
+    start = graph.graph.get("config", {}).get("bos_id")
+
     def mask(name):
         pad = pads.get(name)
-        ids = feeds[name]
-        return torch.from_numpy((ids != pad) if pad is not None else np.ones_like(ids, dtype=bool)).long()
+        ids = np.asarray(feeds[name])
+        keep = (ids != pad) if pad is not None else np.ones_like(ids, dtype=bool)
+        if name == "tgt_ids" and pad == start:
+            keep[..., 0] = True  # a start token that is the pad id is no padding
+        return torch.from_numpy(keep).long()
 
     t = {k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()}
     if "src_ids" in feeds:
@@ -150,8 +156,9 @@ def diff(model, params: dict, against: str, *, inputs: dict | None = None, toler
     if isinstance(model, Model):
         from .. import trace
         graph = trace(model)
-    config, _ = read_folder(folder)
-    _, family = _family(config, folder)
+    config, tensors = read_folder(folder)
+    kind, family = _family(config, folder)
+    _same_model(graph, family.config(config, {family.canonical(k) for k in tensors}, folder), kind, folder)
     if other is None:
         torch, other = _torch_model(folder)
     else:
@@ -159,8 +166,8 @@ def diff(model, params: dict, against: str, *, inputs: dict | None = None, toler
         other = other.double().eval()
     feeds = inputs if inputs is not None else default_inputs(graph)
     ours = forward(graph, params, capture=True, **feeds)
-    aligned = alignment(graph, family)
     modules = dict(other.named_modules())
+    aligned = {node: (_module_name(m, family, modules), part) for node, (m, part) in alignment(graph, family).items()}
     missing = sorted({m for m, _ in aligned.values()} - set(modules))
     if missing:
         raise InputError(f"{folder}: the transformers model has no module {missing[0]}; is it the same family "
@@ -195,6 +202,28 @@ def diff(model, params: dict, against: str, *, inputs: dict | None = None, toler
         rows.append(_row(first_out, "logits", ours[name], theirs.logits.numpy(),
                          graph.nodes[first_out].get("source", "")))
     return DiffReport(rows, tolerance, f"hf:{Path(folder)}")
+
+
+_SHAPE_KEYS = ("family", "encoder_layers", "decoder_layers", "d_model", "heads", "d_ff", "vocab")
+
+
+def _same_model(graph, theirs: dict, kind: str, folder: str) -> None:
+    """Refuse to compare models of other families or sizes: one line saying which."""
+    ours = graph.graph.get("config", {})
+    for key in _SHAPE_KEYS:
+        if key in theirs and ours.get(key) != theirs[key]:
+            raise InputError(f"--against {folder} is a {kind} model with {key} = {theirs[key]}, but MODEL has "
+                             f"{key} = {ours.get(key)}; diff compares one model in two implementations")
+
+
+def _module_name(name: str, family, modules: dict) -> str:
+    """The module as the loaded model names it: a bare base model (BertModel, GPT2Model)
+    has no ``bert.`` / ``transformer.`` before its modules."""
+    for candidate in (name, name.removeprefix(family.strip) if family.strip else name,
+                      name.removeprefix(family.base) if family.base else name):
+        if candidate in modules:
+            return candidate
+    return name
 
 
 def _row(node: str, module: str, mine: np.ndarray, theirs: np.ndarray, source: str) -> Row:

@@ -87,6 +87,9 @@ def _read_safetensors(path: Path) -> dict:
 def read_folder(path) -> tuple[dict, dict]:
     """(config.json, {tensor name: array}) of a Hugging Face model folder."""
     folder = Path(path)
+    if folder.is_file():
+        raise ModelLoadError(f"{str(folder)!r} is a file; expected the Hugging Face model folder holding "
+                             "config.json and the safetensors")
     if not folder.is_dir():
         raise ModelLoadError(f"Hugging Face model folder {str(folder)!r} does not exist")
     config = _read_json(folder / "config.json", "the model's config")
@@ -97,14 +100,21 @@ def read_folder(path) -> tuple[dict, dict]:
         weight_map = _read_json(index, "the shard index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelLoadError(f"{index}: has no weight_map of tensor name -> shard file")
+        bad = next((s for s in weight_map.values() if not isinstance(s, str) or Path(s).name != s), None)
+        if bad is not None:
+            raise ModelLoadError(f"{index}: shard {bad!r} is not a file name in the folder"[:300])
         tensors = {}
         for shard in sorted(set(weight_map.values())):
-            if not isinstance(shard, str) or Path(shard).name != shard:
-                raise ModelLoadError(f"{index}: shard {shard!r} is not a file name in the folder")
-            tensors.update(_read_safetensors(folder / shard))
+            held = _read_safetensors(folder / shard)
+            stray = sorted(name for name in held if weight_map.get(name) != shard)
+            if stray:  # the index says where every tensor is; a shard may not contradict it
+                raise ModelLoadError(f"{folder / shard}: holds tensor {stray[0]}, which the index "
+                                     f"{'puts in ' + repr(weight_map[stray[0]]) if stray[0] in weight_map else 'does not list'}")
+            tensors.update(held)
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
-            raise ModelLoadError(f"{index}: tensor {missing[0]} is listed but in none of the shards")
+            raise ModelLoadError(f"{index}: tensor {missing[0]} is listed in {weight_map[missing[0]]!r} but "
+                                 "is not there")
         return config, tensors
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
         raise ModelLoadError(f"{folder}: has only pickled weights (.bin/.pt); qkvflow reads safetensors only, "
@@ -114,17 +124,22 @@ def read_folder(path) -> tuple[dict, dict]:
 
 def _family(config: dict, origin: str) -> tuple[str, Family]:
     kind = config.get("model_type")
-    if kind not in FAMILIES:
+    if kind is None:
+        raise ConfigError(f"{origin}: config.json has no model_type; qkvflow imports {', '.join(FAMILIES)}")
+    if not isinstance(kind, str) or kind not in FAMILIES:
         raise ConfigError(f"{origin}: model_type {kind!r} is not supported; qkvflow imports "
-                          f"{', '.join(FAMILIES)}")
+                          f"{', '.join(FAMILIES)}"[:300])
     return kind, FAMILIES[kind]
 
 
-def _take(tensors: dict, source: Source, want: tuple, path: str, origin: str, used: set) -> np.ndarray:
+def _take(tensors: dict, source: Source, want: tuple, path: str, origin: str, used: set,
+          shown=lambda key: key) -> np.ndarray:
+    """The tensor of ``source`` made into the parameter ``path`` of shape ``want``;
+    ``shown`` gives a key's name as the file writes it, for messages."""
     if source.key not in tensors:
         present = [a for a in source.aliases if a in tensors]
         if not present:
-            raise ParamError(f"{origin}: tensor {source.key} (for {path}) is missing")
+            raise ParamError(f"{origin}: tensor {shown(source.key)} (for {path}) is missing")
         key, aliases = present[0], [a for a in source.aliases if a != present[0]]
     else:
         key, aliases = source.key, list(source.aliases)
@@ -133,23 +148,24 @@ def _take(tensors: dict, source: Source, want: tuple, path: str, origin: str, us
     for alias in aliases:
         if alias in tensors:
             if tensors[alias].shape != value.shape or not np.array_equal(tensors[alias], value):
-                raise ParamError(f"{origin}: {alias} should be the same tied weight as {key}, but differs")
+                raise ParamError(f"{origin}: {shown(alias)} should be the same tied weight as {shown(key)}, "
+                                 "but differs")
             used.add(alias)
     if source.transpose:
         value = value.T
     if source.part is not None:
         index, parts = source.part
         if value.shape[0] % parts:
-            raise ParamError(f"{origin}: {key} has {value.shape[0]} rows, not {parts} equal parts")
+            raise ParamError(f"{origin}: {shown(key)} has {value.shape[0]} rows, not {parts} equal parts")
         step = value.shape[0] // parts
         value = value[index * step:(index + 1) * step]
     if source.flat:
         value = value.reshape(-1)
     if tuple(value.shape) != tuple(want):
-        raise ParamError(f"{origin}: tensor {key} gives {path} the shape {tuple(value.shape)}, "
+        raise ParamError(f"{origin}: tensor {shown(key)} gives {path} the shape {tuple(value.shape)}, "
                          f"expected {tuple(want)}")
     if value.dtype.kind != "f":
-        raise ParamError(f"{origin}: tensor {key} holds {value.dtype}, expected floats")
+        raise ParamError(f"{origin}: tensor {shown(key)} holds {value.dtype}, expected floats")
     return np.ascontiguousarray(value)
 
 
@@ -163,7 +179,11 @@ def import_hf(path) -> Imported:
     config, raw = read_folder(path)
     kind, family = _family(config, origin)
     tensors = {family.canonical(k): v for k, v in raw.items()}
-    values = family.config(config, set(tensors), origin)
+    written = {family.canonical(k): k for k in raw}  # for messages: names as the file has them
+    try:
+        values = family.config(config, set(tensors), origin)
+    except (TypeError, AttributeError, ValueError) as err:  # a value of a type the family does not expect
+        raise ConfigError(f"{origin}: config.json has a value of the wrong type: {err}"[:300]) from None
     name = config.get("_name_or_path") or Path(path).resolve().name or kind
     cfg = from_dict({**values, "name": str(name)[:80],
                      "description": f"imported from {origin} ({kind})"}, origin=f"{origin}/config.json")
@@ -176,14 +196,14 @@ def import_hf(path) -> Imported:
         raise ParamError(f"{origin}: qkvflow's {kind} name map has no source for {missing[0]}")
     used: set = set()
     sizes = graph.graph["dims"]
-    params = {p: _take(tensors, names[p], tuple(size_of(n, sizes) for n in specs[p]), p, origin, used)
-              for p in specs}
+    params = {p: _take(tensors, names[p], tuple(size_of(n, sizes) for n in specs[p]), p, origin, used,
+                       lambda k: written.get(k, k)) for p in specs}
     left = sorted(set(tensors) - used)
     unused = [k for k in left if any(rx.fullmatch(k) for rx in family.unused)]
     extra = [k for k in left if k not in unused]
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise ParamError(f"{origin}: tensor {extra[0]}{more} has no place in qkvflow's {kind} model")
+        raise ParamError(f"{origin}: tensor {written[extra[0]]}{more} has no place in qkvflow's {kind} model")
     for p, v in params.items():
         if not np.isfinite(v).all():
             raise ParamError(f"{origin}: parameter {p} holds NaN or infinite values")

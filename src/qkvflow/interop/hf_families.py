@@ -54,17 +54,50 @@ _ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_p
 
 
 def _act(name, origin: str) -> str:
-    fn = _ACTIVATIONS.get(name)
+    fn = _ACTIVATIONS.get(name) if isinstance(name, str) else None
     if fn is None:
         raise ConfigError(f"{origin}: activation {name!r} is not one qkvflow runs "
                           f"(relu, gelu, gelu_new, gelu_pytorch_tanh, silu/swish)")
     return fn
 
 
-def _need(c: dict, key: str, origin: str):
-    if key not in c:
+_MISSING = object()
+
+
+def _need(c: dict, key: str, origin: str, default=_MISSING, *, least: int = 1) -> int:
+    """An integer size of config.json (``least``: its smallest accepted value), named by its own key;
+    absent or null, ``default`` (if given)."""
+    value = c.get(key)
+    if value is None:
+        value = default
+    if value is _MISSING:
         raise ConfigError(f"{origin}: config.json has no {key!r}")
-    return c[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ConfigError(f"{origin}: config.json {key} = {value!r}, expected an integer >= {least}"[:300])
+    return value
+
+
+def _flag(c: dict, key: str, default: bool, origin: str) -> bool:
+    value = c.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ConfigError(f"{origin}: config.json {key} = {value!r}, expected true or false"[:300])
+    return value
+
+
+def _number(c: dict, key: str, default: float, origin: str) -> float:
+    value = c.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+        raise ConfigError(f"{origin}: config.json {key} = {value!r}, expected a positive number"[:300])
+    return float(value)
+
+
+def _text(c: dict, key: str, default: str, origin: str) -> str:
+    value = c.get(key, default)
+    if not isinstance(value, str):
+        raise ConfigError(f"{origin}: config.json {key} = {value!r}, expected a string"[:300])
+    return value
 
 
 def _equal(c: dict, a: str, b: str, origin: str) -> None:
@@ -76,17 +109,24 @@ def _equal(c: dict, a: str, b: str, origin: str) -> None:
 def _refuse(c: dict, origin: str, **unsupported) -> None:
     """Options whose value qkvflow cannot represent: key -> the value it can."""
     for key, accepted in unsupported.items():
-        if key in c and c[key] not in (accepted if isinstance(accepted, tuple) else (accepted,)):
+        choices = accepted if isinstance(accepted, tuple) else (accepted,)
+        if key in c and c[key] is not None and not any(type(c[key]) is type(a) and c[key] == a for a in choices):
             raise ConfigError(f"{origin}: {key} = {c[key]!r} is not supported by qkvflow's "
                               f"{c.get('model_type')} family (it runs {accepted!r})")
 
 
-def _tokens(c: dict, pad_default: int = 0) -> dict:
-    pad = c.get("pad_token_id")
-    start = c.get("decoder_start_token_id")
-    bos = c.get("bos_token_id")
-    eos = c.get("eos_token_id")
-    eos = eos[0] if isinstance(eos, list) and eos else eos
+def _token(c: dict, key: str, origin: str):
+    value = c.get(key)
+    if isinstance(value, list) and value:  # several end tokens: qkvflow keeps the first
+        value = value[0]
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ConfigError(f"{origin}: config.json {key} = {value!r}, expected a token id"[:300])
+    return value
+
+
+def _tokens(c: dict, origin: str, pad_default: int = 0) -> dict:
+    pad, start = _token(c, "pad_token_id", origin), _token(c, "decoder_start_token_id", origin)
+    bos, eos = _token(c, "bos_token_id", origin), _token(c, "eos_token_id", origin)
     return {"pad_id": pad_default if pad is None else pad,
             "bos_id": start if start is not None else (bos if bos is not None else 0),
             "eos_id": eos if eos is not None else 0}
@@ -99,19 +139,19 @@ def _bart_like(c: dict, names: set, origin: str, *, marian: bool) -> dict:
     _equal(c, "encoder_ffn_dim", "decoder_ffn_dim", origin)
     _refuse(c, origin, normalize_before=False, add_final_layer_norm=False, add_bias_logits=False)
     values = {
-        "family": "encoder_decoder", "encoder_layers": _need(c, "encoder_layers", origin),
-        "decoder_layers": _need(c, "decoder_layers", origin), "d_model": _need(c, "d_model", origin),
+        "family": "encoder_decoder", "encoder_layers": _need(c, "encoder_layers", origin, least=0),
+        "decoder_layers": _need(c, "decoder_layers", origin, least=0), "d_model": _need(c, "d_model", origin),
         "heads": _need(c, "encoder_attention_heads", origin), "d_ff": _need(c, "encoder_ffn_dim", origin),
         "vocab": _need(c, "vocab_size", origin), "max_positions": _need(c, "max_position_embeddings", origin),
         "activation": _act(c.get("activation_function", "gelu"), origin), "norm": "post", "norm_eps": 1e-5,
-        "scale_embeddings": bool(c.get("scale_embedding", False)), "logits_bias": True,
-        "tied_embeddings": bool(c.get("tie_word_embeddings", True)), **_tokens(c, 1),
+        "scale_embeddings": _flag(c, "scale_embedding", False, origin), "logits_bias": True,
+        "tied_embeddings": _flag(c, "tie_word_embeddings", True, origin), **_tokens(c, origin, 1),
     }
     if marian:
         values.update(positions="sinusoidal_half", embed_norm=False)
-        if not c.get("share_encoder_decoder_embeddings", True):
+        if not _flag(c, "share_encoder_decoder_embeddings", True, origin):
             values.update(shared_embeddings=False, src_vocab=values["vocab"],
-                          vocab=c.get("decoder_vocab_size") or values["vocab"])
+                          vocab=_need(c, "decoder_vocab_size", origin, values["vocab"]))
     else:
         values.update(positions="learned", position_offset=2, embed_norm=True)
     return values
@@ -152,24 +192,30 @@ def _bart_names(cfg, *, marian: bool) -> dict:
 
 
 def _t5_config(c: dict, names: set, origin: str) -> dict:
-    proj = c.get("feed_forward_proj", "relu")
+    proj = _text(c, "feed_forward_proj", "relu", origin)
     gated = proj.startswith("gated-")
-    act = c.get("dense_act_fn") or proj.removeprefix("gated-")
+    act = _text(c, "dense_act_fn", proj.removeprefix("gated-"), origin) if c.get("dense_act_fn") else \
+        proj.removeprefix("gated-")
     tied = "lm_head.weight" not in names
+    layers = _need(c, "num_layers", origin, least=0)
+    rescale = c.get("scale_decoder_outputs", c.get("tie_word_embeddings", True))
+    if not isinstance(rescale, bool):
+        raise ConfigError(f"{origin}: config.json scale_decoder_outputs / tie_word_embeddings = {rescale!r}, "
+                          "expected true or false"[:300])
     return {
-        "family": "encoder_decoder", "encoder_layers": _need(c, "num_layers", origin),
-        "decoder_layers": c.get("num_decoder_layers") or c["num_layers"], "d_model": _need(c, "d_model", origin),
+        "family": "encoder_decoder", "encoder_layers": layers,
+        "decoder_layers": _need(c, "num_decoder_layers", origin, layers, least=0),
+        "d_model": _need(c, "d_model", origin),
         "heads": _need(c, "num_heads", origin), "d_head": _need(c, "d_kv", origin),
         "d_ff": _need(c, "d_ff", origin), "vocab": _need(c, "vocab_size", origin),
-        "max_positions": c.get("n_positions", 512), "norm": "pre", "norm_type": "rms",
-        "norm_eps": c.get("layer_norm_epsilon", 1e-6), "positions": "relative",
-        "relative_buckets": c.get("relative_attention_num_buckets", 32),
-        "relative_max_distance": c.get("relative_attention_max_distance", 128), "attention_scale": "none",
-        "bias": False, "ffn": "gated" if gated else "plain", "activation": _act(act, origin),
-        "scale_embeddings": False, "tied_embeddings": tied,
+        "max_positions": _need(c, "n_positions", origin, 512), "norm": "pre", "norm_type": "rms",
+        "norm_eps": _number(c, "layer_norm_epsilon", 1e-6, origin), "positions": "relative",
+        "relative_buckets": _need(c, "relative_attention_num_buckets", origin, 32, least=2),
+        "relative_max_distance": _need(c, "relative_attention_max_distance", origin, 128, least=2),
+        "attention_scale": "none", "bias": False, "ffn": "gated" if gated else "plain",
+        "activation": _act(act, origin), "scale_embeddings": False, "tied_embeddings": tied,
         # transformers 5 says so in scale_decoder_outputs; before, a tied head meant rescaled
-        "rescale_output": bool(c.get("scale_decoder_outputs", c.get("tie_word_embeddings", True))),
-        **_tokens(c, 0),
+        "rescale_output": rescale, **_tokens(c, origin, 0),
     }
 
 
@@ -209,15 +255,16 @@ def _t5_names(cfg) -> dict:
 def _gpt2_config(c: dict, names: set, origin: str) -> dict:
     _refuse(c, origin, scale_attn_by_inverse_layer_idx=False, add_cross_attention=False)
     d = _need(c, "n_embd", origin)
-    pad = c.get("pad_token_id")
+    pad = _token(c, "pad_token_id", origin)
     return {
-        "family": "decoder_only", "encoder_layers": 0, "decoder_layers": _need(c, "n_layer", origin),
-        "d_model": d, "heads": _need(c, "n_head", origin), "d_ff": c.get("n_inner") or 4 * d,
+        "family": "decoder_only", "encoder_layers": 0, "decoder_layers": _need(c, "n_layer", origin, least=0),
+        "d_model": d, "heads": _need(c, "n_head", origin),
+        "d_ff": _need(c, "n_inner", origin, 4 * d),
         "vocab": _need(c, "vocab_size", origin), "max_positions": _need(c, "n_positions", origin),
-        "norm": "pre", "norm_eps": c.get("layer_norm_epsilon", 1e-5), "positions": "learned",
+        "norm": "pre", "norm_eps": _number(c, "layer_norm_epsilon", 1e-5, origin), "positions": "learned",
         "activation": _act(c.get("activation_function", "gelu_new"), origin), "scale_embeddings": False,
-        "attention_scale": "sqrt" if c.get("scale_attn_weights", True) else "none",
-        "tied_embeddings": True, **_tokens(c), "pad_id": -1 if pad is None else pad,
+        "attention_scale": "sqrt" if _flag(c, "scale_attn_weights", True, origin) else "none",
+        "tied_embeddings": True, **_tokens(c, origin), "pad_id": -1 if pad is None else pad,
     }
 
 
@@ -239,28 +286,34 @@ def _gpt2_names(cfg) -> dict:
 
 
 def _llama_config(c: dict, names: set, origin: str) -> dict:
-    rope = c.get("rope_parameters") or {}
-    scaling = c.get("rope_scaling")
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if (scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default")) or kind != "default":
-        raise ConfigError(f"{origin}: rope type {(scaling or {}).get('rope_type', kind)!r} is not supported; "
+    rope, scaling = c.get("rope_parameters") or {}, c.get("rope_scaling") or {}
+    for key, value in (("rope_parameters", rope), ("rope_scaling", scaling)):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{origin}: config.json {key} = {value!r}, expected an object"[:300])
+    kinds = {rope.get("rope_type", rope.get("type", "default")), scaling.get("rope_type", scaling.get("type"))}
+    unknown = sorted(str(k) for k in kinds - {None, "default"})
+    if unknown:
+        raise ConfigError(f"{origin}: rope type {unknown[0]!r} is not supported; "
                           "qkvflow runs the default rotary positions")
-    if bool(c.get("attention_bias", False)) != bool(c.get("mlp_bias", False)):
+    if _flag(c, "attention_bias", False, origin) != _flag(c, "mlp_bias", False, origin):
         raise ConfigError(f"{origin}: attention_bias and mlp_bias differ; qkvflow's Llama has one bias option")
     d, heads = _need(c, "hidden_size", origin), _need(c, "num_attention_heads", origin)
-    head_dim = c.get("head_dim") or d // heads
-    pad = c.get("pad_token_id")
-    tied = bool(c.get("tie_word_embeddings", False)) or "lm_head.weight" not in names
+    head_dim = _need(c, "head_dim", origin, d // heads)
+    pad = _token(c, "pad_token_id", origin)
+    tied = _flag(c, "tie_word_embeddings", False, origin) or "lm_head.weight" not in names
+    theta = _number(rope, "rope_theta", 10000.0, origin) if "rope_theta" in rope else \
+        _number(c, "rope_theta", 10000.0, origin)
     return {
-        "family": "decoder_only", "encoder_layers": 0, "decoder_layers": _need(c, "num_hidden_layers", origin),
-        "d_model": d, "heads": heads, "kv_heads": c.get("num_key_value_heads") or heads,
+        "family": "decoder_only", "encoder_layers": 0,
+        "decoder_layers": _need(c, "num_hidden_layers", origin, least=0), "d_model": d, "heads": heads,
+        "kv_heads": _need(c, "num_key_value_heads", origin, heads),
         "d_head": 0 if head_dim * heads == d else head_dim, "d_ff": _need(c, "intermediate_size", origin),
-        "vocab": _need(c, "vocab_size", origin), "max_positions": c.get("max_position_embeddings", 2048),
-        "norm": "pre", "norm_type": "rms", "norm_eps": c.get("rms_norm_eps", 1e-6), "positions": "rotary",
-        "rope_theta": float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
+        "vocab": _need(c, "vocab_size", origin), "max_positions": _need(c, "max_position_embeddings", origin, 2048),
+        "norm": "pre", "norm_type": "rms", "norm_eps": _number(c, "rms_norm_eps", 1e-6, origin),
+        "positions": "rotary", "rope_theta": theta,
         "activation": _act(c.get("hidden_act", "silu"), origin), "ffn": "gated",
-        "bias": bool(c.get("attention_bias", False)), "scale_embeddings": False, "tied_embeddings": tied,
-        **_tokens(c), "pad_id": -1 if pad is None else pad,
+        "bias": _flag(c, "attention_bias", False, origin), "scale_embeddings": False, "tied_embeddings": tied,
+        **_tokens(c, origin), "pad_id": -1 if pad is None else pad,
     }
 
 
@@ -293,15 +346,17 @@ def _bert_config(c: dict, names: set, origin: str) -> dict:
     else:
         raise ConfigError(f"{origin}: the checkpoint has neither a masked-LM head (cls.predictions) nor a "
                           "pooler; qkvflow's BERT needs one of them")
+    pad = _token(c, "pad_token_id", origin)
     return {
-        "family": "encoder_only", "encoder_layers": _need(c, "num_hidden_layers", origin), "decoder_layers": 0,
-        "d_model": _need(c, "hidden_size", origin), "heads": _need(c, "num_attention_heads", origin),
-        "d_ff": _need(c, "intermediate_size", origin), "vocab": _need(c, "vocab_size", origin),
-        "type_vocab": c.get("type_vocab_size", 2), "max_positions": _need(c, "max_position_embeddings", origin),
-        "norm": "post", "norm_eps": c.get("layer_norm_eps", 1e-12), "positions": "learned",
+        "family": "encoder_only", "encoder_layers": _need(c, "num_hidden_layers", origin, least=0),
+        "decoder_layers": 0, "d_model": _need(c, "hidden_size", origin),
+        "heads": _need(c, "num_attention_heads", origin), "d_ff": _need(c, "intermediate_size", origin),
+        "vocab": _need(c, "vocab_size", origin), "type_vocab": _need(c, "type_vocab_size", origin, 2),
+        "max_positions": _need(c, "max_position_embeddings", origin), "norm": "post",
+        "norm_eps": _number(c, "layer_norm_eps", 1e-12, origin), "positions": "learned",
         "activation": _act(c.get("hidden_act", "gelu"), origin), "embed_norm": True, "scale_embeddings": False,
-        "logits_bias": head == "mlm", "tied_embeddings": True, "head": head, **_tokens(c),
-        "pad_id": c.get("pad_token_id") or 0,
+        "logits_bias": head == "mlm", "tied_embeddings": True, "head": head, **_tokens(c, origin),
+        "pad_id": pad or 0,
     }
 
 

@@ -122,7 +122,8 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
         bias="zeros"),
     _op("activation", "attrs.fn relu | gelu (erf) | gelu_tanh | silu",
         (_E,), shapes.pointwise, "projection", {"fn": ("relu", "gelu", "gelu_tanh", "silu")}),
-    _op("padding_mask", "ids != attrs.pad_id: True where the token is real",
+    _op("padding_mask", "ids != attrs.pad_id: True where the token is real (attrs.keep_first: position 0 "
+        "always, a start token that is the pad id)",
         (_K,), shapes.padding_mask, "mask"),
     _op("causal_mask", "(seq, seq) True where key position <= query position",
         (_K,), shapes.causal_mask, "mask"),

@@ -103,7 +103,8 @@ def build(cfg: Config, *, encoder_self=None, decoder_self=None, cross=None, ffn=
         tgt = nn.input("tgt_ids", ("batch", "tgt"), pad_id=cfg.pad_id)
         with scope("masks"):
             src_keep = nn.padding_mask(src, cfg.pad_id, name="src_keep")
-            tgt_keep = nn.padding_mask(tgt, cfg.pad_id, name="tgt_keep")
+            # T5 and Marian start the target with the pad id: that first token is no padding
+            tgt_keep = nn.padding_mask(tgt, cfg.pad_id, keep_first=cfg.bos_id == cfg.pad_id, name="tgt_keep")
             causal = nn.causal_mask(tgt, name="causal")
         with scope("encoder", stream="encoder"):
             x = embed(cfg, src, vocab="src_vocab" if separate else "vocab")

@@ -141,8 +141,11 @@ def activation(x: Float[Array, "*s"], fn: str) -> Float[Array, "*s"]:
     raise ValueError(f"unknown activation {fn!r}")
 
 
-def padding_mask(ids: Integer[Array, "*b s"], pad_id: int) -> Bool[Array, "*b s"]:
-    return ids != pad_id
+def padding_mask(ids: Integer[Array, "*b s"], pad_id: int, keep_first: bool = False) -> Bool[Array, "*b s"]:
+    keep = ids != pad_id
+    if keep_first and keep.shape[-1]:
+        keep[..., 0] = True  # the start token, when it is the pad id
+    return keep
 
 
 def causal_mask(ids: Shaped[Array, "*b s"]) -> Bool[Array, "s s"]:
@@ -278,7 +281,7 @@ _kernel("attend", attend, lambda k, i, a, p, s: k(i[0], i[1]))
 _kernel("add", add, lambda k, i, a, p, s: k(i[0], i[1]))
 _kernel("norm", norm, lambda k, i, a, p, s: k(i[0], p["weight"], p.get("bias"), a["kind"], a["eps"]))
 _kernel("activation", activation, lambda k, i, a, p, s: k(i[0], a["fn"]))
-_kernel("padding_mask", padding_mask, lambda k, i, a, p, s: k(i[0], a["pad_id"]))
+_kernel("padding_mask", padding_mask, lambda k, i, a, p, s: k(i[0], a["pad_id"], a.get("keep_first", False)))
 _kernel("causal_mask", causal_mask, lambda k, i, a, p, s: k(i[0]))
 _kernel("unembed", unembed, lambda k, i, a, p, s: k(i[0], p["weight"], p.get("bias")))
 _kernel("rotary", rotary, lambda k, i, a, p, s: k(i[0], a["theta"], a.get("offset", 0)))

@@ -177,9 +177,13 @@ def activation(x, fn: str):
     return apply("activation", [x], name=fn, attrs={"fn": fn})
 
 
-def padding_mask(ids, pad_id: int, *, name: str = "padding_mask"):
-    """True where the token is not padding: (batch, seq) -> (batch, seq)."""
-    return apply("padding_mask", [ids], name=name, attrs={"pad_id": int(pad_id)})
+def padding_mask(ids, pad_id: int, *, keep_first: bool = False, name: str = "padding_mask"):
+    """True where the token is not padding: (batch, seq) -> (batch, seq). ``keep_first``:
+    position 0 is never padding (a decoder whose start token is the pad id: T5, Marian)."""
+    attrs = {"pad_id": int(pad_id)}
+    if keep_first:
+        attrs["keep_first"] = True
+    return apply("padding_mask", [ids], name=name, attrs=attrs)
 
 
 def causal_mask(ids, *, name: str = "causal_mask"):
