@@ -28,7 +28,7 @@ _sys.modules[f"{__name__}.nn"] = nn
 __all__ = [
     "trace", "check", "format_diagnostics", "render", "explain", "forward", "Executor",
     "init_params", "load_params", "save_params", "nest_params",
-    "load_model", "import_hf", "diff", "from_torch_state_dict", "preset", "load_toml", "Config", "PRESETS", "Model",
+    "load_model", "import_hf", "diff", "generate", "from_torch_state_dict", "preset", "load_toml", "Config", "PRESETS", "Model",
     "attention", "param", "scope", "dim", "eager", "nn", "QkvflowError", "__version__",
 ]
 
@@ -84,6 +84,7 @@ _LAZY = {
     "render": ("views.render", "render"),
     "explain": ("views.explain", "explain"),
     "forward": ("run.execute", "forward"),
+    "generate": ("run.generate", "generate"),
     "Executor": ("run.execute", "Executor"),
     "init_params": ("run.params", "init_params"),
     "load_params": ("run.params", "load_params"),
