@@ -176,6 +176,36 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from .run.generate import generate
+    from .run.params import init_params, load_params
+    g, weights = _model(args.model, with_params=True)
+    names = [g.nodes[n]["attrs"]["name"] for n in g.graph["inputs"] if "default" not in g.nodes[n]["attrs"]]
+    flag = "--src" if len(names) == 2 else "--ids"
+    text = args.src if flag == "--src" else args.ids
+    if text is None or (flag == "--src" and args.ids is not None) or (flag == "--ids" and args.src is not None):
+        from .ir.errors import InputError
+        raise InputError(f"model {g.graph.get('model')!r} generates from {flag} (its input {names[0]})")
+    if args.params:
+        params, said = load_params(args.params), f"weights: {args.params}"
+    elif weights is not None:
+        params, said = weights, f"weights: imported with {args.model}"
+    else:
+        params, said = init_params(g, seed=args.seed), f"weights: seeded random (seed {args.seed}; " \
+                                                       "--params FILE for real ones)"
+    ids = _ids(text, flag, None)
+    out = generate(g, params, ids, max_new_tokens=args.max_new_tokens, beams=args.beam,
+                   length_penalty=args.length_penalty, sample=args.sample, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, dtype=args.dtype)
+    how = f"beam search ({args.beam} beams)" if args.beam > 1 else "sampling" if args.sample else "greedy"
+    how += ", incremental (KV cache)" if out.cached else ""
+    print(said)
+    if out.note:
+        print(f"note: {out.note}")
+    print(f"{how}, {out.steps} step(s): " + " ".join(str(int(t)) for t in out.ids[0]))
+    return 0
+
+
 def cmd_import(args) -> int:
     from .atomic import write_atomic
     from .interop.hf import import_hf
@@ -364,6 +394,22 @@ def _parser() -> argparse.ArgumentParser:
     run_args(u)
     u.add_argument("--save-activations", help="write every node's activation (.safetensors/.npz)")
     u.set_defaults(fn=cmd_run)
+
+    n = sub.add_parser("generate", help="write tokens one at a time: greedy, beam search or sampling")
+    n.add_argument("model")
+    n.add_argument("--src", help='source token ids of an encoder-decoder, e.g. "5 6 7"')
+    n.add_argument("--ids", help="the prompt of a decoder-only model")
+    n.add_argument("--params", help=".safetensors or .npz (default: the model's own, else seeded random)")
+    n.add_argument("--max-new-tokens", type=_seed, default=32, help="at most this many new tokens (default 32)")
+    n.add_argument("--beam", type=_positive, default=1, help="beam search with N beams (default 1: greedy)")
+    n.add_argument("--length-penalty", type=float, default=1.0, help="beam score / length ** this (default 1)")
+    n.add_argument("--sample", action="store_true", help="sample instead of the most likely token")
+    n.add_argument("--temperature", type=_tolerance, default=1.0)
+    n.add_argument("--top-k", type=_seed, default=0, help="sample among the k most likely (0: all)")
+    n.add_argument("--top-p", type=_tolerance, default=1.0, help="sample in the smallest set reaching p")
+    n.add_argument("--seed", type=_seed, default=0, help="of the sampling and of seeded random weights")
+    n.add_argument("--dtype", choices=("float64", "float32"), default="float64")
+    n.set_defaults(fn=cmd_generate)
 
     i = sub.add_parser("import", help="import a local Hugging Face folder (config.json + safetensors)")
     i.add_argument("path", help="the folder: BART, Marian, T5, GPT-2, Llama or BERT")

@@ -52,3 +52,25 @@ def test_given_values_are_checked(tiny):
         qf.forward(g, params, src, tgt, initial={"encoder.layers.0.norm1": np.zeros((1, 4, 21))})
     with pytest.raises(qf.QkvflowError, match="no input 'ids'"):
         independent_of(g, ["ids"])
+
+
+def test_a_mask_sized_by_the_target_changes_with_it():
+    """np.tril(np.ones((T, T))) reads no target id, but its size is the target's: not fixed."""
+    from jaxtyping import Bool, Float
+    from qkvflow.models.encoder_decoder import build, multi_head_attention
+
+    @qf.attention("decoder_self", q="decoder", k="decoder", v="decoder", mask="causal+tgt_padding")
+    def tril_self_attention(y: Float[np.ndarray, "batch tgt d_model"], causal: Bool[np.ndarray, "tgt tgt"],
+                            tgt_keep: Bool[np.ndarray, "batch tgt"]) -> Float[np.ndarray, "batch tgt d_model"]:
+        T = y.shape[1]
+        mine = np.tril(np.ones((T, T), dtype=bool))                      # (tgt, tgt), from no input
+        return multi_head_attention(y, y, mine[None, None] & tgt_keep[:, None, None, :])
+
+    g = qf.trace(build(qf.preset("tiny"), decoder_self=tril_self_attention))
+    fixed = independent_of(g, ["tgt_ids"])
+    fills = [n for n in g if g.nodes[n]["op"] == "fill"]
+    assert fills and not set(fills) & fixed
+    params = qf.init_params(g, seed=1)
+    src = np.array([[5, 6, 7, 8]])
+    out = qf.generate(g, params, src, max_new_tokens=5)  # the encoder once, the masks at every length
+    assert out.cached and np.array_equal(out.ids, qf.generate(g, params, src, max_new_tokens=5, cache=False).ids)

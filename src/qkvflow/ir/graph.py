@@ -24,6 +24,7 @@ import json
 
 import networkx as nx
 
+from .dims import factors
 from .errors import GraphError
 from .ops import OPS, Group
 
@@ -237,6 +238,11 @@ def independent_of(g: nx.MultiDiGraph, inputs) -> set:
     if unknown:
         raise GraphError(f"the model has no input {unknown[0]!r}; its inputs are {', '.join(by_name)}")
     changing = {by_name[name] for name in inputs}
+    # A node sized by a dim only the changing inputs have (np.ones((T, T)) of the target
+    # length) changes with them too, though no edge leads to it.
+    steady = {d for name, node in by_name.items() if name not in inputs for d in g.nodes[node]["shape"]}
+    moving = {d for node in changing for d in g.nodes[node]["shape"]} - steady
+    changing |= {n for n, d in g.nodes(data=True) if any(f in moving for name in d["shape"] for f in factors(name))}
     for node in list(changing):
         changing |= nx.descendants(g, node)
     return set(g) - changing

@@ -34,11 +34,14 @@ __all__ = ["Generation", "generate"]
 class Generation:
     """Token ids (batch, length): an encoder–decoder's targets from the start token, a
     decoder-only model's prompt and continuation; ``scores``: the beams' final scores
-    (beam search) or the sum of the chosen tokens' log-probabilities."""
+    (beam search) or the sum of the chosen tokens' log-probabilities; ``cached``:
+    whether the steps ran incrementally (else ``note`` says why they did not)."""
 
     ids: np.ndarray
     scores: np.ndarray
     steps: int
+    cached: bool = False
+    note: str = ""
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -69,14 +72,66 @@ class _Stepper:
                 names = g.nodes[node]["shape"]
                 self.batch_axes[node] = names.index("batch") if "batch" in names else None
 
+    cached = False
+    note = ""
+
+    def _rows(self, rows: np.ndarray) -> tuple[dict, dict]:
+        """The fixed feeds and known values of each row's source."""
+        key = rows.tobytes()
+        if getattr(self, "_rows_key", None) != key:
+            self._rows_key = key
+            self._fixed = {name: value[rows] for name, value in self.fixed_feeds.items()}
+            self._known = {n: (v if self.batch_axes[n] is None else np.take(v, rows, axis=self.batch_axes[n]))
+                           for n, v in self.known.items()}
+        return self._fixed, self._known
+
+    def reorder(self, parents: np.ndarray) -> None:
+        """Row i of the next step continues row parents[i] of this one (beam search)."""
+
     def logits(self, prefix: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """(N, V) logits of the last position of each prefix row; ``rows`` maps each row
         to its source (its batch row of the fixed feeds)."""
-        feeds = {name: value[rows] for name, value in self.fixed_feeds.items()}
-        feeds[self.seq_input] = prefix
-        known = {n: (v if self.batch_axes[n] is None else np.take(v, rows, axis=self.batch_axes[n]))
-                 for n, v in self.known.items()}
-        return self.executor.run(feeds, initial=known)[self.output][:, -1, :]
+        fixed, known = self._rows(rows)
+        return self.executor.run({**fixed, self.seq_input: prefix}, initial=known)[self.output][:, -1, :]
+
+
+class _CachedStepper(_Stepper):
+    """The same logits, each step computing only the new position (see :mod:`.incremental`)."""
+
+    cached = True
+
+    def __init__(self, executor, fixed_feeds, seq_input, capture_fixed) -> None:
+        super().__init__(executor, fixed_feeds, seq_input, capture_fixed)
+        from .incremental import IncrementalRunner, seq_dim_of
+        self.runner = IncrementalRunner(executor, seq_dim_of(executor.graph, seq_input), set(self.known))
+        self.parents = None
+
+    def reorder(self, parents: np.ndarray) -> None:
+        self.parents = parents
+
+    def logits(self, prefix: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        fixed, known = self._rows(rows)
+        n_past = self.runner.length
+        if n_past and n_past == prefix.shape[1] - 1:
+            if self.parents is not None:
+                self.runner.reorder(self.parents)
+            out = self.runner.run({**fixed, self.seq_input: prefix[:, -1:]}, known, n_past)
+        else:
+            out = self.runner.run({**fixed, self.seq_input: prefix}, known, 0)
+        self.parents = None
+        return out[self.output][:, -1, :]
+
+
+def _stepper(executor, fixed_feeds, seq_input, capture_fixed, cache: bool):
+    if cache:
+        from .incremental import NotIncremental
+        try:
+            return _CachedStepper(executor, fixed_feeds, seq_input, capture_fixed)
+        except NotIncremental as err:
+            stepper = _Stepper(executor, fixed_feeds, seq_input, capture_fixed)
+            stepper.note = f"full recompute at every step: {err}"
+            return stepper
+    return _Stepper(executor, fixed_feeds, seq_input, capture_fixed)
 
 
 def _progress(enabled: bool):
@@ -90,7 +145,7 @@ def _progress(enabled: bool):
 def generate(graph: nx.MultiDiGraph, params: dict, *inputs, max_new_tokens: int = 32, beams: int = 1,
              length_penalty: float = 1.0, early_stopping: bool | str = False, sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             dtype: str = "float64", check: bool = True, progress: bool | None = None,
+             dtype: str = "float64", check: bool = True, cache: bool = True, progress: bool | None = None,
              **named) -> Generation:
     """Generate token ids with ``graph`` and ``params``.
 
@@ -98,8 +153,11 @@ def generate(graph: nx.MultiDiGraph, params: dict, *inputs, max_new_tokens: int 
     a decoder-only model takes ``ids`` (batch, seq), the prompt (rows of one
     length). Stops at ``max_new_tokens`` new tokens or when every row has
     written the model's ``eos_id``; finished rows are filled with the pad id
-    (the end token when the model has none). ``progress``: a step counter on
-    stderr (default: when stderr is a terminal and more than 64 steps may run).
+    (the end token when the model has none). ``cache``: each step computes the
+    new position only, from a cache derived from the graph (see
+    :mod:`qkvflow.run.incremental`); a model it cannot derive it for runs by full
+    recompute, ``note`` saying why. ``progress``: a step counter on stderr
+    (default: when stderr is a terminal and more than 64 steps may run).
     """
     g = graph
     names = [g.nodes[n]["attrs"]["name"] for n in g.graph["inputs"] if "default" not in g.nodes[n]["attrs"]]
@@ -120,20 +178,20 @@ def generate(graph: nx.MultiDiGraph, params: dict, *inputs, max_new_tokens: int 
     if beams > 1 and sample:
         raise InputError("generate: beam search with sampling is not supported; choose beams or sample")
     eos, pad = cfg.get("eos_id"), cfg.get("pad_id")
-    fill = pad if pad is not None and pad >= 0 else eos
+    fill = pad if pad is not None and pad >= 0 else eos if eos is not None else 0
     executor = Executor(g, params, dtype=dtype, check=check)
     if len(names) == 2:  # encoder–decoder: the first input is the source, the second the target
         src_name, seq_name = names
         src = np.asarray(feeds[src_name])
         start = cfg.get("bos_id", 1)
         prompt = np.full((src.shape[0], 1), start, dtype=np.int64)
-        stepper = _Stepper(executor, {src_name: src}, seq_name, capture_fixed=True)
+        stepper = _stepper(executor, {src_name: src}, seq_name, True, cache)
     elif len(names) == 1:
         seq_name = names[0]
         prompt = np.asarray(feeds[seq_name])
         if prompt.ndim != 2:
             raise InputError(f"generate: {seq_name} must be (batch, seq) token ids, got {prompt.ndim} axes")
-        stepper = _Stepper(executor, {}, seq_name, capture_fixed=False)
+        stepper = _stepper(executor, {}, seq_name, False, cache)
     else:
         raise InputError(f"generate needs a model with one or two token inputs, not {', '.join(names)}")
     limit = cfg.get("max_positions")
@@ -141,9 +199,12 @@ def generate(graph: nx.MultiDiGraph, params: dict, *inputs, max_new_tokens: int 
         max_new_tokens = max(0, limit - prompt.shape[1])
     show = _progress(sys.stderr.isatty() and max_new_tokens > 64 if progress is None else progress)
     if beams > 1:
-        return _beam_search(stepper, prompt, max_new_tokens, beams, length_penalty, early_stopping, eos, fill, show)
-    return _greedy_or_sample(stepper, prompt, max_new_tokens, eos, fill, sample, temperature, top_k, top_p,
-                             seed, show)
+        out = _beam_search(stepper, prompt, max_new_tokens, beams, length_penalty, early_stopping, eos, fill, show)
+    else:
+        out = _greedy_or_sample(stepper, prompt, max_new_tokens, eos, fill, sample, temperature, top_k, top_p,
+                                seed, show)
+    out.cached, out.note = stepper.cached, stepper.note
+    return out
 
 
 def _greedy_or_sample(stepper, prompt, max_new, eos, fill, sample, temperature, top_k, top_p, seed, show):
@@ -231,6 +292,8 @@ def _beam_search(stepper, prompt, max_new, beams, length_penalty, early_stopping
         alive = top_scores + hits * -1e9
         _, nxt = _topk(alive, beams)
         running, run_scores = _gather(cand, nxt), _gather(alive, nxt)
+        parents = _gather(beam_of, nxt) + np.arange(batch)[:, None] * beams  # the row each continues
+        stepper.reorder(parents.reshape(-1))
         # the candidates among the top `beams` that finished join the finished hypotheses
         done_now = hits & top_mask[None, :]
         scored = top_scores / ((cur + 1 - start_len) ** length_penalty)

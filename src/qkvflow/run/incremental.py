@@ -1,0 +1,360 @@
+"""Incremental decoding: each step computes the new position only, from a cache.
+
+Derived from the graph, not written per model, so a user's own blocks get it
+too. Every axis named by the generated sequence dim (``tgt``, ``seq``) of
+every node is one of two kinds:
+
+- **Q** (new positions): the node is computed for the new tokens only. Every
+  op that keeps positions apart (projections, norms, activations, heads,
+  elementwise, positions and rotary angles with an offset) can do that,
+  because in a causal stream the value at a position never changes later.
+- **K** (all positions): the key axis of attention scores, and whatever an
+  op mixes along the sequence (the keys and values a scores or weighted sum
+  contracts over, a softmax, a cumulative sum, ...). Where such an op reads
+  a Q-kind node, that node's new values are appended to a cache and the op
+  reads the cache: the KV cache, found where the graph contracts over the
+  sequence rather than by name.
+
+The causal mask is then built for the new rows only (rows offset by the
+cached length) and position ops take that offset. Beam search reorders the
+caches by each new row's parent. :class:`NotIncremental` names a node that
+cannot be run this way; :func:`qkvflow.run.generate.generate` then falls back
+to full recompute and says why.
+"""
+
+import networkx as nx
+import numpy as np
+
+from ..ir.dims import factors
+from ..ir.errors import ExecutionError, QkvflowError
+from ..ir.graph import arg_nodes, param_path
+from .execute import Executor, _checked
+
+__all__ = ["NotIncremental", "IncrementalRunner"]
+
+Q, K = "Q", "K"
+_BROADCAST = {"add", "elementwise", "where", "mask", "output"}
+_LAST_MIXING = {"linear", "norm", "unembed"}
+_ALONG_AXIS = {"softmax", "cumsum", "reverse", "roll", "slice", "split_part", "repeat", "concat", "pick", "reduce"}
+_POSITION_LOCAL = {"activation", "padding_mask", "split_heads", "merge_heads", "reshape", "positional", "rotary",
+                   "embed", "tril", "triu"}
+
+
+class NotIncremental(QkvflowError):
+    """A node whose step-by-step computation qkvflow cannot derive."""
+
+
+class IncrementalRunner:
+    """Runs ``executor``'s graph one step at a time over the sequence dim ``seq``.
+
+    ``known`` node values (the encoder) are taken as given; they must not
+    have the sequence axis.
+    """
+
+    def __init__(self, executor: Executor, seq: str, known: set) -> None:
+        self.ex, self.g, self.seq, self.all = executor, executor.graph, seq, f"{seq}@all"
+        self.known = set(known)
+        self.kinds: dict = {}
+        self.full: dict = {}  # (node, arg position) -> the axis of the producer read in full
+        self._analyse()
+        self.cached = {u: axis for (node, pos), (u, axis) in self.full.items()}
+        self.cache: dict = {}
+        self.length = 0
+
+    # --- analysis -------------------------------------------------------------------------------
+    def _seq_axes(self, node: str) -> list:
+        names = self.g.nodes[node]["shape"]
+        for n in names:
+            if n != self.seq and self.seq in factors(n):
+                raise NotIncremental(f"node {node} ({self.g.nodes[node].get('source', '?')}) merges the "
+                                     f"generated sequence {self.seq} with another dim ({n})")
+        return [i for i, n in enumerate(names) if n == self.seq]
+
+    def _need_full(self, node: str, pos: int, producer: str, axis: int) -> None:
+        if self.kinds[producer][axis] == Q:
+            self.full[(node, pos)] = (producer, axis)
+
+    def _analyse(self) -> None:
+        g = self.g
+        for node in nx.topological_sort(g):
+            rank = len(g.nodes[node]["shape"])
+            if node in self.known or g.nodes[node]["op"] == "param":
+                self.kinds[node] = [None] * rank
+                continue
+            kinds = [None] * rank
+            seq_axes = self._seq_axes(node)
+            op = g.nodes[node]["op"]
+            rule = getattr(self, f"_rule_{op}", None)
+            if rule is not None:
+                rule(node, kinds, seq_axes)
+            elif op in _BROADCAST:
+                self._broadcast(node, kinds, seq_axes)
+            elif op in _LAST_MIXING or op in _ALONG_AXIS or op in _POSITION_LOCAL or op in ("gather", "input"):
+                self._ordered(node, kinds, seq_axes, op)
+            else:
+                raise NotIncremental(f"node {node} ({g.nodes[node].get('source', '?')}): op {op} has no "
+                                     "step-by-step rule")
+            self.kinds[node] = kinds
+
+    def _args(self, node):
+        return arg_nodes(self.g, node)
+
+    def _broadcast(self, node, kinds, seq_axes) -> None:
+        """Right-aligned broadcasting: an axis is K if any input's is; the others read in full."""
+        rank = len(kinds)
+        args = self._args(node)
+        for axis in seq_axes:
+            aligned = []
+            for pos, u in enumerate(args):
+                shift = len(self.kinds[u]) - rank
+                if 0 <= axis + shift < len(self.kinds[u]) and self.kinds[u][axis + shift] is not None:
+                    aligned.append((pos, u, axis + shift))
+            kind = K if any(self.kinds[u][a] == K for _, u, a in aligned) else Q
+            kinds[axis] = kind
+            if kind == K:
+                for pos, u, a in aligned:
+                    self._need_full(node, pos, u, a)
+
+    def _ordered(self, node, kinds, seq_axes, op) -> None:
+        """Ops that keep the order of sequence axes: the k-th of the output is the k-th of the
+        (first sequence-carrying) input; an axis the op mixes along is read in full."""
+        g = self.g
+        args = self._args(node)
+        if op == "input":
+            for axis in seq_axes:
+                kinds[axis] = Q
+            return
+        pos = 1 if op == "gather" else 0
+        if not args:
+            kinds[:] = [Q if i in seq_axes else None for i in range(len(kinds))]
+            return
+        src = args[pos]
+        src_axes = [i for i, k in enumerate(self.kinds[src]) if k is not None]
+        attrs = g.nodes[node]["attrs"]
+        rank_in = len(self.kinds[src])
+        mixed = set()
+        if op in _LAST_MIXING:
+            mixed = {rank_in - 1}
+        elif op in _ALONG_AXIS:
+            axes = attrs.get("axis", -1)
+            axes = axes if isinstance(axes, (list, tuple)) else [axes]
+            mixed = {a % rank_in for a in axes}
+            if op == "pick" and attrs.get("index") == -1:
+                mixed = set()  # the last position is the last new one
+        src_kinds = list(self.kinds[src])
+        for a in src_axes:
+            if a in mixed and src_kinds[a] == Q:
+                self.full[(node, pos)] = (src, a)
+                src_kinds[a] = K
+        if op == "concat":
+            for p, u in enumerate(args[1:], start=1):
+                for a, k in enumerate(self.kinds[u]):
+                    if k == Q and a in mixed:
+                        self.full[(node, p)] = (u, a)
+        carried = [src_kinds[a] for a in src_axes if not (op in ("reduce", "pick") and a in mixed)]
+        if op == "pick" and not mixed:
+            axis = attrs["axis"] % rank_in
+            carried = [src_kinds[a] for a in src_axes if a != axis]
+        if len(carried) != len(seq_axes):
+            raise NotIncremental(f"node {node} ({g.nodes[node].get('source', '?')}): {op} changes the number of "
+                                 f"{self.seq} axes")
+        for axis, kind in zip(seq_axes, carried):
+            kinds[axis] = kind
+
+    def _rule_transpose(self, node, kinds, seq_axes) -> None:
+        (src,) = self._args(node)
+        for out_axis, in_axis in enumerate(self.g.nodes[node]["attrs"]["perm"]):
+            kinds[out_axis] = self.kinds[src][in_axis]
+
+    def _rule_scores(self, node, kinds, seq_axes) -> None:
+        q, k = self._args(node)
+        kinds[-2] = self.kinds[q][-2]
+        if self.kinds[k][-2] is not None:
+            self._need_full(node, 1, k, len(self.kinds[k]) - 2)
+            kinds[-1] = K
+
+    def _rule_attend(self, node, kinds, seq_axes) -> None:
+        p, v = self._args(node)
+        if self.kinds[p][-1] == Q:
+            self._need_full(node, 0, p, len(self.kinds[p]) - 1)
+        if self.kinds[v][-2] is not None:
+            self._need_full(node, 1, v, len(self.kinds[v]) - 2)
+        kinds[-2] = self.kinds[p][-2]
+
+    def _rule_matmul(self, node, kinds, seq_axes) -> None:
+        a, b = self._args(node)
+        ka, kb = self.kinds[a], self.kinds[b]
+        if ka[-1] is not None:
+            self._need_full(node, 0, a, len(ka) - 1)
+        if len(kb) >= 2 and kb[-2] is not None:
+            self._need_full(node, 1, b, len(kb) - 2)
+        rank = len(kinds)
+        for axis in range(rank - 2):  # broadcast batch axes
+            for pos, (u, ku) in enumerate(((a, ka), (b, kb))):
+                shift = len(ku) - rank
+                if 0 <= axis + shift < len(ku) - 2 and ku[axis + shift] is not None:
+                    kinds[axis] = ku[axis + shift]
+        kinds[-2] = ka[-2] if len(ka) >= 2 else None
+        kinds[-1] = kb[-1]
+        if kinds[-1] is not None and (kinds[-2] is not None or kb[-1] == Q):
+            if kinds[-2] is not None:  # (..., queries, keys): the later sequence axis holds the keys
+                self._need_full(node, 1, b, len(kb) - 1)
+                kinds[-1] = K
+
+    def _rule_einsum(self, node, kinds, seq_axes) -> None:
+        lhs, out = self.g.nodes[node]["attrs"]["equation"].replace(" ", "").split("->")
+        specs = lhs.split(",")
+        args = self._args(node)
+        letter_kind: dict = {}
+        for spec, u in zip(specs, args):
+            for a, ch in enumerate(spec.replace("...", "")):
+                k = self.kinds[u][a] if a < len(self.kinds[u]) else None
+                if k is not None:
+                    letter_kind[ch] = K if K in (k, letter_kind.get(ch)) else Q
+        seq_letters = [ch for ch in out if ch in letter_kind]
+        full_letters = {ch for ch in letter_kind if ch not in out}  # contracted along the sequence
+        if len(seq_letters) > 1:
+            full_letters |= set(seq_letters[1:])  # (..., queries, keys)
+        for pos, (spec, u) in enumerate(zip(specs, args)):
+            for a, ch in enumerate(spec.replace("...", "")):
+                if ch in full_letters and self.kinds[u][a] == Q:
+                    self.full[(node, pos)] = (u, a)
+        for axis, ch in enumerate(out):
+            if ch in letter_kind:
+                kinds[axis] = K if ch in full_letters or letter_kind[ch] == K else Q
+
+    def _rule_causal_mask(self, node, kinds, seq_axes) -> None:
+        (ids,) = self._args(node)
+        kinds[0], kinds[1] = (self.kinds[ids][-1] or Q), K
+
+    def _rule_relative_bias(self, node, kinds, seq_axes) -> None:
+        q_ids, k_ids = self._args(node)
+        kinds[1] = self.kinds[q_ids][-1]
+        if self.kinds[k_ids][-1] is not None:
+            self._need_full(node, 1, k_ids, len(self.kinds[k_ids]) - 1)
+            kinds[2] = K
+
+    def _rule_fill(self, node, kinds, seq_axes) -> None:
+        for n, axis in enumerate(seq_axes):
+            kinds[axis] = Q if n == 0 else K
+
+    def _rule_prefix(self, node, kinds, seq_axes) -> None:
+        """table[:T]: the rows of the new positions (an offset into the table)."""
+        (src,) = self._args(node)
+        kinds[:] = list(self.kinds[src])
+        kinds[self.g.nodes[node]["attrs"]["axis"]] = Q
+
+    def _rule_arange(self, node, kinds, seq_axes) -> None:
+        for axis in seq_axes:
+            kinds[axis] = Q
+
+    def _rule_constant(self, node, kinds, seq_axes) -> None:
+        if seq_axes:
+            raise NotIncremental(f"constant {node} has a {self.seq} axis")
+
+    # --- one step ---------------------------------------------------------------------------------
+    def _step_names(self, node: str) -> tuple:
+        names = self.g.nodes[node]["shape"]
+        kinds = self.kinds[node]
+        return tuple(self.all if k == K else n for n, k in zip(names, kinds))
+
+    def reorder(self, parents: np.ndarray) -> None:
+        """Each row continues row ``parents[i]`` of the last step (beam search)."""
+        for node, value in self.cache.items():
+            names = self._step_names(node)
+            if "batch" in names:
+                self.cache[node] = np.take(value, parents, axis=names.index("batch"))
+
+    def run(self, feeds: dict, known: dict, n_past: int) -> dict:
+        """Outputs for the new tokens ``feeds[seq input]`` after ``n_past`` cached positions."""
+        ex, g = self.ex, self.g
+        if n_past == 0:
+            self.cache = {}
+        values, sizes = ex._bind_inputs(feeds)
+        n_new = sizes[self.seq]
+        sizes[self.all] = n_past + n_new
+        full: dict = {}
+        for node, op, args, attrs, pnames, names, kernel, call, source in ex.plan:
+            if op == "input" or node in known:
+                if node in known:
+                    values[node] = known[node]
+                self._keep(node, values, full, n_past)
+                continue
+            ins = [full[u] if (node, pos) in self.full else values[u] for pos, u in enumerate(args)]
+            attrs = self._step_attrs(node, op, attrs, n_past)
+            step_names = self._step_names(node)
+            p = {n: ex.params[param_path(node, n)] for n in pnames}
+            if "tied_to" in attrs:
+                p["weight"] = ex.params[attrs["tied_to"]]
+            out = self._special(node, op, ins, attrs, n_past, n_new)
+            if out is None:
+                fn = kernel
+                if ex.check and kernel is not None:
+                    signature = (op, tuple((x.shape, x.dtype.char) for x in ins))
+                    if signature not in ex.seen:
+                        ex.seen.add(signature)
+                        fn = _checked(op, kernel)
+                try:
+                    out = call(fn, ins, attrs, p, sizes)
+                except Exception as err:
+                    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                    raise ExecutionError(f"node {node} ({op}, {source}) failed in an incremental step: {first}") \
+                        from err
+            if out.dtype.kind == "f" and out.dtype != ex.dtype:
+                out = out.astype(ex.dtype)
+            if ex.check:
+                ex._check_shape(node, step_names, out, sizes, source)
+            values[node] = out
+            self._keep(node, values, full, n_past)
+        self.length = n_past + n_new
+        return {g.nodes[o]["attrs"]["name"]: values[o] for o in g.graph["outputs"]} | {
+            "_kinds": {g.nodes[o]["attrs"]["name"]: self.kinds[o] for o in g.graph["outputs"]}}
+
+    def _keep(self, node, values, full, n_past) -> None:
+        if node in self.cached:
+            axis = self.cached[node]
+            new = values[node]
+            old = self.cache.get(node) if n_past else None
+            self.cache[node] = new if old is None else np.concatenate([old, new], axis=axis)
+            full[node] = self.cache[node]
+
+    def _step_attrs(self, node, op, attrs, n_past) -> dict:
+        if op in ("reshape", "fill") and "shape" in attrs:
+            names = self._step_names(node)
+            if len(names) == len(attrs["shape"]):
+                return {**attrs, "shape": names}
+        if op in ("positional", "rotary"):
+            (src,) = arg_nodes(self.g, node)
+            if self.kinds[src][-2] == Q:
+                return {**attrs, "offset": attrs.get("offset", 0) + n_past}
+        if op == "relative_bias" and self.kinds[node][1] == Q:
+            return {**attrs, "offset": attrs.get("offset", 0) + n_past}
+        if op in ("tril", "triu") and self.kinds[node][-2:] == [Q, K]:
+            return {**attrs, "k": attrs["k"] + n_past}
+        if op == "arange" and self.kinds[node] == [K]:
+            return {**attrs, "length": self.all}
+        if op == "prefix" and self.kinds[node][attrs["axis"]] == K:
+            return {**attrs, "length": self.all}
+        return attrs
+
+    def _special(self, node, op, ins, attrs, n_past, n_new):
+        """Ops whose new rows are not their kernel on the new inputs."""
+        kinds = self.kinds[node]
+        if op == "causal_mask" and kinds == [Q, K]:
+            return np.tril(np.ones((n_new, n_past + n_new), dtype=bool), n_past)
+        if op == "arange" and kinds == [Q]:
+            return np.arange(n_past, n_past + n_new)
+        if op == "prefix" and kinds[attrs["axis"]] == Q:
+            x, axis = ins[0], attrs["axis"]
+            if n_past + n_new > x.shape[axis]:
+                raise ExecutionError(f"node {node}: position {n_past + n_new - 1} is beyond {x.shape[axis]} rows")
+            return x[(slice(None),) * axis + (slice(n_past, n_past + n_new),)]
+        return None
+
+
+def seq_dim_of(graph, input_name: str) -> str:
+    for node in graph.graph["inputs"]:
+        if graph.nodes[node]["attrs"]["name"] == input_name:
+            return graph.nodes[node]["shape"][-1]
+    raise QkvflowError(f"no input {input_name!r}")
+
