@@ -258,6 +258,41 @@ class IncrementalRunner:
         kinds = self.kinds[node]
         return tuple(self.all if k == K else n for n, k in zip(names, kinds))
 
+    def _prepare(self, known: set) -> list:
+        """One entry per node to compute, everything that does not change between steps resolved."""
+        ex, g = self.ex, self.g
+        steps = []
+        for node, op, args, attrs, pnames, names, kernel, call, source in ex.plan:
+            if op == "input" or node in known:
+                continue
+            attrs, offset = self._static_attrs(node, op, attrs)
+            p = {n: ex.params[param_path(node, n)] for n in pnames}
+            if "tied_to" in attrs:
+                p["weight"] = ex.params[attrs["tied_to"]]
+            argspec = tuple((u, (node, pos) in self.full) for pos, u in enumerate(args))
+            special = op in ("causal_mask", "arange", "prefix") and Q in self.kinds[node]
+            steps.append((node, op, argspec, attrs, offset, p, self._step_names(node), kernel, call, source,
+                          special, self.cached.get(node)))
+        return steps
+
+    def _static_attrs(self, node, op, attrs) -> tuple[dict, str | None]:
+        """The node's attrs for a step, and the attr the cached length is added to (an offset)."""
+        kinds = self.kinds[node]
+        if op in ("reshape", "fill") and "shape" in attrs and len(attrs["shape"]) == len(kinds):
+            return {**attrs, "shape": self._step_names(node)}, None
+        if op in ("positional", "rotary"):
+            (src,) = arg_nodes(self.g, node)
+            return attrs, ("offset" if self.kinds[src][-2] == Q else None)
+        if op == "relative_bias":
+            return attrs, ("offset" if kinds[1] == Q else None)
+        if op in ("tril", "triu"):
+            return attrs, ("k" if kinds[-2:] == [Q, K] else None)
+        if op == "arange" and kinds == [K]:
+            return {**attrs, "length": self.all}, None
+        if op == "prefix" and kinds[attrs["axis"]] == K:
+            return {**attrs, "length": self.all}, None
+        return attrs, None
+
     def reorder(self, parents: np.ndarray) -> None:
         """Each row continues row ``parents[i]`` of the last step (beam search)."""
         for node, value in self.cache.items():
@@ -266,76 +301,58 @@ class IncrementalRunner:
                 self.cache[node] = np.take(value, parents, axis=names.index("batch"))
 
     def run(self, feeds: dict, known: dict, n_past: int) -> dict:
-        """Outputs for the new tokens ``feeds[seq input]`` after ``n_past`` cached positions."""
+        """Outputs for the new tokens ``feeds[seq input]`` after ``n_past`` cached positions.
+
+        Runtime checks verify each node's named shape and kernel signature on the
+        prefill and on the first one-token step: later steps differ only in the
+        length of the cached (all-positions) axes, which the named shapes leave free."""
         ex, g = self.ex, self.g
         if n_past == 0:
             self.cache = {}
+        if getattr(self, "_steps_for", None) != set(known):
+            self._steps_for, self._steps = set(known), self._prepare(set(known))
         values, sizes = ex._bind_inputs(feeds)
         n_new = sizes[self.seq]
         sizes[self.all] = n_past + n_new
+        values.update(known)
         full: dict = {}
-        for node, op, args, attrs, pnames, names, kernel, call, source in ex.plan:
-            if op == "input" or node in known:
-                if node in known:
-                    values[node] = known[node]
-                self._keep(node, values, full, n_past)
-                continue
-            ins = [full[u] if (node, pos) in self.full else values[u] for pos, u in enumerate(args)]
-            attrs = self._step_attrs(node, op, attrs, n_past)
-            step_names = self._step_names(node)
-            p = {n: ex.params[param_path(node, n)] for n in pnames}
-            if "tied_to" in attrs:
-                p["weight"] = ex.params[attrs["tied_to"]]
-            out = self._special(node, op, ins, attrs, n_past, n_new)
-            if out is None:
-                fn = kernel
-                if ex.check and kernel is not None:
-                    signature = (op, tuple((x.shape, x.dtype.char) for x in ins))
-                    if signature not in ex.seen:
-                        ex.seen.add(signature)
-                        fn = _checked(op, kernel)
-                try:
+        for node in list(values):
+            if node in self.cached:
+                self._keep(node, values[node], self.cached[node], full, n_past)
+        seen, check = ex.seen, ex.check
+        for node, op, argspec, attrs, offset, p, names, kernel, call, source, special, axis in self._steps:
+            ins = [full[u] if whole else values[u] for u, whole in argspec]
+            if offset is not None and n_past:
+                attrs = {**attrs, offset: attrs.get(offset, 0) + n_past}
+            fresh = False
+            if check:
+                signature = (node, tuple(x.ndim for x in ins), n_new, n_past > 0)
+                fresh = signature not in seen
+                if fresh:
+                    seen.add(signature)
+            try:
+                if special:
+                    out = self._special(node, op, ins, attrs, n_past, n_new)
+                else:
+                    fn = _checked(op, kernel) if fresh and kernel is not None else kernel
                     out = call(fn, ins, attrs, p, sizes)
-                except Exception as err:
-                    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                    raise ExecutionError(f"node {node} ({op}, {source}) failed in an incremental step: {first}") \
-                        from err
+            except Exception as err:
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise ExecutionError(f"node {node} ({op}, {source}) failed in an incremental step: {first}") from err
             if out.dtype.kind == "f" and out.dtype != ex.dtype:
                 out = out.astype(ex.dtype)
-            if ex.check:
-                ex._check_shape(node, step_names, out, sizes, source)
+            if fresh:
+                ex._check_shape(node, names, out, sizes, source)
             values[node] = out
-            self._keep(node, values, full, n_past)
+            if axis is not None:
+                self._keep(node, out, axis, full, n_past)
         self.length = n_past + n_new
-        return {g.nodes[o]["attrs"]["name"]: values[o] for o in g.graph["outputs"]} | {
-            "_kinds": {g.nodes[o]["attrs"]["name"]: self.kinds[o] for o in g.graph["outputs"]}}
+        return {g.nodes[o]["attrs"]["name"]: values[o] for o in g.graph["outputs"]}
 
-    def _keep(self, node, values, full, n_past) -> None:
-        if node in self.cached:
-            axis = self.cached[node]
-            new = values[node]
-            old = self.cache.get(node) if n_past else None
-            self.cache[node] = new if old is None else np.concatenate([old, new], axis=axis)
-            full[node] = self.cache[node]
-
-    def _step_attrs(self, node, op, attrs, n_past) -> dict:
-        if op in ("reshape", "fill") and "shape" in attrs:
-            names = self._step_names(node)
-            if len(names) == len(attrs["shape"]):
-                return {**attrs, "shape": names}
-        if op in ("positional", "rotary"):
-            (src,) = arg_nodes(self.g, node)
-            if self.kinds[src][-2] == Q:
-                return {**attrs, "offset": attrs.get("offset", 0) + n_past}
-        if op == "relative_bias" and self.kinds[node][1] == Q:
-            return {**attrs, "offset": attrs.get("offset", 0) + n_past}
-        if op in ("tril", "triu") and self.kinds[node][-2:] == [Q, K]:
-            return {**attrs, "k": attrs["k"] + n_past}
-        if op == "arange" and self.kinds[node] == [K]:
-            return {**attrs, "length": self.all}
-        if op == "prefix" and self.kinds[node][attrs["axis"]] == K:
-            return {**attrs, "length": self.all}
-        return attrs
+    def _keep(self, node, new, axis, full, n_past) -> None:
+        old = self.cache.get(node) if n_past else None
+        self.cache[node] = new if old is None else np.concatenate([old, new], axis=axis)
+        full[node] = self.cache[node]
 
     def _special(self, node, op, ins, attrs, n_past, n_new):
         """Ops whose new rows are not their kernel on the new inputs."""
