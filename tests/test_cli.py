@@ -446,11 +446,25 @@ def test_demo_writes_its_files(tmp_path):
     for name in ("graph.json", "check.txt", "check.sarif", "explain.txt", "explain.zh.txt",
                  "dataflow.dot", "dataflow.mmd", "dataflow-op.dot", "params.safetensors"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    assert json.loads((out / "graph.json").read_text())["graph"]["model"] == "tiny"
+    assert json.loads((out / "graph.json").read_text())["graph"]["model"] == "toy-en-zh"
     assert "交叉注意力" in (out / "explain.zh.txt").read_text(encoding="utf-8")
-    g = qf.trace(qf.load_model("tiny"))
+    g = qf.trace(qf.load_model("toy-en-zh"))
     assert set(qf.load_params(out / "params.safetensors")) == set(qf.init_params(g))
-    assert "logits: shape (1, 4, 41)" in proc.stdout  # "<bos> 我 爱 中国"
+    assert "logits: shape (1, 4, 73)" in proc.stdout  # "<bos> 我 爱 中国"
+    # the shipped translator tells the seed's story: one word at a time, each from its source word
+    told = (out / "translate.txt").read_text(encoding="utf-8")
+    assert told.startswith("I love China  ->  我 爱 中国\n")
+    for word, source in (("我", "I"), ("爱", "love"), ("中国", "China")):
+        assert re.search(rf": {word}\n.*\n.*most weight on {source} \(0\.\d\d\)", told), word
+
+
+def test_demo_in_chinese_and_of_a_seeded_model(tmp_path):
+    proc = shell("demo", "--out", tmp_path / "zh", "--lang", "zh")
+    assert proc.returncode == 0, proc.stderr
+    assert "第 3 个词：中国" in proc.stdout and "权重最大的是 China" in proc.stdout
+    proc = shell("demo", "--model", "tiny", "--out", tmp_path / "tiny")
+    assert proc.returncode == 0, proc.stderr
+    assert "seeded random weights, seed 0" in proc.stdout and not (tmp_path / "tiny" / "translate.txt").exists()
 
 
 TRACE_CRASH = """

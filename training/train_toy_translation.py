@@ -11,7 +11,7 @@ the interleaved sinusoids of ``qkvflow.run.kernels.sinusoidal_table``; the
 output is ``hidden @ table.T``), on the training split only. It then
 converts the weights with ``qkvflow.from_torch_state_dict``, checks that
 qkvflow's forward pass gives torch's logits, measures held-out exact match
-with qkvflow's own forward (``greedy_translate``) and writes
+with qkvflow's own forward (``qkvflow.demo.translate``) and writes
 ``src/qkvflow/models/data/toy-en-zh.safetensors`` (float32) with
 ``qkvflow.save_params`` -- only if held-out exact match >= 95%.
 
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 import qkvflow as qf
+from qkvflow.demo import translate
 from qkvflow.models import toy_translation as toy
 from qkvflow.run.kernels import sinusoidal_table
 
@@ -84,7 +85,7 @@ def batches(pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 def exact_match(graph, params, pairs, dtype="float32") -> tuple[float, list]:
-    got = toy.greedy_translate(graph, params, [en for en, _ in pairs], dtype=dtype)
+    got = translate([en for en, _ in pairs], graph=graph, params=params, dtype=dtype)
     wrong = [(en, zh, g) for (en, zh), g in zip(pairs, got) if g != zh]
     return 1.0 - len(wrong) / len(pairs), wrong
 
@@ -180,12 +181,12 @@ def main(argv=None) -> int:
 
     acc_train, _ = exact_match(graph, params, train[::10])
     acc, wrong = exact_match(graph, params, heldout)
-    print(f"exact match (qkvflow greedy_translate): train sample {acc_train:.2%} of {len(train[::10])}, "
+    print(f"exact match (qkvflow.demo.translate): train sample {acc_train:.2%} of {len(train[::10])}, "
           f"held out {acc:.2%} of {len(heldout)}")
     for en, zh, g in wrong[:10]:
         print(f"  wrong: {en!r} -> {g!r}, expected {zh!r}")
     for en in ("I love China", "you like tea"):
-        print(f"  {en} -> {toy.greedy_translate(graph, params, [en])[0]}")
+        print(f"  {en} -> {translate([en], graph=graph, params=params)[0]}")
     if acc < MIN_HELDOUT_EXACT:
         print(f"error: held-out exact match {acc:.2%} < {MIN_HELDOUT_EXACT:.0%}; weights not written",
               file=sys.stderr)

@@ -13,8 +13,16 @@ from .ir.errors import QkvflowError
 
 __all__ = ["main"]
 
-DEMO_SRC = "I love China"
+DEMO_SRC = "I love China <eos>"
 DEMO_TGT = "<bos> 我 爱 中国"
+
+
+def _words_of(spec: str) -> list | None:
+    """The words of a model's token ids, where qkvflow knows them (the shipped translator)."""
+    if spec == "toy-en-zh":
+        from .models.toy_translation import VOCAB
+        return list(VOCAB)
+    return None
 
 
 def _model(spec: str, *, with_params: bool = False):
@@ -131,7 +139,8 @@ def _run(g, args, vocab=None, words=None, weights=None) -> tuple[str, dict, dict
     if args.params:
         params, said = load_params(args.params), f"weights: {args.params}"
     elif weights is not None:
-        params, said = weights, f"weights: imported with {args.model}"
+        params, said = weights, (f"weights: imported with {args.model}" if args.model.startswith("hf:")
+                                 else f"weights: {args.model}'s own, trained, shipped with qkvflow")
     else:
         params, said = init_params(g, seed=args.seed), f"weights: seeded random (seed {args.seed}; --params FILE for real ones)"
     out = forward(g, params, dtype=args.dtype, capture=bool(getattr(args, "save_activations", None)), **feeds)
@@ -162,7 +171,9 @@ def _run(g, args, vocab=None, words=None, weights=None) -> tuple[str, dict, dict
 
 def cmd_run(args) -> int:
     g, weights = _model(args.model, with_params=True)
-    text, _, out = _run(g, args, weights=weights)
+    words = _words_of(args.model)
+    vocab = {w: i for i, w in enumerate(words)} if words else None
+    text, _, out = _run(g, args, vocab=vocab, words=words, weights=weights)
     print(text)
     if args.save_activations:
         from .ir.errors import ParamError
@@ -189,11 +200,13 @@ def cmd_generate(args) -> int:
     if args.params:
         params, said = load_params(args.params), f"weights: {args.params}"
     elif weights is not None:
-        params, said = weights, f"weights: imported with {args.model}"
+        params, said = weights, (f"weights: imported with {args.model}" if args.model.startswith("hf:")
+                                 else f"weights: {args.model}'s own, trained, shipped with qkvflow")
     else:
         params, said = init_params(g, seed=args.seed), f"weights: seeded random (seed {args.seed}; " \
                                                        "--params FILE for real ones)"
-    ids = _ids(text, flag, None)
+    words = _words_of(args.model)
+    ids = _ids(text, flag, {w: i for i, w in enumerate(words)} if words else None)
     out = generate(g, params, ids, max_new_tokens=args.max_new_tokens, beams=args.beam,
                    length_penalty=args.length_penalty, sample=args.sample, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, dtype=args.dtype)
@@ -203,6 +216,8 @@ def cmd_generate(args) -> int:
     if out.note:
         print(f"note: {out.note}")
     print(f"{how}, {out.steps} step(s): " + " ".join(str(int(t)) for t in out.ids[0]))
+    if words:
+        print("  " + " ".join(words[int(t)] if int(t) < len(words) else str(int(t)) for t in out.ids[0]))
     return 0
 
 
@@ -278,8 +293,8 @@ def cmd_demo(args) -> int:
     from .run.params import save_params
     from .views.render import render
 
-    g = _model(args.model)
-    vocab_words = _demo_vocab(g.graph["dims"].get("vocab") or 0)
+    g, weights = _model(args.model, with_params=True)
+    vocab_words = _words_of(args.model) or _demo_vocab(g.graph["dims"].get("vocab") or 0)
     vocab = {w: i for i, w in enumerate(vocab_words)}
     if sum("default" not in g.nodes[n]["attrs"] for n in g.graph["inputs"]) == 2:
         args.src, args.tgt = args.src or DEMO_SRC, args.tgt or DEMO_TGT
@@ -300,8 +315,8 @@ def cmd_demo(args) -> int:
     write_atomic(out / "check.txt", report + "\n")
     write_atomic(out / "check.sarif", format_diagnostics(found, "sarif"))
     print("\n== check\n" + report)
-    table = explain(g)
-    write_atomic(out / "explain.txt", table + "\n")
+    table = explain(g, lang=args.lang)
+    write_atomic(out / "explain.txt", explain(g) + "\n")
     write_atomic(out / "explain.zh.txt", explain(g, lang="zh") + "\n")
     print("\n== explain\n" + table)
     written = []
@@ -315,7 +330,7 @@ def cmd_demo(args) -> int:
         except QkvflowError as err:
             print(f"note: {name} skipped: {err}")
     print("\n== render\n" + ", ".join(written))
-    text, params, _ = _run(g, args, vocab=vocab, words=vocab_words)
+    text, params, _ = _run(g, args, vocab=vocab, words=vocab_words, weights=weights)
     size = sum(v.nbytes for v in params.values())
     files = ["graph.json", "check.txt", "check.sarif", "explain.txt", "explain.zh.txt"] + written
     if size <= 64 * 2**20:
@@ -324,8 +339,15 @@ def cmd_demo(args) -> int:
     else:
         print(f"note: params.safetensors skipped ({size / 2**20:.0f} MB of seeded random weights)")
     given = f"{args.src!r} -> {args.tgt!r}" if args.ids is None else repr(args.ids)
-    print(f"\n== run: {given} (seeded random weights, seed {args.seed}: "
-          "the numbers show the dataflow runs, not a trained translation)\n" + text)
+    note = "trained weights" if weights is not None and not args.params else \
+        f"seeded random weights, seed {args.seed}: the numbers show the dataflow runs, not a trained translation"
+    print(f"\n== run: {given} ({note})\n" + text)
+    if args.model == "toy-en-zh" and weights is not None and not args.params:
+        from .demo import story
+        told = story(" ".join(args.src.split()[:-1]) if args.src.endswith("<eos>") else args.src, args.lang)
+        write_atomic(out / "translate.txt", told + "\n")
+        files.append("translate.txt")
+        print("\n== translate: the decoder writes one word at a time\n" + told)
     print(f"\nwrote {', '.join(files)} to {out}/")
     return 1 if any(d.severity == "error" for d in found) else 0
 
@@ -429,7 +451,8 @@ def _parser() -> argparse.ArgumentParser:
     f.set_defaults(fn=cmd_diff)
 
     d = sub.add_parser("demo", help="trace, check, explain, render and run a built-in model")
-    d.add_argument("--model", default="tiny")
+    d.add_argument("--model", default="toy-en-zh", help="default: the shipped English -> Chinese translator")
+    d.add_argument("--lang", choices=("en", "zh"), default="en", help="the language of explain and the story")
     d.add_argument("--out", default="qkvflow-demo")
     run_args(d)
     d.set_defaults(fn=cmd_demo)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import qkvflow as qf
+from qkvflow.demo import translate
 from qkvflow.models import toy_translation as toy
 from qkvflow.run.params import param_specs, validate_params
 
@@ -110,16 +111,17 @@ def test_the_model_is_the_configured_torch_shaped_encoder_decoder():
 
 def test_i_love_china_translates_with_the_shipped_weights():
     graph, params, _ = shipped()
-    assert toy.greedy_translate(graph, params, ["I love China", "you like tea"]) == ["我 爱 中国", "你 喜欢 茶"]
-    assert toy.greedy_translate(graph, params, ["I love China"], dtype="float32") == ["我 爱 中国"]
-    assert toy.greedy_translate(graph, params, []) == []
+    assert translate(["I love China", "you like tea"], graph=graph, params=params) == ["我 爱 中国", "你 喜欢 茶"]
+    assert translate(["I love China"], graph=graph, params=params, dtype="float32") == ["我 爱 中国"]
+    assert translate(["I love China"], graph=graph, params=params, beams=3) == ["我 爱 中国"]
+    assert translate([], graph=graph, params=params) == []
 
 
 def test_a_batch_of_different_lengths_translates_as_each_sentence_alone():
     graph, params, _ = shipped()
     sentences = ["she often does not drink tea", "I love China", "they also do not want noodles today"]
-    together = toy.greedy_translate(graph, params, sentences)
-    assert together == [toy.greedy_translate(graph, params, [s])[0] for s in sentences]
+    together = translate(sentences, graph=graph, params=params)
+    assert together == [translate([s], graph=graph, params=params)[0] for s in sentences]
     assert together == [dict(toy.sentence_pairs())[s] for s in sentences]
 
 
@@ -127,6 +129,6 @@ def test_heldout_exact_match_is_at_least_95_percent():
     graph, params, _ = shipped()
     heldout = toy.heldout_pairs()
     assert len(heldout) >= 100
-    got = toy.greedy_translate(graph, params, [en for en, _ in heldout])
+    got = translate([en for en, _ in heldout], graph=graph, params=params)
     wrong = [(en, zh, g) for (en, zh), g in zip(heldout, got) if g != zh]
     assert 1 - len(wrong) / len(heldout) >= 0.95, wrong[:10]

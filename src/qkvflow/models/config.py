@@ -124,6 +124,12 @@ PRESETS = {
         tied_embeddings=True, scale_embeddings=True,
         description="2+2 layers, every dim a different size (heads 3, d_head 7, d_ff 29, vocab 41)",
     ),
+    "toy-en-zh": Config(
+        name="toy-en-zh", encoder_layers=2, decoder_layers=2, d_model=64, heads=4, d_ff=128, vocab=73,
+        max_positions=32, norm="post", activation="relu", positions="sinusoidal", final_norms=True,
+        pad_id=0, bos_id=1, eos_id=2,
+        description="a toy English -> Chinese translator, trained weights shipped: I love China -> 我 爱 中国",
+    ),
     # --- BART, Marian, T5: encoder–decoder ------------------------------------------
     "bart-tiny": Config(
         name="bart-tiny", encoder_layers=2, decoder_layers=2, d_model=24, heads=4, d_ff=37, vocab=53,

@@ -21,10 +21,11 @@ and tied embeddings; its weights ship with the package
 The source is the English words then ``<eos>``; the target starts with
 ``<bos>`` and ends with ``<eos>``.
 
->>> import qkvflow as qf
 >>> model, params, vocab = load()
->>> greedy_translate(qf.trace(model), params, ["I love China", "you like tea"])
-['我 爱 中国', '你 喜欢 茶']
+>>> model.name, len(params), vocab[:3]
+('toy-en-zh', 89, ['<pad>', '<bos>', '<eos>'])
+
+It translates with :func:`qkvflow.demo.translate`.
 """
 
 import hashlib
@@ -32,10 +33,10 @@ from importlib import resources
 
 import numpy as np
 
-from .config import Config, from_dict
+from .config import Config, preset
 
 __all__ = ["VOCAB", "CONFIG", "WEIGHTS", "sentence_pairs", "train_pairs", "heldout_pairs", "is_heldout",
-           "encode", "decode", "encode_source", "load", "greedy_translate"]
+           "encode", "decode", "encode_source", "load"]
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 
@@ -71,16 +72,9 @@ VOCAB: tuple[str, ...] = (PAD, BOS, EOS, *_ENGLISH, *_CHINESE)
 _IDS = {word: i for i, word in enumerate(VOCAB)}
 assert len(_IDS) == len(VOCAB), "a word is in the vocabulary twice"
 
-#: The model whose weights ship with the package.
-CONFIG: Config = from_dict({
-    "name": "toy-en-zh", "family": "encoder_decoder", "encoder_layers": 2, "decoder_layers": 2,
-    "d_model": 64, "heads": 4, "d_ff": 128, "vocab": len(VOCAB), "max_positions": 32,
-    "norm": "post", "norm_type": "layer", "norm_eps": 1e-5, "activation": "relu", "ffn": "plain",
-    "positions": "sinusoidal", "shared_embeddings": True, "tied_embeddings": True, "scale_embeddings": True,
-    "final_norms": True, "pad_id": 0, "bos_id": 1, "eos_id": 2,
-    "description": "toy English -> Chinese translator: torch.nn.Transformer layers (2+2, post-norm, final norms), "
-                   "d_model 64, shared and tied embeddings, trained weights shipped",
-}, origin="toy_translation.CONFIG")
+#: The model whose weights ship with the package: the preset ``toy-en-zh``.
+CONFIG: Config = preset("toy-en-zh")
+assert CONFIG.vocab == len(VOCAB), "the preset's vocabulary is this language's"
 
 #: The shipped weights, a file of this package (``qkvflow.models``).
 WEIGHTS = "data/toy-en-zh.safetensors"
@@ -186,37 +180,3 @@ def load():
     data = resources.files(__package__).joinpath(WEIGHTS).read_bytes()
     params = dict(load_safetensors(data))
     return load_model(CONFIG), params, list(VOCAB)
-
-
-def greedy_translate(model_graph, params: dict, sentences: list[str], *, max_length: int | None = None,
-                     dtype: str = "float64") -> list[str]:
-    """Chinese translations of English ``sentences``, greedy, by qkvflow's own forward pass.
-
-    ``model_graph`` is the traced graph (``qkvflow.trace(model)``; a Model is
-    traced here). All sentences run as one batch, right-padded; each step
-    recomputes the whole prefix and appends every row's most likely token,
-    until every row has produced ``<eos>`` or ``max_length`` tokens (default:
-    as many as the positions allow).
-    """
-    import qkvflow  # the executor, through the public API (imported on use)
-
-    from ..tracing.context import Model
-
-    if isinstance(model_graph, Model):
-        model_graph = qkvflow.trace(model_graph)
-    sentences = list(sentences)
-    if not sentences:
-        return []
-    src = encode_source(sentences)
-    limit = CONFIG.max_positions - 1 if max_length is None else min(max_length, CONFIG.max_positions - 1)
-    tgt = np.full((len(sentences), 1), CONFIG.bos_id, dtype=np.int64)
-    done = np.zeros(len(sentences), dtype=bool)
-    for _ in range(limit):
-        logits = qkvflow.forward(model_graph, params, src, tgt, dtype=dtype)["logits"]
-        step = logits[:, -1, :].argmax(axis=-1)
-        step = np.where(done, CONFIG.pad_id, step)  # a finished row only pads (masked as a key)
-        tgt = np.concatenate([tgt, step[:, None]], axis=1)
-        done |= step == CONFIG.eos_id
-        if done.all():
-            break
-    return [decode(row) for row in tgt[:, 1:]]
