@@ -30,6 +30,7 @@ diagrams: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cold_start.py
 	$(BIN)/python benchmarks/forward.py
+	$(BIN)/python benchmarks/generate.py
 
 clean:
 	rm -rf $(VENV) qkvflow-demo .pytest_cache .hypothesis src/*.egg-info

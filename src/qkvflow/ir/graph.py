@@ -243,8 +243,13 @@ def independent_of(g: nx.MultiDiGraph, inputs) -> set:
     steady = {d for name, node in by_name.items() if name not in inputs for d in g.nodes[node]["shape"]}
     moving = {d for node in changing for d in g.nodes[node]["shape"]} - steady
     changing |= {n for n, d in g.nodes(data=True) if any(f in moving for name in d["shape"] for f in factors(name))}
-    for node in list(changing):
-        changing |= nx.descendants(g, node)
+    frontier = list(changing)  # one traversal from all of them
+    while frontier:
+        node = frontier.pop()
+        for succ in g.successors(node):
+            if succ not in changing:
+                changing.add(succ)
+                frontier.append(succ)
     return set(g) - changing
 
 

@@ -28,7 +28,7 @@ def embed(ids: Integer[Array, "*b s"], weight: Float[Array, "vocab d"], scale: f
     return out * weight.dtype.type(scale) if scale != 1.0 else out
 
 
-def sinusoidal_table(positions: int, d: int, kind: str, dtype) -> np.ndarray:
+def sinusoidal_table(positions: int, d: int, kind: str, dtype, start: int = 0) -> np.ndarray:
     """(positions, d) table, built in float64 then cast.
 
     ``sinusoidal`` (the paper): PE[p, 2i] = sin(p / 10000^(2i/d)),
@@ -36,11 +36,11 @@ def sinusoidal_table(positions: int, d: int, kind: str, dtype) -> np.ndarray:
     sines of every even column in the first ceil(d/2) columns, the cosines
     after them.
     """
-    pos = np.arange(positions, dtype=np.float64)[:, None]
+    pos = np.arange(start, positions, dtype=np.float64)[:, None]  # rows start .. positions - 1
     n_sin, n_cos = (d + 1) // 2, d // 2
     inv = np.power(10000.0, -(2.0 * np.arange(n_sin, dtype=np.float64)) / d)
     angles = pos * inv[None, :]  # (positions, ceil(d/2))
-    table = np.zeros((positions, d), dtype=np.float64)
+    table = np.zeros((positions - start, d), dtype=np.float64)
     if kind == "sinusoidal":
         table[:, 0::2] = np.sin(angles)
         table[:, 1::2] = np.cos(angles[:, :n_cos])
@@ -89,6 +89,9 @@ def mask(x: Float[Array, "*b tq tk"], keep: Bool[Array, "*#m"]) -> Float[Array, 
 def softmax(x: Float[Array, "*s"], axis: int) -> Float[Array, "*s"]:
     top = np.max(x, axis=axis, keepdims=True)
     dead = np.isneginf(top)  # a fully masked row
+    if not dead.any():
+        e = np.exp(x - top)
+        return (e / np.sum(e, axis=axis, keepdims=True)).astype(x.dtype, copy=False)
     e = np.exp(x - np.where(dead, 0, top))
     total = np.sum(e, axis=axis, keepdims=True)
     return np.where(dead, 0, e / np.where(dead, 1, total)).astype(x.dtype, copy=False)
@@ -107,9 +110,8 @@ def norm(x: Float[Array, "*b d"], weight: Float[Array, "d"], bias: Float[Array, 
     """``layer``: (x - mean) / sqrt(var + eps) * w + b; ``rms``: x / sqrt(mean(x^2) + eps) * w."""
     if kind == "rms":
         return x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps) * weight
-    mu = x.mean(axis=-1, keepdims=True)
-    var = ((x - mu) ** 2).mean(axis=-1, keepdims=True)
-    y = (x - mu) / np.sqrt(var + eps) * weight
+    centred = x - x.mean(axis=-1, keepdims=True)
+    y = centred / np.sqrt((centred ** 2).mean(axis=-1, keepdims=True) + eps) * weight
     return y + bias if bias is not None else y
 
 
@@ -246,8 +248,9 @@ def _where(ins, attrs, params):
 def _positional(kernel, ins, attrs, params):
     x = ins[0]
     table = params.get("weight")
-    if table is None:
-        table = sinusoidal_table(attrs["offset"] + x.shape[-2], x.shape[-1], attrs["kind"], x.dtype)
+    if table is None:  # the rows of these positions only
+        offset = attrs["offset"]
+        return kernel(x, sinusoidal_table(offset + x.shape[-2], x.shape[-1], attrs["kind"], x.dtype, offset), 0)
     return kernel(x, table, attrs["offset"])
 
 
