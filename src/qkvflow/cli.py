@@ -130,19 +130,23 @@ def _feeds(g, args, vocab=None) -> dict:
     return {name: _ids(given[flag], flag, vocab) for flag, name in zip(flags, names)}
 
 
+def _weights(g, args, weights) -> tuple[dict, str]:
+    """The run's parameters (--params, the model's own, or seeded random) and a line saying which."""
+    from .run.params import init_params, load_params
+    if args.params:
+        return load_params(args.params), f"weights: {args.params}"
+    if weights is not None:
+        return weights, (f"weights: imported with {args.model}" if args.model.startswith("hf:")
+                         else f"weights: {args.model}'s own, trained, shipped with qkvflow")
+    return init_params(g, seed=args.seed), f"weights: seeded random (seed {args.seed}; --params FILE for real ones)"
+
+
 def _run(g, args, vocab=None, words=None, weights=None) -> tuple[str, dict, dict]:
     import numpy as np
 
     from .run.execute import forward
-    from .run.params import init_params, load_params
     feeds = _feeds(g, args, vocab)
-    if args.params:
-        params, said = load_params(args.params), f"weights: {args.params}"
-    elif weights is not None:
-        params, said = weights, (f"weights: imported with {args.model}" if args.model.startswith("hf:")
-                                 else f"weights: {args.model}'s own, trained, shipped with qkvflow")
-    else:
-        params, said = init_params(g, seed=args.seed), f"weights: seeded random (seed {args.seed}; --params FILE for real ones)"
+    params, said = _weights(g, args, weights)
     out = forward(g, params, dtype=args.dtype, capture=bool(getattr(args, "save_activations", None)), **feeds)
     lines = [said]
     for node in g.graph["outputs"]:
@@ -189,7 +193,6 @@ def cmd_run(args) -> int:
 
 def cmd_generate(args) -> int:
     from .run.generate import generate
-    from .run.params import init_params, load_params
     g, weights = _model(args.model, with_params=True)
     names = [g.nodes[n]["attrs"]["name"] for n in g.graph["inputs"] if "default" not in g.nodes[n]["attrs"]]
     flag = "--src" if len(names) == 2 else "--ids"
@@ -197,14 +200,7 @@ def cmd_generate(args) -> int:
     if text is None or (flag == "--src" and args.ids is not None) or (flag == "--ids" and args.src is not None):
         from .ir.errors import InputError
         raise InputError(f"model {g.graph.get('model')!r} generates from {flag} (its input {names[0]})")
-    if args.params:
-        params, said = load_params(args.params), f"weights: {args.params}"
-    elif weights is not None:
-        params, said = weights, (f"weights: imported with {args.model}" if args.model.startswith("hf:")
-                                 else f"weights: {args.model}'s own, trained, shipped with qkvflow")
-    else:
-        params, said = init_params(g, seed=args.seed), f"weights: seeded random (seed {args.seed}; " \
-                                                       "--params FILE for real ones)"
+    params, said = _weights(g, args, weights)
     words = _words_of(args.model)
     ids = _ids(text, flag, {w: i for i, w in enumerate(words)} if words else None)
     out = generate(g, params, ids, max_new_tokens=args.max_new_tokens, beams=args.beam,
