@@ -580,3 +580,16 @@ def test_run_refuses_odd_ids_and_counts(tmp_path):
     for top in ("0", "-5"):
         proc = shell("run", "tiny", "--src", "5", "--tgt", "1", "--top", top)
         assert proc.returncode == 2 and "expected a positive integer" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_generate_translates_words_and_refuses_unknown_ones():
+    proc = shell("generate", "toy-en-zh", "--src", "you like tea", "--beam", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1].strip() == "<bos> 你 喜欢 茶 <eos>"
+    assert "beam search (2 beams), incremental (KV cache)" in proc.stdout
+    assert_usage_error(shell("generate", "toy-en-zh", "--src", "I love Mars"),
+                       "'Mars' is neither a word of the model's vocabulary (73 words) nor a token id")
+    assert_usage_error(shell("generate", "bert-tiny", "--ids", "5 6"), "bidirectional, not causal")
+    assert_usage_error(shell("generate", "tiny", "--ids", "5 6"), "generates from --src (its input src_ids)")
+    proc = shell("generate", "toy-en-zh", "--src", "I love China", "--sample", "--temperature", "0")
+    assert proc.returncode == 2 and "0 is not a positive number" in proc.stderr

@@ -108,6 +108,9 @@ def _ids(text: str, what: str, vocab: dict | None):
             ids.append(vocab[tok])
         elif tok.isdecimal() and tok.isascii() and len(tok) <= 18:
             ids.append(int(tok))
+        elif vocab is not None:
+            raise InputError(f"{what}: {tok!r} is neither a word of the model's vocabulary ({len(vocab)} words) "
+                             "nor a token id")
         else:
             raise InputError(f"{what}: {tok!r} is not a token id (expected non-negative integers like \"5 6 7\")")
     return np.array([ids], dtype=np.int64)
@@ -422,7 +425,7 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--beam", type=_positive, default=1, help="beam search with N beams (default 1: greedy)")
     n.add_argument("--length-penalty", type=float, default=1.0, help="beam score / length ** this (default 1)")
     n.add_argument("--sample", action="store_true", help="sample instead of the most likely token")
-    n.add_argument("--temperature", type=_tolerance, default=1.0)
+    n.add_argument("--temperature", type=_temperature, default=1.0, help="divides the logits (> 0)")
     n.add_argument("--top-k", type=_seed, default=0, help="sample among the k most likely (0: all)")
     n.add_argument("--top-p", type=_tolerance, default=1.0, help="sample in the smallest set reaching p")
     n.add_argument("--seed", type=_seed, default=0, help="of the sampling and of seeded random weights")
@@ -463,6 +466,13 @@ def _tolerance(text: str) -> float:
         value = math.nan
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative number")
+    return value
+
+
+def _temperature(text: str) -> float:
+    value = _tolerance(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("0 is not a positive number (for the most likely token, leave out --sample)")
     return value
 
 

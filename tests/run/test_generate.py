@@ -161,14 +161,35 @@ def test_generate_decoder_only_continues_the_prompt():
 
 
 @pytest.mark.parametrize("kwargs, needle", [
-    ({"beams": 0}, "beams >= 1"),
-    ({"max_new_tokens": -1}, "non-negative integers"),
-    ({"top_p": 0.0}, "0 < top_p <= 1"),
+    ({"beams": 0}, "beams must be 1"),
+    ({"max_new_tokens": -1}, "max_new_tokens must be a non-negative integer, got -1"),
+    ({"top_p": 0.0}, r"top_p must be a number in \(0, 1\], got 0.0"),
     ({"beams": 2, "sample": True}, "beams or sample"),
+    ({"temperature": "a"}, "temperature must be a positive number, got 'a'"),
+    ({"temperature": None}, "temperature must be a positive number, got None"),
+    ({"length_penalty": "1"}, "length_penalty must be a finite number"),
+    ({"seed": -1}, "seed must be a non-negative integer"),
+    ({"early_stopping": "yes"}, "early_stopping must be True, False or 'never'"),
 ])
 def test_bad_generation_options_are_one_line(tiny, kwargs, needle):
     g, params = tiny
     with pytest.raises(qf.QkvflowError, match=needle):
         qf.generate(g, params, np.array([[5, 6]]), **kwargs)
-    with pytest.raises(qf.QkvflowError, match="generate takes src_ids"):
+
+
+def test_bad_generation_inputs_are_one_line(tiny):
+    g, params = tiny
+    with pytest.raises(qf.QkvflowError, match="generate takes one input, src_ids .* got 2 by position"):
         qf.generate(g, params, np.array([[5, 6]]), np.array([[1]]))
+    with pytest.raises(qf.QkvflowError, match="must be \\(batch, length\\) integer token ids, got 2 axes of float64"):
+        qf.generate(g, params, np.array([[5.5, 6.0]]))
+    bert = qf.trace(qf.load_model("bert-tiny"))
+    with pytest.raises(qf.QkvflowError, match="its ids sequence is bidirectional, not causal"):
+        qf.generate(bert, qf.init_params(bert), np.array([[5, 6]]))
+    lm = qf.trace(qf.load_model("gpt2-tiny"))  # max_positions 37
+    with pytest.raises(qf.QkvflowError, match="the prompt has 40 tokens, the model's max_positions is 37"):
+        qf.generate(lm, qf.init_params(lm), np.full((1, 40), 5))
+    cut = qf.generate(lm, qf.init_params(lm), np.full((1, 30), 5), max_new_tokens=20)
+    assert cut.ids.shape == (1, 37) and "max_new_tokens cut to 7" in cut.note
+    none = qf.generate(g, params, np.array([[5, 6]]), max_new_tokens=0, beams=3)
+    assert none.ids.tolist() == [[1]] and none.scores.tolist() == [0.0]

@@ -118,3 +118,49 @@ def test_a_model_it_cannot_step_falls_back_and_says_why():
     assert not out.cached and out.note.startswith("full recompute at every step: node lm.h.0.")
     assert np.array_equal(out.ids, qf.generate(g, params, np.array([[5, 6, 7]]), max_new_tokens=4,
                                                cache=False).ids)
+
+
+# --- attention written in other styles: derived, or refused and recomputed, never wrong -------------
+
+sys.path.insert(0, str(Path(__file__).parent))
+import attention_styles as styles  # noqa: E402
+
+INCREMENTAL = {"triu_bias": styles.a_triu, "heads_in_batch": styles.a_bmm, "grouped_rotary": styles.a_gqa,
+               "running_sums": styles.a_cumsum}
+REFUSED = {"keys_first": styles.a_kq, "arange_mask": styles.a_arange, "alibi": styles.a_alibi}
+
+
+@pytest.mark.parametrize("name", [*INCREMENTAL, *REFUSED])
+def test_other_styles_are_stepped_exactly_or_recomputed(name):
+    attn = {**INCREMENTAL, **REFUSED}[name]
+    g = qf.trace(styles.make(attn, name=name))
+    params = qf.init_params(g, seed=3)
+    prompt = np.array([[24, 18, 15], [7, 23, 19]])
+    if name in REFUSED:
+        with pytest.raises(NotIncremental):
+            IncrementalRunner(Executor(g, params), "seq", set())
+    else:
+        runner = IncrementalRunner(Executor(g, params), "seq", set())
+        ids = np.random.default_rng(2).integers(3, 28, size=(2, 7))
+        out = runner.run({"ids": ids[:, :2]}, {}, 0)["logits"]
+        for t in range(2, ids.shape[1]):
+            out = runner.run({"ids": ids[:, t:t + 1]}, {}, t)["logits"]
+            full = qf.forward(g, params, ids=ids[:, :t + 1])["logits"]
+            assert np.max(np.abs(out[:, -1] - full[:, -1])) <= 1e-12, f"step {t}"
+    for beams in (1, 3):
+        cached = qf.generate(g, params, prompt, max_new_tokens=8, beams=beams)
+        full = qf.generate(g, params, prompt, max_new_tokens=8, beams=beams, cache=False)
+        assert cached.cached == (name in INCREMENTAL)
+        assert np.array_equal(cached.ids, full.ids) and np.max(np.abs(cached.scores - full.scores)) <= 1e-12
+
+
+def test_an_encoder_decoder_with_blocks_of_its_own_beam_searches_with_the_cache():
+    from qkvflow.models.encoder_decoder import build
+    g = qf.trace(build(qf.preset("tiny"), cross=styles.cross_bmm, decoder_self=styles.self_triu))
+    params = qf.init_params(g, seed=5)
+    src = np.array([[5, 6, 7, 8, 9], [10, 11, 12, 0, 0], [13, 14, 0, 0, 0]])
+    for beams in (1, 3):
+        cached = qf.generate(g, params, src, max_new_tokens=10, beams=beams)
+        full = qf.generate(g, params, src, max_new_tokens=10, beams=beams, cache=False)
+        assert cached.cached and np.array_equal(cached.ids, full.ids)
+        assert np.max(np.abs(cached.scores - full.scores)) <= 1e-12

@@ -26,6 +26,7 @@ import numpy as np
 from ..ir.errors import InputError
 from ..ir.graph import independent_of
 from .execute import Executor
+from .incremental import seq_dim_of
 
 __all__ = ["Generation", "generate"]
 
@@ -59,7 +60,6 @@ class _Stepper:
         g = executor.graph
         self.output = g.nodes[g.graph["outputs"][0]]["attrs"]["name"]
         self.known: dict = {}
-        self.batch_axes: dict = {}
         if capture_fixed and fixed_feeds:
             fixed = independent_of(g, [seq_input])
             first = next(iter(fixed_feeds.values()))
@@ -69,8 +69,6 @@ class _Stepper:
                 if g.nodes[node]["op"] == "input" or node not in acts:
                     continue
                 self.known[node] = acts[node]
-                names = g.nodes[node]["shape"]
-                self.batch_axes[node] = names.index("batch") if "batch" in names else None
 
     cached = False
     note = ""
@@ -81,8 +79,9 @@ class _Stepper:
         if getattr(self, "_rows_key", None) != key:
             self._rows_key = key
             self._fixed = {name: value[rows] for name, value in self.fixed_feeds.items()}
-            self._known = {n: (v if self.batch_axes[n] is None else np.take(v, rows, axis=self.batch_axes[n]))
-                           for n, v in self.known.items()}
+            from .incremental import take_rows
+            g = self.executor.graph
+            self._known = {n: take_rows(v, g.nodes[n]["shape"], rows, g.graph["dims"]) for n, v in self.known.items()}
         return self._fixed, self._known
 
     def reorder(self, parents: np.ndarray) -> None:
@@ -166,45 +165,69 @@ def generate(graph: nx.MultiDiGraph, params: dict, *inputs, max_new_tokens: int 
     feeds = dict(zip(given, inputs))
     feeds.update(named)
     if set(feeds) != set(given) or len(inputs) > len(given):
-        raise InputError(f"generate takes {given[0] if given else 'one token input'} (the model's inputs are "
-                         f"{', '.join(names) or 'none'}); got {', '.join(feeds) or 'none'}")
-    for value in (max_new_tokens, beams, top_k):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise InputError(f"generate: max_new_tokens, beams and top_k must be non-negative integers, "
-                             f"got {value!r}")
-    if beams < 1 or not (temperature > 0) or not (0 < top_p <= 1) or not math.isfinite(length_penalty):
-        raise InputError("generate: beams >= 1, temperature > 0, 0 < top_p <= 1 and a finite length_penalty "
-                         "are required")
-    if beams > 1 and sample:
-        raise InputError("generate: beam search with sampling is not supported; choose beams or sample")
+        raise InputError(f"generate takes one input, {given[0] if given else 'token ids'} (the model's inputs are "
+                         f"{', '.join(names) or 'none'}); got {len(inputs)} by position and "
+                         f"{', '.join(named) or 'none'} by name")
+    _check_options(max_new_tokens, beams, top_k, seed, temperature, top_p, length_penalty, early_stopping, sample)
     eos, pad = cfg.get("eos_id"), cfg.get("pad_id")
     fill = pad if pad is not None and pad >= 0 else eos if eos is not None else 0
-    executor = Executor(g, params, dtype=dtype, check=check)
-    if len(names) == 2:  # encoder–decoder: the first input is the source, the second the target
-        src_name, seq_name = names
-        src = np.asarray(feeds[src_name])
-        start = cfg.get("bos_id", 1)
-        prompt = np.full((src.shape[0], 1), start, dtype=np.int64)
-        stepper = _stepper(executor, {src_name: src}, seq_name, True, cache)
-    elif len(names) == 1:
-        seq_name = names[0]
-        prompt = np.asarray(feeds[seq_name])
-        if prompt.ndim != 2:
-            raise InputError(f"generate: {seq_name} must be (batch, seq) token ids, got {prompt.ndim} axes")
-        stepper = _stepper(executor, {}, seq_name, False, cache)
+    for name, value in feeds.items():
+        arr = np.asarray(value)
+        if arr.ndim != 2 or arr.dtype.kind not in "iu":
+            raise InputError(f"generate: {name} must be (batch, length) integer token ids, got "
+                             f"{arr.ndim} axes of {arr.dtype}")
+    if len(names) not in (1, 2):
+        raise InputError(f"generate needs a model with one or two token inputs, not {', '.join(names) or 'none'}")
+    seq_name = names[-1]  # an encoder–decoder's target (its source given), or the one input
+    kind = g.graph.get("sequences", {}).get(seq_dim_of(g, seq_name))
+    if kind != "causal":
+        raise InputError(f"model {g.graph.get('model')!r}: its {seq_name} sequence is {kind or 'not declared'}, "
+                         "not causal; only a causal sequence can be written one token at a time")
+    fixed = {names[0]: np.asarray(feeds[names[0]])} if len(names) == 2 else {}
+    if fixed:
+        prompt = np.full((fixed[names[0]].shape[0], 1), cfg.get("bos_id", 1), dtype=np.int64)
     else:
-        raise InputError(f"generate needs a model with one or two token inputs, not {', '.join(names)}")
-    limit = cfg.get("max_positions")
+        prompt = np.asarray(feeds[seq_name]).astype(np.int64)
+    limit = g.graph["dims"].get("max_positions")
+    note = ""
     if limit and prompt.shape[1] + max_new_tokens > limit:
-        max_new_tokens = max(0, limit - prompt.shape[1])
+        if prompt.shape[1] >= limit:
+            raise InputError(f"generate: the prompt has {prompt.shape[1]} tokens, the model's max_positions is "
+                             f"{limit}: no room for a new token")
+        note = f"max_new_tokens cut to {limit - prompt.shape[1]}: the model has max_positions = {limit}"
+        max_new_tokens = limit - prompt.shape[1]
+    if max_new_tokens == 0:
+        return Generation(prompt, np.zeros(prompt.shape[0]), 0, False, note)
+    executor = Executor(g, params, dtype=dtype, check=check)
+    stepper = _stepper(executor, fixed, seq_name, bool(fixed), cache)
     show = _progress(sys.stderr.isatty() and max_new_tokens > 64 if progress is None else progress)
     if beams > 1:
         out = _beam_search(stepper, prompt, max_new_tokens, beams, length_penalty, early_stopping, eos, fill, show)
     else:
         out = _greedy_or_sample(stepper, prompt, max_new_tokens, eos, fill, sample, temperature, top_k, top_p,
                                 seed, show)
-    out.cached, out.note = stepper.cached, stepper.note
+    out.cached, out.note = stepper.cached, "; ".join(n for n in (note, stepper.note) if n)
     return out
+
+
+def _check_options(max_new_tokens, beams, top_k, seed, temperature, top_p, length_penalty, early_stopping,
+                   sample) -> None:
+    """Each option of the right type and range, else one line naming it."""
+    for name, value in (("max_new_tokens", max_new_tokens), ("beams", beams), ("top_k", top_k), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise InputError(f"generate: {name} must be a non-negative integer, got {value!r}"[:200])
+    if beams < 1:
+        raise InputError("generate: beams must be 1 (greedy or sampling) or more (beam search), got 0")
+    for name, value, ok, want in (("temperature", temperature, lambda v: v > 0, "a positive number"),
+                                  ("top_p", top_p, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+                                  ("length_penalty", length_penalty, math.isfinite, "a finite number")):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or \
+                not math.isfinite(value) or not ok(value):
+            raise InputError(f"generate: {name} must be {want}, got {value!r}"[:200])
+    if early_stopping not in (True, False, "never"):
+        raise InputError(f"generate: early_stopping must be True, False or 'never', got {early_stopping!r}"[:200])
+    if beams > 1 and sample:
+        raise InputError("generate: beam search with sampling is not supported; choose beams or sample")
 
 
 def _greedy_or_sample(stepper, prompt, max_new, eos, fill, sample, temperature, top_k, top_p, seed, show):

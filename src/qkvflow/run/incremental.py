@@ -71,8 +71,20 @@ class IncrementalRunner:
         return [i for i, n in enumerate(names) if n == self.seq]
 
     def _need_full(self, node: str, pos: int, producer: str, axis: int) -> None:
-        if self.kinds[producer][axis] == Q:
-            self.full[(node, pos)] = (producer, axis)
+        """``node`` reads ``producer`` along ``axis`` in full: its new values are cached. Only a
+        producer with that one positions axis can be: its old values never change."""
+        if self.kinds[producer][axis] != Q:
+            return
+        others = [a for a, k in enumerate(self.kinds[producer]) if k is not None and a != axis]
+        if others:
+            raise NotIncremental(
+                f"node {producer} ({self.g.nodes[producer].get('source', '?')}) has two {self.seq} axes and "
+                f"would be read in full along one of them (keys and queries laid out another way, or a "
+                f"mask of position comparisons)")
+        previous = self.full.get((node, pos))
+        if previous is not None and previous != (producer, axis):
+            raise NotIncremental(f"node {node} reads {producer} in full along two axes")
+        self.full[(node, pos)] = (producer, axis)
 
     def _analyse(self) -> None:
         g = self.g
@@ -94,6 +106,10 @@ class IncrementalRunner:
             else:
                 raise NotIncremental(f"node {node} ({g.nodes[node].get('source', '?')}): op {op} has no "
                                      "step-by-step rule")
+            if kinds.count(Q) > 1:
+                raise NotIncremental(
+                    f"node {node} ({g.nodes[node].get('source', '?')}) has two {self.seq} axes of new positions "
+                    f"(e.g. a mask compared from np.arange(T) twice); qkvflow cannot tell which holds the keys")
             self.kinds[node] = kinds
 
     def _args(self, node):
@@ -144,13 +160,13 @@ class IncrementalRunner:
         src_kinds = list(self.kinds[src])
         for a in src_axes:
             if a in mixed and src_kinds[a] == Q:
-                self.full[(node, pos)] = (src, a)
+                self._need_full(node, pos, src, a)
                 src_kinds[a] = K
         if op == "concat":
             for p, u in enumerate(args[1:], start=1):
                 for a, k in enumerate(self.kinds[u]):
                     if k == Q and a in mixed:
-                        self.full[(node, p)] = (u, a)
+                        self._need_full(node, p, u, a)
         carried = [src_kinds[a] for a in src_axes if not (op in ("reduce", "pick") and a in mixed)]
         if op == "pick" and not mixed:
             axis = attrs["axis"] % rank_in
@@ -207,18 +223,23 @@ class IncrementalRunner:
         args = self._args(node)
         letter_kind: dict = {}
         for spec, u in zip(specs, args):
-            for a, ch in enumerate(spec.replace("...", "")):
+            if "..." in spec and any(self.kinds[u]):
+                raise NotIncremental(f"node {node}: an einsum with '...' over the {self.seq} axis")
+            for a, ch in enumerate(spec):
                 k = self.kinds[u][a] if a < len(self.kinds[u]) else None
                 if k is not None:
                     letter_kind[ch] = K if K in (k, letter_kind.get(ch)) else Q
         seq_letters = [ch for ch in out if ch in letter_kind]
         full_letters = {ch for ch in letter_kind if ch not in out}  # contracted along the sequence
+        full_letters |= {ch for ch in seq_letters if letter_kind[ch] == K}  # all positions somewhere
         if len(seq_letters) > 1:
             full_letters |= set(seq_letters[1:])  # (..., queries, keys)
         for pos, (spec, u) in enumerate(zip(specs, args)):
-            for a, ch in enumerate(spec.replace("...", "")):
+            if "..." in spec:
+                raise NotIncremental(f"node {node}: an einsum with '...' over the {self.seq} axis")
+            for a, ch in enumerate(spec):
                 if ch in full_letters and self.kinds[u][a] == Q:
-                    self.full[(node, pos)] = (u, a)
+                    self._need_full(node, pos, u, a)
         for axis, ch in enumerate(out):
             if ch in letter_kind:
                 kinds[axis] = K if ch in full_letters or letter_kind[ch] == K else Q
@@ -296,9 +317,7 @@ class IncrementalRunner:
     def reorder(self, parents: np.ndarray) -> None:
         """Each row continues row ``parents[i]`` of the last step (beam search)."""
         for node, value in self.cache.items():
-            names = self._step_names(node)
-            if "batch" in names:
-                self.cache[node] = np.take(value, parents, axis=names.index("batch"))
+            self.cache[node] = take_rows(value, self._step_names(node), parents, self.g.graph["dims"])
 
     def run(self, feeds: dict, known: dict, n_past: int) -> dict:
         """Outputs for the new tokens ``feeds[seq input]`` after ``n_past`` cached positions.
@@ -336,16 +355,18 @@ class IncrementalRunner:
                 else:
                     fn = _checked(op, kernel) if fresh and kernel is not None else kernel
                     out = call(fn, ins, attrs, p, sizes)
+                if out.dtype.kind == "f" and out.dtype != ex.dtype:
+                    out = out.astype(ex.dtype)
+                if fresh:
+                    ex._check_shape(node, names, out, sizes, source)
+                values[node] = out
+                if axis is not None:
+                    self._keep(node, out, axis, full, n_past)
+            except QkvflowError:
+                raise
             except Exception as err:
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise ExecutionError(f"node {node} ({op}, {source}) failed in an incremental step: {first}") from err
-            if out.dtype.kind == "f" and out.dtype != ex.dtype:
-                out = out.astype(ex.dtype)
-            if fresh:
-                ex._check_shape(node, names, out, sizes, source)
-            values[node] = out
-            if axis is not None:
-                self._keep(node, out, axis, full, n_past)
         self.length = n_past + n_new
         return {g.nodes[o]["attrs"]["name"]: values[o] for o in g.graph["outputs"]}
 
@@ -364,9 +385,28 @@ class IncrementalRunner:
         if op == "prefix" and kinds[attrs["axis"]] == Q:
             x, axis = ins[0], attrs["axis"]
             if n_past + n_new > x.shape[axis]:
-                raise ExecutionError(f"node {node}: position {n_past + n_new - 1} is beyond {x.shape[axis]} rows")
+                raise ValueError(f"position {n_past + n_new - 1} is beyond the table's {x.shape[axis]} rows")
             return x[(slice(None),) * axis + (slice(n_past, n_past + n_new),)]
         return None
+
+
+def take_rows(value: np.ndarray, names: tuple, rows: np.ndarray, dims: dict, batch: str = "batch") -> np.ndarray:
+    """``value``'s batch rows ``rows``, also where batch is merged with model dims on one axis
+    (``batch*heads``: the batch factor's rows, each with all of its heads)."""
+    for axis, name in enumerate(names):
+        parts = factors(name)
+        if batch not in parts:
+            continue
+        if len(parts) == 1:
+            return np.take(value, rows, axis=axis)
+        sizes = [value.shape[axis] if f == batch else dims.get(f) for f in parts]
+        if any(not isinstance(n, int) for n in sizes):
+            raise ExecutionError(f"cannot pick batch rows of an axis {name}: a dim merged with batch has no size")
+        sizes[parts.index(batch)] = value.shape[axis] // int(np.prod([n for f, n in zip(parts, sizes) if f != batch]))
+        split = value.reshape(value.shape[:axis] + tuple(sizes) + value.shape[axis + 1:])
+        taken = np.take(split, rows, axis=axis + parts.index(batch))
+        return taken.reshape(value.shape[:axis] + (-1,) + value.shape[axis + 1:])
+    return value
 
 
 def seq_dim_of(graph, input_name: str) -> str:
