@@ -207,4 +207,17 @@ def import_hf(path) -> Imported:
     for p, v in params.items():
         if not np.isfinite(v).all():
             raise ParamError(f"{origin}: parameter {p} holds NaN or infinite values")
-    return Imported(cfg, model, params, unused, origin)
+    return Imported(cfg, model, step_layout(graph, params), unused, origin)
+
+
+def step_layout(graph, params: dict) -> dict:
+    """The same parameters, projection weights (d_out, d_in) laid out column-major: the
+    layout BLAS reads fastest for one token at a time (a generation step), as fast for a batch."""
+    from ..ir.graph import param_path
+    out = dict(params)
+    for node, data in graph.nodes(data=True):
+        if data["op"] in ("linear", "unembed"):
+            key = data["attrs"].get("tied_to") or param_path(node, "weight")
+            if key in out and out[key].ndim == 2:
+                out[key] = np.asfortranarray(out[key])
+    return out

@@ -25,6 +25,9 @@ from .params import param_specs, validate_params
 __all__ = ["Executor", "forward"]
 
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# Signatures verified once per graph, by every executor of it: a kernel's typed signature
+# for these input shapes (forward), a node at this step shape (incremental decoding).
+_VERIFIED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _CHECKED: dict = {}
 
 
@@ -87,7 +90,7 @@ class Executor:
                 if key in self.params and self.params[key].ndim == 2:
                     self.params[key] = np.asfortranarray(self.params[key])
         self.check = check
-        self.seen: set = set()
+        self.seen: set = _VERIFIED.setdefault(graph, set())
         for node, data in graph.nodes(data=True):
             tied = data["attrs"].get("tied_to")
             if tied and tied not in self.params:
@@ -136,7 +139,8 @@ class Executor:
                 raise InputError(f"{dim} length {sizes[dim]} exceeds max_positions = {limit}")
         return values, sizes
 
-    def run(self, feeds: dict, capture: bool = False, initial: dict | None = None) -> dict:
+    def run(self, feeds: dict, capture: bool = False, initial: dict | None = None,
+            only: set | None = None) -> dict:
         """Execute the graph. ``feeds`` maps input names (src_ids, tgt_ids) to arrays.
 
         Returns the outputs by name; with ``capture`` also ``"activations"``:
@@ -144,6 +148,8 @@ class Executor:
         (by path, e.g. from a captured run): those nodes are taken, not computed,
         still checked against their named shapes. With
         :func:`qkvflow.ir.graph.independent_of` it computes the encoder once per source.
+        ``only``: compute these nodes (and what they read) alone; the outputs are then
+        not returned, only the activations (``capture``).
         """
         values, sizes = self._bind_inputs(feeds)
         params = self.params
@@ -152,7 +158,7 @@ class Executor:
         if stray is not None:
             raise InputError(f"initial value for {stray!r}: not a computed node of the graph")
         for node, op, args, attrs, pnames, names, kernel, call, source in self.plan:
-            if op == "input":
+            if op == "input" or (only is not None and node not in only):
                 continue
             if node in initial:
                 out = np.asarray(initial[node])
@@ -182,6 +188,8 @@ class Executor:
             if self.check:
                 self._check_shape(node, names, out, sizes, source)
             values[node] = out
+        if only is not None:
+            return {"activations": values}
         result = {self.graph.nodes[o]["attrs"]["name"]: values[o] for o in self.graph.graph["outputs"]}
         if capture and "activations" in result:
             raise InputError("the model has an output named 'activations'; run it without capture=True")

@@ -64,7 +64,7 @@ class _Stepper:
             fixed = independent_of(g, [seq_input])
             first = next(iter(fixed_feeds.values()))
             start = np.zeros((first.shape[0], 1), dtype=np.int64)
-            acts = executor.run({**fixed_feeds, seq_input: start}, capture=True)["activations"]
+            acts = executor.run({**fixed_feeds, seq_input: start}, capture=True, only=fixed)["activations"]
             for node in fixed:
                 if g.nodes[node]["op"] == "input" or node not in acts:
                     continue

@@ -339,13 +339,16 @@ class IncrementalRunner:
             if node in self.cached:
                 self._keep(node, values[node], self.cached[node], full, n_past)
         seen, check = ex.seen, ex.check
+        # A step's shapes but the length of the all-positions axes, which steps may grow.
+        shape_key = (n_new, n_past > 0, ex.dtype.char,
+                     tuple(sorted((k, v) for k, v in sizes.items() if k not in (self.seq, self.all))))
         for node, op, argspec, attrs, offset, p, names, kernel, call, source, special, axis in self._steps:
             ins = [full[u] if whole else values[u] for u, whole in argspec]
             if offset is not None and n_past:
                 attrs = {**attrs, offset: attrs.get(offset, 0) + n_past}
             fresh = False
             if check:
-                signature = (node, tuple(x.ndim for x in ins), n_new, n_past > 0)
+                signature = (node, shape_key)
                 fresh = signature not in seen
                 if fresh:
                     seen.add(signature)
@@ -371,9 +374,20 @@ class IncrementalRunner:
         return {g.nodes[o]["attrs"]["name"]: values[o] for o in g.graph["outputs"]}
 
     def _keep(self, node, new, axis, full, n_past) -> None:
-        old = self.cache.get(node) if n_past else None
-        self.cache[node] = new if old is None else np.concatenate([old, new], axis=axis)
-        full[node] = self.cache[node]
+        """Append ``new`` to the node's cache along ``axis``: a buffer with room to grow
+        (doubled when full), so a step writes its rows instead of copying the past."""
+        n_new = new.shape[axis]
+        end = n_past + n_new
+        buf = self.cache.get(node) if n_past else None
+        if buf is None or buf.shape[axis] < end or buf.dtype != new.dtype:
+            shape = list(new.shape)
+            shape[axis] = max(2 * end, 16)
+            grown = np.empty(shape, dtype=new.dtype)
+            if buf is not None:
+                grown[_along(axis, 0, n_past)] = buf[_along(axis, 0, n_past)]
+            buf = self.cache[node] = grown
+        buf[_along(axis, n_past, end)] = new
+        full[node] = buf[_along(axis, 0, end)]
 
     def _special(self, node, op, ins, attrs, n_past, n_new):
         """Ops whose new rows are not their kernel on the new inputs."""
@@ -388,6 +402,10 @@ class IncrementalRunner:
                 raise ValueError(f"position {n_past + n_new - 1} is beyond the table's {x.shape[axis]} rows")
             return x[(slice(None),) * axis + (slice(n_past, n_past + n_new),)]
         return None
+
+
+def _along(axis: int, start: int, stop: int) -> tuple:
+    return (slice(None),) * axis + (slice(start, stop),)
 
 
 def take_rows(value: np.ndarray, names: tuple, rows: np.ndarray, dims: dict, batch: str = "batch") -> np.ndarray:

@@ -87,11 +87,12 @@ def mask(x: Float[Array, "*b tq tk"], keep: Bool[Array, "*#m"]) -> Float[Array, 
 
 
 def softmax(x: Float[Array, "*s"], axis: int) -> Float[Array, "*s"]:
-    top = np.max(x, axis=axis, keepdims=True)
+    top = np.maximum.reduce(x, axis=axis, keepdims=True)
     dead = np.isneginf(top)  # a fully masked row
     if not dead.any():
         e = np.exp(x - top)
-        return (e / np.sum(e, axis=axis, keepdims=True)).astype(x.dtype, copy=False)
+        e /= np.add.reduce(e, axis=axis, keepdims=True)
+        return e
     e = np.exp(x - np.where(dead, 0, top))
     total = np.sum(e, axis=axis, keepdims=True)
     return np.where(dead, 0, e / np.where(dead, 1, total)).astype(x.dtype, copy=False)
@@ -109,10 +110,15 @@ def norm(x: Float[Array, "*b d"], weight: Float[Array, "d"], bias: Float[Array, 
          kind: str, eps: float) -> Float[Array, "*b d"]:
     """``layer``: (x - mean) / sqrt(var + eps) * w + b; ``rms``: x / sqrt(mean(x^2) + eps) * w."""
     if kind == "rms":
-        return x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps) * weight
-    centred = x - x.mean(axis=-1, keepdims=True)
-    y = centred / np.sqrt((centred ** 2).mean(axis=-1, keepdims=True) + eps) * weight
+        return x / np.sqrt(_mean_last(x * x) + eps) * weight
+    centred = x - _mean_last(x)
+    y = centred / np.sqrt(_mean_last(centred ** 2) + eps) * weight
     return y + bias if bias is not None else y
+
+
+def _mean_last(x: np.ndarray) -> np.ndarray:
+    """x.mean(axis=-1, keepdims=True), the same sum and division without np.mean's own overhead."""
+    return np.add.reduce(x, axis=-1, keepdims=True) / x.shape[-1]
 
 
 def layer_norm(x, weight, bias, eps: float):
