@@ -49,6 +49,27 @@ def _plan(g: nx.MultiDiGraph) -> list[tuple]:
     return plan
 
 
+_FREES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _frees(g: nx.MultiDiGraph, plan: list) -> list[tuple]:
+    """For each step, the values read there for the last time (outputs kept): freed right
+    after it, so a forward holds only what is still to be read."""
+    frees = _FREES.get(g)
+    if frees is None:
+        last = {}
+        for i, step in enumerate(plan):
+            for u in step[2]:
+                last[u] = i
+        keep = set(g.graph["outputs"])
+        frees = [[] for _ in plan]
+        for u, i in last.items():
+            if u not in keep:
+                frees[i].append(u)
+        frees = _FREES[g] = [tuple(f) for f in frees]
+    return frees
+
+
 def _checked(op: str, kernel):
     fn = _CHECKED.get(op)
     if fn is None:
@@ -157,7 +178,8 @@ class Executor:
         stray = next((n for n in initial if n not in self.graph or n in self.graph.graph["inputs"]), None)
         if stray is not None:
             raise InputError(f"initial value for {stray!r}: not a computed node of the graph")
-        for node, op, args, attrs, pnames, names, kernel, call, source in self.plan:
+        frees = () if capture or only is not None else _frees(self.graph, self.plan)
+        for i, (node, op, args, attrs, pnames, names, kernel, call, source) in enumerate(self.plan):
             if op == "input" or (only is not None and node not in only):
                 continue
             if node in initial:
@@ -165,6 +187,8 @@ class Executor:
                 if self.check:
                     self._check_shape(node, names, out, sizes, source)
                 values[node] = out
+                for u in frees[i] if frees else ():
+                    values.pop(u, None)
                 continue
             ins = [values[a] for a in args]
             p = {n: params[param_path(node, n)] for n in pnames}
@@ -188,6 +212,8 @@ class Executor:
             if self.check:
                 self._check_shape(node, names, out, sizes, source)
             values[node] = out
+            for u in frees[i] if frees else ():
+                del values[u]  # read for the last time: its memory goes back now
         if only is not None:
             return {"activations": values}
         result = {self.graph.nodes[o]["attrs"]["name"]: values[o] for o in self.graph.graph["outputs"]}
