@@ -67,6 +67,7 @@ _BLOCK_STYLE = {
 }
 _MEMORY_FILL = "#f4cccc"
 _BIG = 400  # diagram nodes above which dot's layout iterations are bounded
+_BIG_EDGES = 300  # diagram edges above which they are bounded too, and edges drawn straight
 
 
 @dataclass
@@ -244,6 +245,11 @@ def _to_dot(diagram: _Diagram, title: str, level: str) -> str:
         # unbounded network simplex takes 9 s at 520 nodes, 110 s at 700, >15 min at
         # 1,400; bounded, 0.5 s, 1.4 s and 7.5 s, at some cost in layout quality.
         graph_attr.update(nslimit="1", nslimit1="1")
+    if len(diagram.edges) > _BIG_EDGES:
+        # Few nodes, many long edges (24+24 layers at block level: 134 nodes, 488 edges):
+        # routing splines around every node takes dot 14 s there; bounded crossing
+        # minimisation and straight edges, 0.4 s.
+        graph_attr.update(nslimit="1", nslimit1="1", mclimit="0.1", splines="line")
     dot = graphviz.Digraph(
         title, graph_attr=graph_attr,
         node_attr={"fontname": "Helvetica", "fontsize": "10", "style": "filled,rounded"},
