@@ -1,14 +1,19 @@
-"""Forward pass of vaswani-base in float32, batch 8, 64 source + 64 target tokens.
+"""Forward passes against torch's CPU eager forward of the same model and weights.
 
-Peer: torch's CPU eager forward of the same model with the same weights
-(nn.TransformerEncoder/Decoder layers via qkvflow.interop.torch_export), when
-torch is installed. Also measures what runtime checking costs (check=True
-vs check=False, interleaved). Reports medians and ratios.
+Workloads: vaswani-base float32 batch 8 x 64+64 tokens (also float64), and batch 1 x 16+16
+through the public ``qf.forward`` (a new executor per call, as users call it) on tiny and
+vaswani-base. Peer: torch.nn.TransformerEncoder/Decoder layers carrying the same weights
+(``qkvflow.interop.torch_export``). Contenders are interleaved with a 0.2 s pause between
+libraries; checked and unchecked runs are interleaved too. Also: the share of NumPy's
+sgemm peak (a 2048^3 product timed in the same run) the batch-8 forward's GEMMs reach,
+and the CPU share other processes took. Prints medians with min-max, writes
+benchmarks/results/forward.json.
 
-    python benchmarks/forward.py      # writes benchmarks/results/forward.json
+    python benchmarks/forward.py      # needs torch (pip install torch==2.13.0)
 """
 
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -18,60 +23,105 @@ import numpy as np
 import qkvflow as qf
 
 HERE = Path(__file__).resolve().parent
-BATCH, SRC, TGT, REPEATS = 8, 64, 64, 15
+PAUSE = 0.2
 
 
-def median_time(fn, repeats=REPEATS) -> float:
-    fn()  # warm up
-    samples = []
+def _busy_ticks() -> int:
+    with open("/proc/stat", encoding="ascii") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    return sum(fields[:3]) + sum(fields[5:8])
+
+
+def stats(xs: list) -> dict:
+    return {"median_s": round(statistics.median(xs), 4), "min_s": round(min(xs), 4), "max_s": round(max(xs), 4)}
+
+
+def interleaved(contenders: dict, repeats: int) -> dict:
+    """Each contender once per round, a pause between them; the samples per contender."""
+    for fn in contenders.values():
+        fn()  # warm up
+    samples = {name: [] for name in contenders}
     for _ in range(repeats):
+        for name, fn in contenders.items():
+            time.sleep(PAUSE)
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+def gemm_flops(cfg, batch: int, src: int, tgt: int) -> float:
+    """Floating-point operations of the forward's matrix products (projections and attention)."""
+    d, f, v, h = cfg.d_model, cfg.d_ff, cfg.vocab, cfg.d_model
+    enc = cfg.encoder_layers * (batch * src * (4 * d * d + 2 * d * f) + 2 * batch * src * src * h)
+    dec = cfg.decoder_layers * (batch * tgt * (4 * d * d + 2 * d * d + 2 * d * f) + 2 * batch * tgt * tgt * h
+                                + 2 * batch * tgt * src * h) + cfg.decoder_layers * batch * src * 2 * d * d
+    return 2.0 * (enc + dec + batch * tgt * d * v)
+
+
+def sgemm_peak() -> float:
+    a = np.random.default_rng(0).random((2048, 2048), dtype=np.float32)
+    a @ a
+    times = []
+    for _ in range(5):
         start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+        a @ a
+        times.append(time.perf_counter() - start)
+    return 2 * 2048 ** 3 / min(times)
 
 
 def main() -> None:
+    import torch
+    from qkvflow.interop.torch_export import to_torch
+    torch.set_num_threads(os.cpu_count())
+    results: dict = {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads()}
+    start_ticks, start_cpu, began = _busy_ticks(), sum(os.times()[:2]), time.perf_counter()
+
     cfg = qf.preset("vaswani-base")
     g = qf.trace(qf.load_model(cfg))
-    params = qf.init_params(g, seed=0, dtype="float32")
     rng = np.random.default_rng(0)
-    src = rng.integers(3, cfg.vocab, (BATCH, SRC))
-    tgt = rng.integers(3, cfg.vocab, (BATCH, TGT))
-    feeds = {"src_ids": src, "tgt_ids": tgt}
-    checked = qf.Executor(g, params, dtype="float32", check=True)
-    unchecked = qf.Executor(g, params, dtype="float32", check=False)
-    results = {"model": "vaswani-base", "dtype": "float32", "batch": BATCH, "src": SRC, "tgt": TGT}
-
-    # Interleave checked and unchecked runs so machine noise hits both alike.
-    on, off = [], []
-    checked.run(feeds), unchecked.run(feeds)
-    for _ in range(REPEATS):
-        for ex, bucket in ((checked, on), (unchecked, off)):
-            start = time.perf_counter()
-            ex.run(feeds)
-            bucket.append(time.perf_counter() - start)
-    results["qkvflow_forward_s"] = round(statistics.median(on), 4)
-    results["qkvflow_forward_unchecked_s"] = round(statistics.median(off), 4)
-    # Best-of is the robust estimate of a fixed extra cost on a noisy machine.
-    results["check_overhead_best_of"] = round(min(on) / min(off) - 1, 4)
-    results["check_overhead_median"] = round(statistics.median(on) / statistics.median(off) - 1, 4)
-
-    try:
-        import torch
-    except ImportError:
-        results["torch"] = "not installed (pip install torch==2.13.0)"
-    else:
-        from qkvflow.interop.torch_export import to_torch
+    for dtype, repeats in (("float32", 9), ("float64", 5)):
+        params = qf.init_params(g, seed=0, dtype=dtype)
+        src, tgt = rng.integers(3, cfg.vocab, (8, 64)), rng.integers(3, cfg.vocab, (8, 64))
+        feeds = {"src_ids": src, "tgt_ids": tgt}
+        checked = qf.Executor(g, params, dtype=dtype, check=True)
+        unchecked = qf.Executor(g, params, dtype=dtype, check=False)
         fwd = to_torch(cfg, params)
         ts, tt = torch.from_numpy(src), torch.from_numpy(tgt)
-        ours = checked.run(feeds)["logits"]
-        theirs = fwd(ts, tt)
-        results["torch_version"] = torch.__version__
-        results["torch_threads"] = torch.get_num_threads()
-        results["max_abs_diff_vs_torch"] = float(np.abs(ours - theirs).max())
-        results["torch_forward_s"] = round(median_time(lambda: fwd(ts, tt)), 4)
-        results["qkvflow_vs_torch"] = round(results["qkvflow_forward_s"] / results["torch_forward_s"], 3)
+        diff = float(np.abs(checked.run(feeds)["logits"] - fwd(ts, tt)).max())
+        runs = interleaved({"qkvflow": lambda: checked.run(feeds), "torch": lambda: fwd(ts, tt),
+                            "qkvflow_unchecked": lambda: unchecked.run(feeds)}, repeats)
+        q, t = statistics.median(runs["qkvflow"]), statistics.median(runs["torch"])
+        results[f"vaswani-base b8 64+64 {dtype}"] = {
+            **{name: stats(xs) for name, xs in runs.items()}, "ratio_qkvflow_over_torch": round(q / t, 3),
+            "check_overhead_median": round(q / statistics.median(runs["qkvflow_unchecked"]) - 1, 4),
+            "max_abs_diff_vs_torch": diff}
+        if dtype == "float32":
+            peak = sgemm_peak()
+            results["numpy_sgemm_peak_gflops"] = round(peak / 1e9, 1)
+            results["vaswani-base b8 64+64 float32"]["share_of_sgemm_peak"] = round(
+                gemm_flops(cfg, 8, 64, 64) / q / peak, 3)
+
+    for name in ("tiny", "vaswani-base"):
+        cfg1 = qf.preset(name)
+        g1 = qf.trace(qf.load_model(cfg1))
+        params = qf.init_params(g1, seed=0, dtype="float32")
+        src, tgt = rng.integers(3, cfg1.vocab, (1, 16)), rng.integers(3, cfg1.vocab, (1, 16))
+        fwd = to_torch(cfg1, params)
+        ts, tt = torch.from_numpy(src), torch.from_numpy(tgt)
+        runs = interleaved({
+            "qf.forward": lambda: qf.forward(g1, params, src, tgt, dtype="float32"),
+            "torch": lambda: fwd(ts, tt),
+            "qf.forward_unchecked": lambda: qf.forward(g1, params, src, tgt, dtype="float32", check=False)}, 15)
+        q, t = statistics.median(runs["qf.forward"]), statistics.median(runs["torch"])
+        results[f"{name} b1 16+16 float32 (qf.forward)"] = {
+            **{k: stats(v) for k, v in runs.items()}, "ratio_qkvflow_over_torch": round(q / t, 3),
+            "check_overhead_median": round(q / statistics.median(runs["qf.forward_unchecked"]) - 1, 4)}
+
+    wall = time.perf_counter() - began
+    mine = sum(os.times()[:2]) - start_cpu
+    total = (_busy_ticks() - start_ticks) / os.sysconf("SC_CLK_TCK")
+    results["others_cpu_share"] = round(max(0.0, (total - mine) / (wall * os.cpu_count())), 3)
     results["command"] = "python benchmarks/forward.py"
     out = HERE / "results" / "forward.json"
     out.parent.mkdir(exist_ok=True)
