@@ -104,6 +104,10 @@ _MODULES = {
 }
 
 
+def __dir__():
+    return sorted(set(globals()) | set(__all__) | set(_MODULES))
+
+
 def __getattr__(name):
     import importlib
     if name in _LAZY:

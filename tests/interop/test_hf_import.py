@@ -163,6 +163,13 @@ def test_diff_api_with_a_model_in_memory_and_given_ids(folders):
     assert all(r.agrees(1e-12) for r in report.rows[:report.rows.index(report.first_divergence)])
 
 
+def test_diff_api_takes_a_model_spec_and_its_own_weights(folders):
+    report = qf.diff(f"hf:{folders['gpt2']}", against=f"hf:{folders['gpt2']}")
+    assert report.first_divergence is None and str(report).splitlines()[0].startswith("qkvflow node")
+    with pytest.raises(qf.QkvflowError, match="needs the qkvflow model's weights"):
+        qf.diff("gpt2-tiny", against=f"hf:{folders['gpt2']}")
+
+
 def test_diff_without_weights_is_a_usage_error(folders):
     proc = shell("diff", "bart-tiny", "--against", f"hf:{folders['bart']}")
     assert proc.returncode == 2 and "has no weights: give --params FILE" in proc.stderr

@@ -467,3 +467,20 @@ def test_bert_type_ids_default_to_zeros_and_change_the_output():
     for key in ("hidden", "pooled"):
         np.testing.assert_array_equal(zeros[key], omitted[key])
         assert np.abs(given[key] - omitted[key]).max() > 1e-6, key
+
+
+@pytest.mark.parametrize("option, needle", [
+    ("rope_theta = 500000.0", "rope_theta is an option of rotary positions, not sinusoidal"),
+    ("relative_buckets = 16", "relative_buckets is an option of relative positions"),
+])
+def test_an_option_of_positions_the_model_does_not_have_is_refused(option, needle, tmp_path):
+    path = tmp_path / "m.toml"
+    path.write_text(f'preset = "tiny"\n{option}\n', encoding="utf-8")
+    proc = shell("check", path)
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+
+
+def test_kv_heads_that_do_not_divide_heads_is_one_finding():
+    cfg = qf.models.config.from_dict({"preset": "tiny", "kv_heads": 2})  # heads 3
+    found = qf.check(qf.trace(qf.load_model(cfg)))
+    assert [d.code for d in found] == ["QKV102"], [d.text() for d in found]

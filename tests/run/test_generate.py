@@ -152,6 +152,16 @@ def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(tiny):
     assert (beam.scores >= greedy.scores - 1e-12).all()
 
 
+def test_the_default_length_fits_the_model_without_a_note():
+    model = qf.load_model("toy-en-zh")  # max_positions 32: room for 31 new tokens
+    g = qf.trace(model)
+    src = np.array([[3, 15, 31, 2]])
+    quiet = qf.generate(g, model.params, src)
+    assert quiet.note == "" and quiet.ids.shape[1] <= 32
+    assert "max_new_tokens cut to 31" in qf.generate(g, model.params, src, max_new_tokens=40).note
+    assert "generate" in dir(qf) and "diff" in dir(qf)
+
+
 def test_generate_decoder_only_continues_the_prompt():
     g = qf.trace(qf.load_model("gpt2-tiny"))
     params = qf.init_params(g, seed=2)
@@ -170,6 +180,8 @@ def test_generate_decoder_only_continues_the_prompt():
     ({"length_penalty": "1"}, "length_penalty must be a finite number"),
     ({"seed": -1}, "seed must be a non-negative integer"),
     ({"early_stopping": "yes"}, "early_stopping must be True, False or 'never'"),
+    ({"top_k": 5}, "give sample=True to sample"),
+    ({"temperature": 2.0}, "give sample=True to sample"),
 ])
 def test_bad_generation_options_are_one_line(tiny, kwargs, needle):
     g, params = tiny

@@ -42,6 +42,9 @@ class DiffReport:
     def first_divergence(self) -> Row | None:
         return next((r for r in self.rows if not r.agrees(self.tolerance)), None)
 
+    def __str__(self) -> str:
+        return self.text()
+
     def text(self) -> str:
         width = max([len(r.node) for r in self.rows] + [12])
         other = max([len(r.module) for r in self.rows] + [12])
@@ -141,16 +144,29 @@ def default_inputs(graph, seed: int = 0) -> dict:
     return feeds
 
 
-def diff(model, params: dict, against: str, *, inputs: dict | None = None, tolerance: float = 1e-6,
-         other=None) -> DiffReport:
-    """Compare qkvflow's ``model`` (a Model or graph) with weights ``params`` against the
-    transformers model in folder ``against`` (``hf:PATH`` or PATH), or ``other``: a
-    transformers model already in memory. ``inputs``: token ids by input name
-    (default: :func:`default_inputs`). Runs both in float64."""
+def diff(model, params: dict | None = None, against: str | None = None, *, inputs: dict | None = None,
+         tolerance: float = 1e-6, other=None) -> DiffReport:
+    """Compare qkvflow's ``model`` (a MODEL spec such as ``"hf:PATH"``, a Model or a graph)
+    with weights ``params`` (default: the model's own, as ``hf:PATH`` models have) against
+    the transformers model in folder ``against`` (``hf:PATH`` or PATH), or ``other``: a
+    transformers model already in memory. ``inputs``: token ids by input name (default:
+    :func:`default_inputs`). Runs both in float64; ``print(report)`` shows the table.
+
+    >>> report = qf.diff("hf:my-bart", against="hf:my-bart-edited")  # doctest: +SKIP
+    """
     from ..run.execute import forward
     from ..tracing.context import Model
     from .hf import _family, read_folder
 
+    if against is None:
+        raise InputError("diff needs against=: the transformers model's folder, hf:PATH")
+    if isinstance(model, str):
+        from .. import load_model
+        model = load_model(model)
+    if params is None:
+        params = getattr(model, "params", None)
+        if params is None:
+            raise InputError("diff needs the qkvflow model's weights: give params, or an hf:PATH model")
     folder = against[3:] if against.startswith("hf:") else against
     graph = model
     if isinstance(model, Model):

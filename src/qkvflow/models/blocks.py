@@ -33,7 +33,8 @@ class AttentionOptions:
     @classmethod
     def of(cls, cfg: Config) -> "AttentionOptions":
         return cls(bias=cfg.bias, scale=cfg.attention_scale,
-                   grouped=bool(cfg.kv_heads) and cfg.kv_heads != cfg.heads,
+                   # a kv_heads that does not divide heads is the checker's QKV102, and alone
+                   grouped=cfg.kv_heads > 0 and cfg.kv_heads != cfg.heads and cfg.heads % cfg.kv_heads == 0,
                    rope_theta=cfg.rope_theta if cfg.positions == "rotary" else None)
 
 

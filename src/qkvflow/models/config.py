@@ -261,6 +261,10 @@ def from_dict(values: dict, origin: str = "config") -> Config:
         base[key] = float(value) if want is float else value
     cfg = Config(**base)
     _check_family(cfg, values, origin)
+    for key, positions in (("rope_theta", "rotary"), ("relative_buckets", "relative"),
+                           ("relative_max_distance", "relative")):
+        if key in values and values[key] != getattr(Config(), key) and cfg.positions != positions:
+            raise ConfigError(f"{origin}: {key} is an option of {positions} positions, not {cfg.positions}")
     return cfg
 
 

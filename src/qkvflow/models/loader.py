@@ -85,6 +85,6 @@ def load_model(spec) -> Model:
             )
         return made
     raise ConfigError(
-        f"unknown model {spec!r}: not a preset ({', '.join(sorted(PRESETS))}), "
-        "not a .toml file, not module:factory"
+        f"unknown model {spec!r}: not a preset ({', '.join(sorted(PRESETS))}), not a .toml file, "
+        "not package.module:factory or path/to/file.py:factory, not hf:PATH, not a graph .json"
     )

@@ -141,7 +141,7 @@ def _progress(enabled: bool):
     return show
 
 
-def generate(graph: nx.MultiDiGraph, params: dict, *inputs, max_new_tokens: int = 32, beams: int = 1,
+def generate(graph: nx.MultiDiGraph, params: dict, *inputs, max_new_tokens: int | None = None, beams: int = 1,
              length_penalty: float = 1.0, early_stopping: bool | str = False, sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              dtype: str = "float64", check: bool = True, cache: bool = True, progress: bool | None = None,
@@ -150,7 +150,8 @@ def generate(graph: nx.MultiDiGraph, params: dict, *inputs, max_new_tokens: int 
 
     An encoder–decoder takes ``src_ids`` (batch, src) (padded with its pad id);
     a decoder-only model takes ``ids`` (batch, seq), the prompt (rows of one
-    length). Stops at ``max_new_tokens`` new tokens or when every row has
+    length). Stops at ``max_new_tokens`` new tokens (default: 32, or as many as
+    the model's max_positions leaves room for) or when every row has
     written the model's ``eos_id``; finished rows are filled with the pad id
     (the end token when the model has none). ``cache``: each step computes the
     new position only, from a cache derived from the graph (see
@@ -168,7 +169,11 @@ def generate(graph: nx.MultiDiGraph, params: dict, *inputs, max_new_tokens: int 
         raise InputError(f"generate takes one input, {given[0] if given else 'token ids'} (the model's inputs are "
                          f"{', '.join(names) or 'none'}); got {len(inputs)} by position and "
                          f"{', '.join(named) or 'none'} by name")
+    asked = max_new_tokens is not None
+    max_new_tokens = 32 if max_new_tokens is None else max_new_tokens
     _check_options(max_new_tokens, beams, top_k, seed, temperature, top_p, length_penalty, early_stopping, sample)
+    if not sample and (top_k or top_p != 1.0 or temperature != 1.0):
+        raise InputError("generate: temperature, top_k and top_p shape sampling; give sample=True to sample")
     eos, pad = cfg.get("eos_id"), cfg.get("pad_id")
     fill = pad if pad is not None and pad >= 0 else eos if eos is not None else 0
     for name, value in feeds.items():
@@ -194,7 +199,8 @@ def generate(graph: nx.MultiDiGraph, params: dict, *inputs, max_new_tokens: int 
         if prompt.shape[1] >= limit:
             raise InputError(f"generate: the prompt has {prompt.shape[1]} tokens, the model's max_positions is "
                              f"{limit}: no room for a new token")
-        note = f"max_new_tokens cut to {limit - prompt.shape[1]}: the model has max_positions = {limit}"
+        if asked:
+            note = f"max_new_tokens cut to {limit - prompt.shape[1]}: the model has max_positions = {limit}"
         max_new_tokens = limit - prompt.shape[1]
     if max_new_tokens == 0:
         return Generation(prompt, np.zeros(prompt.shape[0]), 0, False, note)
