@@ -150,9 +150,8 @@ def diff(model, params: dict | None = None, against: str | None = None, *, input
     with weights ``params`` (default: the model's own, as ``hf:PATH`` models have) against
     the transformers model in folder ``against`` (``hf:PATH`` or PATH), or ``other``: a
     transformers model already in memory. ``inputs``: token ids by input name (default:
-    :func:`default_inputs`). Runs both in float64; ``print(report)`` shows the table.
-
-    >>> report = qf.diff("hf:my-bart", against="hf:my-bart-edited")  # doctest: +SKIP
+    :func:`default_inputs`). Runs both in float64; ``print(report)`` shows the table,
+    e.g. ``print(qf.diff("hf:my-bart", against="hf:my-bart-edited"))``.
     """
     from ..run.execute import forward
     from ..tracing.context import Model
