@@ -281,7 +281,7 @@ class IncrementalRunner:
 
     def _prepare(self, known: set) -> list:
         """One entry per node to compute, everything that does not change between steps resolved."""
-        ex, g = self.ex, self.g
+        ex = self.ex
         steps = []
         for node, op, args, attrs, pnames, names, kernel, call, source in ex.plan:
             if op == "input" or node in known:
