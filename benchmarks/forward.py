@@ -6,7 +6,8 @@ vaswani-base. Peer: torch.nn.TransformerEncoder/Decoder layers carrying the same
 (``qkvflow.interop.torch_export``). Contenders are interleaved with a 0.2 s pause between
 libraries; checked and unchecked runs are interleaved too. Also: the share of NumPy's
 sgemm peak (a 2048^3 product timed in the same run) the batch-8 forward's GEMMs reach,
-and the CPU share other processes took. Prints medians with min-max, writes
+a forward's peak memory against the largest set of values it must keep at once, and the
+CPU share other processes took. Prints medians with min-max, writes
 benchmarks/results/forward.json.
 
     python benchmarks/forward.py      # needs torch (pip install torch==2.13.0)
@@ -37,12 +38,16 @@ def stats(xs: list) -> dict:
 
 
 def interleaved(contenders: dict, repeats: int) -> dict:
-    """Each contender once per round, a pause between them; the samples per contender."""
+    """Each contender once per round, in an order rotated each round, a pause between them;
+    the samples per contender."""
     for fn in contenders.values():
         fn()  # warm up
     samples = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
+    names = list(contenders)
+    for round_ in range(repeats):
+        # rotate who goes first: a library's threads may still be spinning after its run
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            fn = contenders[name]
             time.sleep(PAUSE)
             start = time.perf_counter()
             fn()
@@ -68,6 +73,42 @@ def sgemm_peak() -> float:
         a @ a
         times.append(time.perf_counter() - start)
     return 2 * 2048 ** 3 / min(times)
+
+
+def memory(g, params, feeds, dtype: str) -> dict:
+    """Peak bytes a forward allocates (tracemalloc sees NumPy's buffers; parameters are
+    cast before) against the largest set of values that must be alive at once: after each
+    step, every value still to be read (the executor's last-use plan)."""
+    import tracemalloc
+
+    from qkvflow.run.execute import _frees
+    ex = qf.Executor(g, params, dtype=dtype)
+    owners = {}  # node -> (id, bytes) of the buffer its value lives in (a view shares its base's)
+    for n, a in ex.run(feeds, capture=True)["activations"].items():
+        base = a
+        while isinstance(base.base, np.ndarray):
+            base = base.base
+        owners[n] = (id(base), base.nbytes)
+    alive: dict = {}  # buffer id -> (bytes, how many alive values use it)
+    needed = 0
+    for (node, *_), freed in zip(ex.plan, _frees(g, ex.plan)):
+        if node in owners:
+            key, size = owners[node]
+            alive[key] = (size, alive.get(key, (size, 0))[1] + 1)
+        needed = max(needed, sum(size for size, _ in alive.values()))
+        for u in freed:
+            if u in owners:
+                key, size = owners[u]
+                left = alive[key][1] - 1
+                alive[key] = (size, left)
+                if not left:
+                    del alive[key]
+    tracemalloc.start()
+    ex.run(feeds)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return {"peak_mb": round(peak / 2**20, 1), "largest_live_set_mb": round(needed / 2**20, 1),
+            "peak_over_live_set": round(peak / needed, 2)}
 
 
 def main() -> None:
@@ -96,6 +137,7 @@ def main() -> None:
             **{name: stats(xs) for name, xs in runs.items()}, "ratio_qkvflow_over_torch": round(q / t, 3),
             "check_overhead_median": round(q / statistics.median(runs["qkvflow_unchecked"]) - 1, 4),
             "max_abs_diff_vs_torch": diff}
+        results[f"vaswani-base b8 64+64 {dtype}"]["memory"] = memory(g, params, feeds, dtype)
         if dtype == "float32":
             peak = sgemm_peak()
             results["numpy_sgemm_peak_gflops"] = round(peak / 1e9, 1)

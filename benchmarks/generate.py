@@ -75,9 +75,10 @@ def main() -> None:
         fields = [int(v) for v in f.readline().split()[1:]]
     start = (sum(fields[:3]) + sum(fields[5:8]), start[1])
     began = time.perf_counter()
-    for _ in range(REPEATS):
-        for name, fn in (("qkvflow", ours), ("transformers", theirs),
-                         ("qkvflow_unchecked", lambda: ours(check=False))):
+    contenders = [("qkvflow", ours), ("transformers", theirs), ("qkvflow_unchecked", lambda: ours(check=False))]
+    for round_ in range(REPEATS):
+        # rotate who goes first: a library's threads may still be spinning after its run
+        for name, fn in contenders[round_ % 3:] + contenders[:round_ % 3]:
             time.sleep(PAUSE)
             t = time.perf_counter()
             fn()
