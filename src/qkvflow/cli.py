@@ -120,8 +120,8 @@ def _feeds(g, args, vocab=None) -> dict:
     """Token ids for the model's inputs: --ids for a model with one input, --src
     and --tgt for its first and second (an encoder–decoder's src_ids, tgt_ids)."""
     from .ir.errors import InputError
-    names = [g.nodes[n]["attrs"]["name"] for n in g.graph["inputs"]
-             if "default" not in g.nodes[n]["attrs"]]  # an input with a default may be left out
+    from .ir.graph import required_inputs
+    names = required_inputs(g)  # an input with a default may be left out
     flags = ["--ids"] if len(names) == 1 else ["--src", "--tgt"]
     given = {f: getattr(args, f[2:], None) for f in ("--ids", "--src", "--tgt")}
     if len(names) > 2 or any(given[f] is None for f in flags) or any(
@@ -197,7 +197,8 @@ def cmd_run(args) -> int:
 def cmd_generate(args) -> int:
     from .run.generate import generate
     g, weights = _model(args.model, with_params=True)
-    names = [g.nodes[n]["attrs"]["name"] for n in g.graph["inputs"] if "default" not in g.nodes[n]["attrs"]]
+    from .ir.graph import required_inputs
+    names = required_inputs(g)
     flag = "--src" if len(names) == 2 else "--ids"
     text = args.src if flag == "--src" else args.ids
     if text is None or (flag == "--src" and args.ids is not None) or (flag == "--ids" and args.src is not None):
@@ -295,7 +296,8 @@ def cmd_demo(args) -> int:
     g, weights = _model(args.model, with_params=True)
     vocab_words = _words_of(args.model) or _demo_vocab(g.graph["dims"].get("vocab") or 0)
     vocab = {w: i for i, w in enumerate(vocab_words)}
-    if sum("default" not in g.nodes[n]["attrs"] for n in g.graph["inputs"]) == 2:
+    from .ir.graph import required_inputs
+    if len(required_inputs(g)) == 2:
         args.src, args.tgt = args.src or DEMO_SRC, args.tgt or DEMO_TGT
     else:
         args.ids = args.ids or f"{DEMO_TGT}"

@@ -273,6 +273,12 @@ def vocabulary_of(g: nx.MultiDiGraph, node: str) -> int | None:
     return min((r for r in rows if r), default=None)
 
 
+def required_inputs(g: nx.MultiDiGraph) -> list[str]:
+    """The names of the inputs a run must be given: all but those with a default
+    (BERT's ``type_ids``, zeros when left out), in the model's order."""
+    return [g.nodes[n]["attrs"]["name"] for n in g.graph["inputs"] if "default" not in g.nodes[n]["attrs"]]
+
+
 def pad_ids(g: nx.MultiDiGraph) -> dict:
     """Sequence dim -> the pad id its token input declares (the config's ``pad_id``
     for token inputs that declare none)."""

@@ -24,9 +24,9 @@ import networkx as nx
 import numpy as np
 
 from ..ir.errors import InputError
-from ..ir.graph import independent_of
+from ..ir.graph import independent_of, required_inputs
 from .execute import Executor
-from .incremental import seq_dim_of
+from .incremental import IncrementalRunner, NotIncremental, seq_dim_of, take_rows
 
 __all__ = ["Generation", "generate"]
 
@@ -55,12 +55,15 @@ class _Stepper:
     """Last-position logits of prefixes: the target-independent nodes computed once per
     source, given to the executor as known values at every step."""
 
-    def __init__(self, executor: Executor, fixed_feeds: dict, seq_input: str, capture_fixed: bool) -> None:
+    cached = False
+    note = ""
+
+    def __init__(self, executor: Executor, fixed_feeds: dict, seq_input: str) -> None:
         self.executor, self.fixed_feeds, self.seq_input = executor, fixed_feeds, seq_input
         g = executor.graph
         self.output = g.nodes[g.graph["outputs"][0]]["attrs"]["name"]
         self.known: dict = {}
-        if capture_fixed and fixed_feeds:
+        if fixed_feeds:  # an encoder–decoder's source: what does not depend on the target, once
             fixed = independent_of(g, [seq_input])
             first = next(iter(fixed_feeds.values()))
             start = np.zeros((first.shape[0], 1), dtype=np.int64)
@@ -70,16 +73,12 @@ class _Stepper:
                     continue
                 self.known[node] = acts[node]
 
-    cached = False
-    note = ""
-
     def _rows(self, rows: np.ndarray) -> tuple[dict, dict]:
         """The fixed feeds and known values of each row's source."""
         key = rows.tobytes()
         if getattr(self, "_rows_key", None) != key:
             self._rows_key = key
             self._fixed = {name: value[rows] for name, value in self.fixed_feeds.items()}
-            from .incremental import take_rows
             g = self.executor.graph
             self._known = {n: take_rows(v, g.nodes[n]["shape"], rows, g.graph["dims"]) for n, v in self.known.items()}
         return self._fixed, self._known
@@ -99,9 +98,8 @@ class _CachedStepper(_Stepper):
 
     cached = True
 
-    def __init__(self, executor, fixed_feeds, seq_input, capture_fixed) -> None:
-        super().__init__(executor, fixed_feeds, seq_input, capture_fixed)
-        from .incremental import IncrementalRunner, seq_dim_of
+    def __init__(self, executor, fixed_feeds, seq_input) -> None:
+        super().__init__(executor, fixed_feeds, seq_input)
         self.runner = IncrementalRunner(executor, seq_dim_of(executor.graph, seq_input), set(self.known))
         self.parents = None
 
@@ -121,16 +119,15 @@ class _CachedStepper(_Stepper):
         return out[self.output][:, -1, :]
 
 
-def _stepper(executor, fixed_feeds, seq_input, capture_fixed, cache: bool):
+def _stepper(executor, fixed_feeds, seq_input, cache: bool):
     if cache:
-        from .incremental import NotIncremental
         try:
-            return _CachedStepper(executor, fixed_feeds, seq_input, capture_fixed)
+            return _CachedStepper(executor, fixed_feeds, seq_input)
         except NotIncremental as err:
-            stepper = _Stepper(executor, fixed_feeds, seq_input, capture_fixed)
+            stepper = _Stepper(executor, fixed_feeds, seq_input)
             stepper.note = f"full recompute at every step: {err}"
             return stepper
-    return _Stepper(executor, fixed_feeds, seq_input, capture_fixed)
+    return _Stepper(executor, fixed_feeds, seq_input)
 
 
 def _progress(enabled: bool):
@@ -160,7 +157,7 @@ def generate(graph: nx.MultiDiGraph, params: dict, *inputs, max_new_tokens: int 
     (default: when stderr is a terminal and more than 64 steps may run).
     """
     g = graph
-    names = [g.nodes[n]["attrs"]["name"] for n in g.graph["inputs"] if "default" not in g.nodes[n]["attrs"]]
+    names = required_inputs(g)
     cfg = g.graph.get("config", {})
     given = names[:1]  # an encoder–decoder's source, or a decoder-only model's prompt; the rest is written
     feeds = dict(zip(given, inputs))
@@ -205,7 +202,7 @@ def generate(graph: nx.MultiDiGraph, params: dict, *inputs, max_new_tokens: int 
     if max_new_tokens == 0:
         return Generation(prompt, np.zeros(prompt.shape[0]), 0, False, note)
     executor = Executor(g, params, dtype=dtype, check=check)
-    stepper = _stepper(executor, fixed, seq_name, bool(fixed), cache)
+    stepper = _stepper(executor, fixed, seq_name, cache)
     show = _progress(sys.stderr.isatty() and max_new_tokens > 64 if progress is None else progress)
     if beams > 1:
         out = _beam_search(stepper, prompt, max_new_tokens, beams, length_penalty, early_stopping, eos, fill, show)
@@ -345,11 +342,12 @@ def _beam_search(stepper, prompt, max_new, beams, length_penalty, early_stopping
     ids = finished_seq[:, 0, :]
     written = ids[:, start_len:]
     # crop to the longest hypothesis: its last written token is the end token (or the length limit)
-    lengths = [_length(row, eos, fill) for row in written]
+    lengths = [_length(row, eos) for row in written]
     return Generation(ids[:, :start_len + max(lengths, default=0)], fin_scores[:, 0], steps)
 
 
-def _length(row: np.ndarray, eos, fill) -> int:
+def _length(row: np.ndarray, eos) -> int:
+    """Tokens written up to and including the first end token (all of them without one)."""
     if eos is not None:
         hit = np.flatnonzero(row == eos)
         if hit.size:
