@@ -17,7 +17,7 @@ import networkx as nx
 import numpy as np
 
 from ..ir.dims import describe_shape, size_of
-from ..ir.errors import ExecutionError, GraphError, InputError, ParamError
+from ..ir.errors import ExecutionError, GraphError, InputError, ParamError, QkvflowError
 from ..ir.graph import arg_nodes, check_well_formed, param_path, vocabulary_of
 from ..ir.ops import spec
 from .params import param_specs, validate_params
@@ -68,6 +68,20 @@ def _frees(g: nx.MultiDiGraph, plan: list) -> list[tuple]:
                 frees[i].append(u)
         frees = _FREES[g] = [tuple(f) for f in frees]
     return frees
+
+
+def run_kernel(node: str, op: str, source: str, fn, call, ins: list, attrs: dict, params: dict, sizes: dict,
+               dtype: np.dtype, during: str = "") -> np.ndarray:
+    """One node's kernel on its inputs: a failure becomes one ExecutionError naming the node
+    and its source line; a float result takes the run's dtype (np.where of scalars is float64)."""
+    try:
+        out = call(fn, ins, attrs, params, sizes)
+    except QkvflowError:
+        raise
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ExecutionError(f"node {node} ({op}, {source}) failed{during}: {first}") from err
+    return out.astype(dtype) if out.dtype.kind == "f" and out.dtype != dtype else out
 
 
 def _checked(op: str, kernel):
@@ -184,31 +198,20 @@ class Executor:
                 out = np.asarray(initial[node])
                 if self.check:
                     self._check_shape(node, names, out, sizes, source)
-                values[node] = out
-                for u in frees[i] if frees else ():
-                    values.pop(u, None)
-                continue
-            ins = [values[a] for a in args]
-            p = {n: params[param_path(node, n)] for n in pnames}
-            if "tied_to" in attrs:
-                p["weight"] = params[attrs["tied_to"]]
-            fn = kernel
-            if verify and kernel is not None:
-                signature = (op, tuple((x.shape, x.dtype.char) for x in ins))
-                if signature not in self.seen:
-                    self.seen.add(signature)
-                    fn = _checked(op, kernel)
-            try:
-                out = call(fn, ins, attrs, p, sizes)
-            except ExecutionError:
-                raise
-            except Exception as err:
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise ExecutionError(f"node {node} ({op}, {source}) failed: {first}") from err
-            if out.dtype.kind == "f" and out.dtype != self.dtype:
-                out = out.astype(self.dtype)  # e.g. np.where(keep, 0.0, -1e9) of scalars
-            if self.check:
-                self._check_shape(node, names, out, sizes, source, expected)
+            else:
+                ins = [values[a] for a in args]
+                p = {n: params[param_path(node, n)] for n in pnames}
+                if "tied_to" in attrs:
+                    p["weight"] = params[attrs["tied_to"]]
+                fn = kernel
+                if verify and kernel is not None:
+                    signature = (op, tuple((x.shape, x.dtype.char) for x in ins))
+                    if signature not in self.seen:
+                        self.seen.add(signature)
+                        fn = _checked(op, kernel)
+                out = run_kernel(node, op, source, fn, call, ins, attrs, p, sizes, self.dtype)
+                if self.check:
+                    self._check_shape(node, names, out, sizes, source, expected)
             values[node] = out
             for u in frees[i] if frees else ():
                 del values[u]  # read for the last time: its memory goes back now

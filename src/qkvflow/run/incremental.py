@@ -22,13 +22,15 @@ cannot be run this way; :func:`qkvflow.run.generate.generate` then falls back
 to full recompute and says why.
 """
 
+from typing import NamedTuple
+
 import networkx as nx
 import numpy as np
 
 from ..ir.dims import factors
 from ..ir.errors import ExecutionError, QkvflowError
 from ..ir.graph import arg_nodes, param_path
-from .execute import Executor, _checked
+from .execute import Executor, _checked, run_kernel
 
 __all__ = ["NotIncremental", "IncrementalRunner"]
 
@@ -42,6 +44,23 @@ _POSITION_LOCAL = {"activation", "padding_mask", "split_heads", "merge_heads", "
 
 class NotIncremental(QkvflowError):
     """A node whose step-by-step computation qkvflow cannot derive."""
+
+
+class Step(NamedTuple):
+    """One node of a step, everything that does not change between steps resolved."""
+
+    node: str
+    op: str
+    argspec: tuple  # (producer, read in full?) per argument
+    attrs: dict
+    offset: str | None  # the attr the cached length is added to
+    params: dict
+    names: tuple | None  # the named shape of a step (None: not a graph node)
+    kernel: object
+    call: object
+    source: str
+    special: bool  # computed by _special, not the kernel
+    axis: int | None  # the axis its cache grows along (None: not cached)
 
 
 class IncrementalRunner:
@@ -167,10 +186,8 @@ class IncrementalRunner:
                 for a, k in enumerate(self.kinds[u]):
                     if k == Q and a in mixed:
                         self._need_full(node, p, u, a)
-        carried = [src_kinds[a] for a in src_axes if not (op in ("reduce", "pick") and a in mixed)]
-        if op == "pick" and not mixed:
-            axis = attrs["axis"] % rank_in
-            carried = [src_kinds[a] for a in src_axes if a != axis]
+        dropped = mixed if op == "reduce" else {attrs["axis"] % rank_in} if op == "pick" else set()
+        carried = [src_kinds[a] for a in src_axes if a not in dropped]
         if len(carried) != len(seq_axes):
             raise NotIncremental(f"node {node} ({g.nodes[node].get('source', '?')}): {op} changes the number of "
                                  f"{self.seq} axes")
@@ -206,16 +223,15 @@ class IncrementalRunner:
             self._need_full(node, 1, b, len(kb) - 2)
         rank = len(kinds)
         for axis in range(rank - 2):  # broadcast batch axes
-            for pos, (u, ku) in enumerate(((a, ka), (b, kb))):
+            for ku in (ka, kb):
                 shift = len(ku) - rank
                 if 0 <= axis + shift < len(ku) - 2 and ku[axis + shift] is not None:
                     kinds[axis] = ku[axis + shift]
         kinds[-2] = ka[-2] if len(ka) >= 2 else None
         kinds[-1] = kb[-1]
-        if kinds[-1] is not None and (kinds[-2] is not None or kb[-1] == Q):
-            if kinds[-2] is not None:  # (..., queries, keys): the later sequence axis holds the keys
-                self._need_full(node, 1, b, len(kb) - 1)
-                kinds[-1] = K
+        if kinds[-1] is not None and kinds[-2] is not None:  # (..., queries, keys): the later holds the keys
+            self._need_full(node, 1, b, len(kb) - 1)
+            kinds[-1] = K
 
     def _rule_einsum(self, node, kinds, seq_axes) -> None:
         lhs, out = self.g.nodes[node]["attrs"]["equation"].replace(" ", "").split("->")
@@ -296,8 +312,8 @@ class IncrementalRunner:
                 p["weight"] = np.asfortranarray(p["weight"])
             argspec = tuple((u, (node, pos) in self.full) for pos, u in enumerate(args))
             special = op in ("causal_mask", "arange", "prefix") and Q in self.kinds[node]
-            steps.append((node, op, argspec, attrs, offset, p, self._step_names(node), kernel, call, source,
-                          special, self.cached.get(node)))
+            steps.append(Step(node, op, argspec, attrs, offset, p, self._step_names(node), kernel, call, source,
+                              special, self.cached.get(node)))
         return self._stack_projections(steps)
 
     def _stack_projections(self, steps: list) -> list:
@@ -306,27 +322,27 @@ class IncrementalRunner:
         product reads weights about twice as fast as several small ones. The slices are the
         nodes, shape-checked as such."""
         groups: dict = {}
-        for i, (node, op, argspec, attrs, offset, p, *_rest) in enumerate(steps):
-            if op == "linear" and p["weight"].ndim == 2:
-                key = (argspec, p["weight"].shape[1], p.get("bias") is not None, p["weight"].dtype.str)
+        for i, step in enumerate(steps):
+            weight = step.params.get("weight")
+            if step.op == "linear" and weight.ndim == 2:
+                key = (step.argspec, weight.shape[1], step.params.get("bias") is not None, weight.dtype.str)
                 groups.setdefault(key, []).append(i)
         fused = {}
         for members in groups.values():
             if len(members) < 2:
                 continue
-            first = steps[members[0]]
-            weight = np.asfortranarray(np.concatenate([steps[i][5]["weight"] for i in members], axis=0))
-            bias = (np.concatenate([steps[i][5]["bias"] for i in members]) if first[5].get("bias") is not None
+            parts = [steps[i] for i in members]
+            weight = np.asfortranarray(np.concatenate([m.params["weight"] for m in parts], axis=0))
+            bias = (np.concatenate([m.params["bias"] for m in parts]) if parts[0].params.get("bias") is not None
                     else None)
-            stacked = f"{first[0]}+stacked"
-            replaced = [(stacked, "linear", first[2], {}, None, {"weight": weight, "bias": bias}, None, first[7],
-                         first[8], first[9], False, None)]
+            stacked = f"{parts[0].node}+stacked"
+            replaced = [parts[0]._replace(node=stacked, attrs={}, params={"weight": weight, "bias": bias},
+                                          names=None, axis=None)]
             lo = 0
-            for i in members:
-                node, *_, names, _k, _c, source, _s, axis = steps[i]
-                hi = lo + steps[i][5]["weight"].shape[0]
-                replaced.append((node, "slice", ((stacked, False),), {}, None, {}, names, None,
-                                 lambda fn, ins, a, p, sz, lo=lo, hi=hi: ins[0][..., lo:hi], source, False, axis))
+            for m in parts:
+                hi = lo + m.params["weight"].shape[0]
+                replaced.append(m._replace(op="slice", argspec=((stacked, False),), attrs={}, params={}, kernel=None,
+                                           call=lambda fn, ins, a, p, sz, lo=lo, hi=hi: ins[0][..., lo:hi]))
                 lo = hi
             fused[members[0]] = replaced
             fused.update({i: [] for i in members[1:]})
@@ -388,24 +404,17 @@ class IncrementalRunner:
                 fresh = signature not in seen
                 if fresh:
                     seen.add(signature)
-            try:
-                if special:
-                    out = self._special(node, op, ins, attrs, n_past, n_new)
-                else:
-                    fn = _checked(op, kernel) if fresh and kernel is not None else kernel
-                    out = call(fn, ins, attrs, p, sizes)
-                if out.dtype.kind == "f" and out.dtype != ex.dtype:
-                    out = out.astype(ex.dtype)
-                if fresh and names is not None:
-                    ex._check_shape(node, names, out, sizes, source)
-                values[node] = out
-                if axis is not None:
-                    self._keep(node, out, axis, full, n_past)
-            except QkvflowError:
-                raise
-            except Exception as err:
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise ExecutionError(f"node {node} ({op}, {source}) failed in an incremental step: {first}") from err
+            if special:
+                out = self._special(node, op, ins, attrs, n_past, n_new, source)
+            else:
+                fn = _checked(op, kernel) if fresh and kernel is not None else kernel
+                out = run_kernel(node, op, source, fn, call, ins, attrs, p, sizes, ex.dtype,
+                                 " in an incremental step")
+            if fresh and names is not None:
+                ex._check_shape(node, names, out, sizes, source)
+            values[node] = out
+            if axis is not None:
+                self._keep(node, out, axis, full, n_past)
         self.length = n_past + n_new
         return {g.nodes[o]["attrs"]["name"]: values[o] for o in g.graph["outputs"]}
 
@@ -425,19 +434,18 @@ class IncrementalRunner:
         buf[_along(axis, n_past, end)] = new
         full[node] = buf[_along(axis, 0, end)]
 
-    def _special(self, node, op, ins, attrs, n_past, n_new):
+    def _special(self, node, op, ins, attrs, n_past, n_new, source):
         """Ops whose new rows are not their kernel on the new inputs."""
         kinds = self.kinds[node]
         if op == "causal_mask" and kinds == [Q, K]:
             return np.tril(np.ones((n_new, n_past + n_new), dtype=bool), n_past)
         if op == "arange" and kinds == [Q]:
             return np.arange(n_past, n_past + n_new)
-        if op == "prefix" and kinds[attrs["axis"]] == Q:
-            x, axis = ins[0], attrs["axis"]
-            if n_past + n_new > x.shape[axis]:
-                raise ValueError(f"position {n_past + n_new - 1} is beyond the table's {x.shape[axis]} rows")
-            return x[(slice(None),) * axis + (slice(n_past, n_past + n_new),)]
-        return None
+        x, axis = ins[0], attrs["axis"]  # prefix: the table's rows of the new positions
+        if n_past + n_new > x.shape[axis]:
+            raise ExecutionError(f"node {node} ({op}, {source}) failed in an incremental step: position "
+                                 f"{n_past + n_new - 1} is beyond the table's {x.shape[axis]} rows")
+        return x[_along(axis, n_past, n_past + n_new)]
 
 
 def _along(axis: int, start: int, stop: int) -> tuple:
