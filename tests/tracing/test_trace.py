@@ -1,6 +1,7 @@
 """The graph contract: what every stage may rely on in a traced graph."""
 
 import copy
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -325,3 +326,24 @@ def test_torch_transformer_has_final_norms_and_untied_embeddings(graphs):
 def test_tracing_is_deterministic(graphs):
     again = _trace("tiny")
     assert ir.to_json(again) == ir.to_json(graphs["tiny"])
+
+
+# --- annotations left as strings (from __future__ import annotations) ------------------
+
+def test_postponed_annotations_are_declared_shapes_and_checked_at_run():
+    """qkvflow's own models write their annotations this way (no jaxtyping
+    import to check a model); a user's may too. Traced, the strings are the
+    declared shapes; run, jaxtyping checks them like annotation objects."""
+    import postponed_annotations as blocks
+    from zoo.registry import TINY
+    cfg = dataclasses.replace(TINY, d_head=5)  # d_model 21, heads 3: every size apart
+    good, bad = (qf.transformer.build(cfg, cross=b) for b in (blocks.cross, blocks.misdeclared_cross))
+    assert qf.check(qf.trace(good)) == []
+    errors = [f for f in qf.check(qf.trace(bad)) if f.severity == "error"]
+    assert len(errors) == cfg.decoder_layers  # one per cross-attention
+    assert all(f.code == "QKV201" and "memory" in f.message for f in errors)
+    params = qf.init_params(qf.trace(good), seed=0)
+    feeds = {"src_ids": np.full((2, 6), 4), "tgt_ids": np.full((2, 4), 5)}
+    assert np.isfinite(qf.eager(good, params, feeds)["logits"]).all()
+    with pytest.raises(TypeError, match="memory"):  # jaxtyping's TypeCheckError
+        qf.eager(bad, params, feeds)

@@ -65,8 +65,21 @@ def new_graph(**graph_attrs) -> nx.MultiDiGraph:
 
 def args_of(g: nx.MultiDiGraph, node: str) -> list[tuple[str, str]]:
     """The (input node, role) pairs of ``node`` in argument order."""
-    edges = sorted(g.in_edges(node, data=True), key=lambda e: e[2]["arg"])
-    return [(src, data["role"]) for src, _, data in edges]
+    edges = [(data["arg"], src, data["role"]) for src, keyed in g.pred[node].items() for data in keyed.values()]
+    edges.sort(key=lambda e: e[0])
+    return [(src, role) for _, src, role in edges]
+
+
+def execution_order(g: nx.MultiDiGraph) -> list[str]:
+    """The nodes, each after its arguments: the order they were added when that is
+    one already (a trace adds them so, and checking it is cheap), else a topological
+    sort. Raises ``networkx.NetworkXUnfeasible`` when the graph has a cycle."""
+    seen = set()
+    for node in g:
+        if not seen.issuperset(g.pred[node]):
+            return list(nx.topological_sort(g))
+        seen.add(node)
+    return list(g)
 
 
 def arg_nodes(g: nx.MultiDiGraph, node: str) -> list[str]:
@@ -95,7 +108,9 @@ def lint(g: nx.MultiDiGraph) -> list[tuple[str, str]]:
         lacking = [k for k in NODE_KEYS[2:] if k not in data]
         if lacking:
             problems.append((node, f"node {node} has no {', '.join(lacking)} attribute(s)"))
-    if not nx.is_directed_acyclic_graph(g):
+    try:
+        execution_order(g)
+    except nx.NetworkXUnfeasible:
         cycle = nx.find_cycle(g)
         problems.append((cycle[0][0], f"the graph has a cycle through {cycle[0][0]}"))
     for node, data in g.nodes(data=True):
@@ -104,13 +119,14 @@ def lint(g: nx.MultiDiGraph) -> list[tuple[str, str]]:
             problems.append((node, f"node {node} has unknown op {op!r}"))
         if not isinstance(data.get("shape"), tuple):
             problems.append((node, f"node {node} has no shape"))
-        positions = sorted(d["arg"] for _, _, d in g.in_edges(node, data=True))
-        if positions != list(range(len(positions))):
+        edges = [d for keyed in g.pred[node].values() for d in keyed.values()]
+        positions = [d.get("arg") for d in edges]
+        if sorted(p for p in positions if type(p) is int) != list(range(len(positions))):
             problems.append((node, f"node {node} has argument positions {positions}"))
-        for _, _, d in g.in_edges(node, data=True):
+        for d in edges:
             if d.get("role") not in ROLES:
                 problems.append((node, f"an edge into {node} has unknown role {d.get('role')!r}"))
-        if op == "input" and g.in_degree(node):
+        if op == "input" and edges:
             problems.append((node, f"input node {node} has inputs"))
     for out in g.graph.get("outputs", []):
         if out not in g:
@@ -179,7 +195,7 @@ def check_well_formed(g: nx.MultiDiGraph) -> None:
 def tabular(g: nx.MultiDiGraph, limit: int | None = None) -> str:
     """One line per node: path, op, inputs with roles, shape (like fx)."""
     rows = [("path", "op", "inputs", "shape")]
-    for node in nx.topological_sort(g):
+    for node in execution_order(g):
         data = g.nodes[node]
         ins = ", ".join(f"{role}={src}" for src, role in args_of(g, node))
         rows.append((node, data["op"], ins, "(" + ", ".join(data["shape"]) + ")"))

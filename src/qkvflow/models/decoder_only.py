@@ -6,14 +6,20 @@ GPT-2: pre-norm LayerNorm, learned positions, tanh GELU, tied output.
 Llama: RMSNorm, SwiGLU, rotary positions, grouped-query attention, no biases.
 """
 
+from __future__ import annotations  # shapes are read without importing jaxtyping (cold start)
+
+from typing import TYPE_CHECKING
+
 import numpy as np
-from jaxtyping import Bool, Float
 
 from ..tracing import nn
 from ..tracing.context import Model, scope
 from .blocks import (PLAIN, AttentionOptions, embed, feed_forward, final_norm, lm_head, multi_head_attention,
                      sublayer)
 from .config import Config
+
+if TYPE_CHECKING:  # the annotations are resolved when a run type-checks a block
+    from jaxtyping import Bool, Float
 
 __all__ = ["causal_self_attention", "build"]
 

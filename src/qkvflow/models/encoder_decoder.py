@@ -2,17 +2,23 @@
 
 The three attention blocks below declare their shapes (jaxtyping), their
 Q/K/V provenance and their mask; :func:`build` wires them into a model. Any
-block can be swapped for a user's own (``build(cfg, cross_attention=mine)``).
+block can be swapped for a user's own (``build(cfg, cross=mine)``).
 """
 
+from __future__ import annotations  # shapes are read without importing jaxtyping (cold start)
+
+from typing import TYPE_CHECKING
+
 import numpy as np
-from jaxtyping import Bool, Float
 
 from ..tracing import nn
 from ..tracing.context import Model, scope
 from .blocks import (PLAIN, AttentionOptions, embed, feed_forward, final_norm, lm_head, multi_head_attention,
                      position_bias, sublayer)
 from .config import Config
+
+if TYPE_CHECKING:  # the annotations are resolved when a run type-checks a block
+    from jaxtyping import Bool, Float
 
 __all__ = ["encoder_self_attention", "decoder_self_attention", "cross_attention", "multi_head_attention",
            "feed_forward", "build"]

@@ -7,13 +7,19 @@ BERT's masked-LM head (dense, GELU, LayerNorm, tied projection with its own
 bias) or its pooled output (dense and tanh over the first token).
 """
 
+from __future__ import annotations  # shapes are read without importing jaxtyping (cold start)
+
+from typing import TYPE_CHECKING
+
 import numpy as np
-from jaxtyping import Bool, Float
 
 from ..tracing import nn
 from ..tracing.context import Model, scope
 from .blocks import PLAIN, AttentionOptions, embed, feed_forward, final_norm, multi_head_attention, sublayer
 from .config import Config
+
+if TYPE_CHECKING:  # the annotations are resolved when a run type-checks a block
+    from jaxtyping import Bool, Float
 
 __all__ = ["bidirectional_self_attention", "build"]
 

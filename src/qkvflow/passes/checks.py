@@ -11,7 +11,7 @@ import math
 import networkx as nx
 
 from ..ir.dims import size_of
-from ..ir.graph import ATTENTION_KINDS, arg_nodes, describe_origin, lint, vocabulary_of
+from ..ir.graph import ATTENTION_KINDS, arg_nodes, describe_origin, execution_order, lint, vocabulary_of
 from ..ir.ops import OPS
 from .diagnostics import Diagnostic, diag
 from .provenance import ensure
@@ -279,7 +279,7 @@ def _flow(g):
     future = lambda f: f in (ALL, NONPAD)  # noqa: E731 - a predicate over facts
     padding = lambda f: f == ALL  # noqa: E731
     padded = padded_sequences(g, flows)
-    for node in nx.topological_sort(g):
+    for node in execution_order(g):
         ins = arg_nodes(g, node)
         d = g.nodes[node]
         if not ins:

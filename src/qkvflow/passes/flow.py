@@ -32,7 +32,7 @@ import networkx as nx
 
 from ..ir.dims import factors, sequence_of
 from ..ir.errors import GraphError
-from ..ir.graph import arg_nodes, pad_ids
+from ..ir.graph import arg_nodes, execution_order, pad_ids
 from ..ir.ops import implement, spec
 from ..ir.shapes import reshape_map
 
@@ -538,7 +538,7 @@ def _identity(g, node, ins, flows):
 def analyse(g: nx.MultiDiGraph) -> dict[str, Flow]:
     """The flow facts of every node, in topological order."""
     flows: dict[str, Flow] = {}
-    for node in nx.topological_sort(g):
+    for node in execution_order(g):
         op = g.nodes[node]["op"]
         transfer = spec(op).transfer
         if transfer is None:

@@ -1,10 +1,8 @@
 """The shape pass: every node's recorded shape against its op's rule (QKV2xx),
 and every attention block's arguments and result against its annotations."""
 
-import networkx as nx
-
 from ..ir.dims import describe_shape, dim_table
-from ..ir.graph import arg_nodes
+from ..ir.graph import arg_nodes, execution_order
 from ..ir.ops import infer
 from ..ir.shapes import Meta, ShapeIssue
 from .diagnostics import diag
@@ -20,7 +18,7 @@ def _meta(g, node) -> Meta:
 def shape_findings(g):
     """Every shape finding (QKV2xx) of ``g``."""
     dims = dim_table(g.graph)
-    for node in nx.topological_sort(g):
+    for node in execution_order(g):
         d = g.nodes[node]
         ins = [_meta(g, a) for a in arg_nodes(g, node)]
         try:

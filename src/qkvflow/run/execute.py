@@ -18,7 +18,7 @@ import numpy as np
 
 from ..ir.dims import describe_shape, size_of
 from ..ir.errors import ExecutionError, GraphError, InputError, ParamError, QkvflowError
-from ..ir.graph import arg_nodes, check_well_formed, param_path, vocabulary_of
+from ..ir.graph import arg_nodes, check_well_formed, execution_order, param_path, vocabulary_of
 from ..ir.ops import spec
 from .params import param_specs, validate_params
 
@@ -38,7 +38,7 @@ def _plan(g: nx.MultiDiGraph) -> list[tuple]:
         from . import kernels  # noqa: F401 - attaches the kernels to the registry
         check_well_formed(g)
         plan = []
-        for node in nx.topological_sort(g):
+        for node in execution_order(g):
             d = g.nodes[node]
             if spec(d["op"]).kernel is None:
                 raise ExecutionError(f"node {node}: no kernel for op {d['op']!r}")

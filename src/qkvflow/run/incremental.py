@@ -24,12 +24,11 @@ to full recompute and says why.
 
 from typing import NamedTuple
 
-import networkx as nx
 import numpy as np
 
 from ..ir.dims import factors
 from ..ir.errors import ExecutionError, QkvflowError
-from ..ir.graph import arg_nodes, param_path
+from ..ir.graph import arg_nodes, execution_order, param_path
 from .execute import Executor, _checked, run_kernel
 
 __all__ = ["NotIncremental", "IncrementalRunner"]
@@ -107,7 +106,7 @@ class IncrementalRunner:
 
     def _analyse(self) -> None:
         g = self.g
-        for node in nx.topological_sort(g):
+        for node in execution_order(g):
             rank = len(g.nodes[node]["shape"])
             if node in self.known or g.nodes[node]["op"] == "param":
                 self.kinds[node] = [None] * rank

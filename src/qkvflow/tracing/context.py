@@ -9,6 +9,7 @@ by the same path in both (``decoder.layers.1.cross_attn.k_proj.weight``).
 
 import contextlib
 import contextvars
+import functools
 import os
 import sys
 
@@ -172,8 +173,13 @@ def _where(frame) -> str:
 
 def shown_path(filename: str) -> str:
     """A source file as findings name it: relative to the working folder when inside it."""
+    return _shown_path(filename, os.getcwd())
+
+
+@functools.lru_cache(maxsize=1024)
+def _shown_path(filename: str, cwd: str) -> str:  # a trace asks for each file hundreds of times
     try:
-        rel = os.path.relpath(filename)
+        rel = os.path.relpath(filename, cwd)
     except ValueError:
         rel = filename
     return filename if rel.startswith("..") else rel

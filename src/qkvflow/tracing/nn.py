@@ -11,9 +11,12 @@ Parametrised ops (``embed``, ``linear``, ``norm``, learned ``positional``,
 ``unembed``) take a ``name``: the parameter path is ``<scope>.<name>.weight``.
 """
 
+import ast
 import functools
 import math
 import re
+import types
+import typing
 
 import numpy as np
 
@@ -239,12 +242,44 @@ _MASK_WORD = re.compile(r"causal|[A-Za-z_]\w*_padding")
 
 
 def _declared_shapes(fn) -> dict:
+    """arg -> declared dim names, from jaxtyping annotations: objects, or the
+    strings ``from __future__ import annotations`` leaves (read without
+    evaluating them, so declaring a block needs no jaxtyping import)."""
     shapes = {}
     for arg, ann in getattr(fn, "__annotations__", {}).items():
-        dim_str = getattr(ann, "dim_str", None)
+        dim_str = _dim_str_of(ann) if isinstance(ann, str) else getattr(ann, "dim_str", None)
         if dim_str is not None:
             shapes[arg] = tuple(dim_str.split())
     return shapes
+
+
+def _dim_str_of(annotation: str) -> str | None:
+    """The dims of a written ``Dtype[Array, "dims"]``; None for anything else."""
+    try:
+        tree = ast.parse(annotation, mode="eval").body
+    except SyntaxError:
+        return None
+    if isinstance(tree, ast.Subscript) and isinstance(tree.slice, ast.Tuple) and len(tree.slice.elts) == 2:
+        dims = tree.slice.elts[1]
+        if isinstance(dims, ast.Constant) and isinstance(dims.value, str):
+            return dims.value
+    return None
+
+
+def _type_checked(fn):
+    """``fn`` checked by jaxtyping + beartype on every call. Annotations left as
+    strings are resolved first, with jaxtyping's dtype names available even when
+    the module imports them only for type checkers."""
+    import jaxtyping
+    from beartype import beartype
+    if any(isinstance(a, str) for a in fn.__annotations__.values()):
+        names = {k: v for k, v in vars(jaxtyping).items() if not k.startswith("_")}
+        hints = typing.get_type_hints(fn, globalns={**names, **fn.__globals__})
+        copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+        copy.__kwdefaults__, copy.__qualname__, copy.__module__ = fn.__kwdefaults__, fn.__qualname__, fn.__module__
+        copy.__annotations__ = hints
+        fn = copy
+    return jaxtyping.jaxtyped(typechecker=beartype)(fn)
 
 
 def attention(kind: str, *, q: str, k: str, v: str, mask: str, scale="sqrt"):
@@ -301,9 +336,7 @@ def attention(kind: str, *, q: str, k: str, v: str, mask: str, scale="sqrt"):
                     }, bound, out)
                     return out
                 if not checked:
-                    from beartype import beartype
-                    from jaxtyping import jaxtyped
-                    checked.append(jaxtyped(typechecker=beartype)(fn))
+                    checked.append(_type_checked(fn))
                 return checked[0](*args, **kwargs)
 
         block.declaration = {"kind": kind, **declared}
