@@ -1,7 +1,8 @@
 """Cold start of `qkvflow check`: a new process each time, imports included.
 
 Peer: the same interpreter importing only numpy and networkx (the floor any
-networkx-based checker pays). Contenders are interleaved in a rotating order
+networkx-based checker pays); also that import followed by ``gc.freeze()``,
+which spares the exit's full collection as qkvflow's CLI does (a stricter floor). Contenders are interleaved in a rotating order
 with a 0.2 s pause; qkvflow's bytecode is compiled first, as an installed
 package's is. Reports medians with min-max, the ratio to the peer, how the
 check scales with depth (6+6 ... 48+48 layers) and the CPU share other
@@ -30,6 +31,9 @@ def main() -> None:
     others = OthersCpu()
     with tempfile.TemporaryDirectory() as tmp:
         contenders = {"import numpy, networkx": process([py, "-c", "import numpy, networkx"]),
+                      # the same with the exit's full collection skipped, as qkvflow's CLI does
+                      "import numpy, networkx; gc.freeze()": process(
+                          [py, "-c", "import gc, numpy, networkx; gc.freeze()"]),
                       "check vaswani-base": process([py, "-m", "qkvflow", "check", "vaswani-base"])}
         for layers in (6, 12, 24, 48):
             toml = Path(tmp) / f"deep{layers}.toml"
@@ -40,6 +44,7 @@ def main() -> None:
     results = {
         **{name: stats(xs) for name, xs in runs.items()},
         "check_vaswani_base_vs_peer": ratio(check, peer),
+        "check_vaswani_base_vs_frozen_peer": ratio(check, runs["import numpy, networkx; gc.freeze()"]),
         "check_48+48_vs_vaswani_base": ratio(runs["check 48+48 (TOML)"], check),
         "marginal_s_per_layer": round((statistics.median(runs["check 48+48 (TOML)"])
                                        - statistics.median(runs["check 6+6 (TOML)"])) / (96 - 12), 4),
