@@ -473,6 +473,18 @@ def test_nan_weight_is_named(tiny, ids):
         qf.forward(g, broken, *ids)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # NumPy's, on the inf it multiplies
+def test_a_weight_made_infinite_in_place_after_a_run_is_still_named(tiny, ids):
+    """Arrays read finite once are not read on each call; outputs that are not
+    finite make the run read them all again and name the one changed since."""
+    cfg, g, _ = tiny
+    params = qf.init_params(g, seed=1)
+    assert np.isfinite(qf.forward(g, params, *ids)["logits"]).all()
+    params["encoder.layers.1.linear2.weight"][3, 5] = np.inf  # the same array, changed in place
+    with pytest.raises(ParamError, match=r"encoder\.layers\.1\.linear2\.weight .*infinite"):
+        qf.forward(g, params, *ids)
+
+
 def test_integer_weight_is_refused(tiny, ids):
     cfg, g, params = tiny
     broken = dict(params)

@@ -77,9 +77,9 @@ def test_a_mask_sized_by_the_target_changes_with_it():
 
 
 def test_non_finite_weights_are_found_however_large_the_finite_ones():
-    from qkvflow.run.params import _finite
-    assert _finite(np.ones((3, 4))) and _finite(np.zeros((0, 3))) and _finite(np.array([1e200, -1e200]))
+    from qkvflow.run.params import all_finite
+    assert all_finite(np.ones((3, 4))) and all_finite(np.zeros((0, 3))) and all_finite(np.array([1e200, -1e200]))
     for bad in (np.nan, np.inf, -np.inf):
         for big in (1.0, 1e200):
-            assert not _finite(np.array([big, bad, 2.0])), (big, bad)
-    assert not _finite(np.asfortranarray(np.array([[1.0, 2.0], [np.nan, 3.0]], dtype=np.float32)))
+            assert not all_finite(np.array([big, bad, 2.0])), (big, bad)
+    assert not all_finite(np.asfortranarray(np.array([[1.0, 2.0], [np.nan, 3.0]], dtype=np.float32)))

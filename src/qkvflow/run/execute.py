@@ -20,7 +20,7 @@ from ..ir.dims import describe_shape, size_of
 from ..ir.errors import ExecutionError, GraphError, InputError, ParamError, QkvflowError
 from ..ir.graph import arg_nodes, check_well_formed, execution_order, param_path, vocabulary_of
 from ..ir.ops import spec
-from .params import param_specs, validate_params
+from .params import all_finite, param_specs, validate_params
 
 __all__ = ["Executor", "forward"]
 
@@ -113,7 +113,9 @@ class Executor:
             raise ParamError(f"params must be a dict of parameter path -> array, got {type(params).__name__}")
         self.graph = graph
         self.plan = _plan(graph)
-        validate_params(graph, params)
+        # Arrays found finite by an earlier executor are not read again: a run whose
+        # outputs are not finite reads them (it names a parameter changed in place since).
+        self._reread = None if validate_params(graph, params) else params
         self.dtype = np.dtype(dtype)
         self.params = {k: np.asarray(params[k], dtype=self.dtype) for k in param_specs(graph)}
         self.check = check
@@ -220,6 +222,8 @@ class Executor:
         if only is not None:
             return {"activations": values}
         result = {self.graph.nodes[o]["attrs"]["name"]: values[o] for o in self.graph.graph["outputs"]}
+        if self._reread is not None and not all(all_finite(v) for v in result.values() if v.dtype.kind == "f"):
+            validate_params(self.graph, self._reread, reread=True)
         if capture and "activations" in result:
             raise InputError("the model has an output named 'activations'; run it without capture=True")
         if capture:

@@ -57,9 +57,19 @@ def positional(x: Float[Array, "*b s d"], table: Float[Array, "p d"], offset: in
     return x + table[offset:offset + seq]
 
 
+_FEW_ROWS = 64  # below it, W @ x.T beat x @ W.T for every projection of vaswani-base measured
+
+
 def linear(x: Float[Array, "*b i"], weight: Float[Array, "o i"], bias: Float[Array, "o"] | None) -> Float[Array, "*b o"]:
     # One (tokens, d_in) x (d_in, d_out) GEMM instead of one per leading index.
-    y = (x.reshape(-1, x.shape[-1]) @ weight.T).reshape(*x.shape[:-1], weight.shape[0])
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] < _FEW_ROWS and weight.flags.c_contiguous:
+        # Few tokens: the product is bound by reading the weight, which BLAS streams
+        # faster as the left operand when it is row-major (2-3x for 4-32 tokens here).
+        y = np.ascontiguousarray((weight @ x2.T).T)
+    else:
+        y = x2 @ weight.T
+    y = y.reshape(*x.shape[:-1], weight.shape[0])
     if bias is not None:
         y += bias
     return y

@@ -6,6 +6,7 @@ read through pickle. Writes are atomic (a temporary file, then a rename).
 
 import io
 import os
+import weakref
 from pathlib import Path
 
 import networkx as nx
@@ -65,9 +66,20 @@ def init_params(g: nx.MultiDiGraph, seed: int = 0, dtype="float64") -> dict[str,
     return out
 
 
-def validate_params(g: nx.MultiDiGraph, params: dict) -> None:
-    """Raise ParamError naming the first missing, misshapen or non-finite parameter."""
+# Arrays already read and found finite, by id: the weak reference tells a reused id apart
+# and drops the entry when the array goes. Reading 63M weights costs as much as a short
+# forward pass; an array changed in place after its reading is caught by the executor
+# (outputs that are not finite make it read every parameter again).
+_READ_FINITE: dict[int, weakref.ref] = {}
+
+
+def validate_params(g: nx.MultiDiGraph, params: dict, *, reread: bool = False) -> bool:
+    """Raise ParamError naming the first missing, misshapen or non-finite parameter.
+
+    An array found finite before is not read again unless ``reread``; returns
+    whether every array was read now."""
     dims = g.graph["dims"]
+    read_all = True
     for path, shape in sorted(param_specs(g).items()):
         if path not in params:
             raise ParamError(f"parameter {path} {describe_shape(shape, dims)} is missing")
@@ -80,11 +92,25 @@ def validate_params(g: nx.MultiDiGraph, params: dict) -> None:
             )
         if value.dtype.kind != "f":
             raise ParamError(f"parameter {path} has dtype {value.dtype}, expected a float dtype")
-        if not _finite(value):
+        ref = _READ_FINITE.get(id(value))
+        if not reread and ref is not None and ref() is value:
+            read_all = False
+            continue
+        if not all_finite(value):
             raise ParamError(f"parameter {path} contains NaN or infinite values")
+        _remember_finite(value)
+    return read_all
 
 
-def _finite(value: np.ndarray) -> bool:
+def _remember_finite(value) -> None:
+    try:
+        key = id(value)
+        _READ_FINITE[key] = weakref.ref(value, lambda _, key=key: _READ_FINITE.pop(key, None))
+    except TypeError:  # an array type without weak references: read it each time
+        pass
+
+
+def all_finite(value: np.ndarray) -> bool:
     """Whether every entry is finite. The sum of squares (one BLAS pass, no temporary) is
     finite when they all are (a NaN or infinity propagates); only when it is not, because
     of them or of an overflow, are the entries looked at one by one."""
