@@ -22,37 +22,9 @@ from pathlib import Path
 import numpy as np
 
 import qkvflow as qf
+from timing import OthersCpu, interleaved, stats
 
 HERE = Path(__file__).resolve().parent
-PAUSE = 0.2
-
-
-def _busy_ticks() -> int:
-    with open("/proc/stat", encoding="ascii") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    return sum(fields[:3]) + sum(fields[5:8])
-
-
-def stats(xs: list) -> dict:
-    return {"median_s": round(statistics.median(xs), 4), "min_s": round(min(xs), 4), "max_s": round(max(xs), 4)}
-
-
-def interleaved(contenders: dict, repeats: int) -> dict:
-    """Each contender once per round, in an order rotated each round, a pause between them;
-    the samples per contender."""
-    for fn in contenders.values():
-        fn()  # warm up
-    samples = {name: [] for name in contenders}
-    names = list(contenders)
-    for round_ in range(repeats):
-        # rotate who goes first: a library's threads may still be spinning after its run
-        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-            fn = contenders[name]
-            time.sleep(PAUSE)
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return samples
 
 
 def gemm_flops(cfg, batch: int, src: int, tgt: int) -> float:
@@ -116,7 +88,7 @@ def main() -> None:
     from qkvflow.interop.torch_export import to_torch
     torch.set_num_threads(os.cpu_count())
     results: dict = {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads()}
-    start_ticks, start_cpu, began = _busy_ticks(), sum(os.times()[:2]), time.perf_counter()
+    others = OthersCpu()
 
     cfg = qf.preset("vaswani-base")
     g = qf.trace(qf.load_model(cfg))
@@ -160,10 +132,7 @@ def main() -> None:
             **{k: stats(v) for k, v in runs.items()}, "ratio_qkvflow_over_torch": round(q / t, 3),
             "check_overhead_median": round(q / statistics.median(runs["qf.forward_unchecked"]) - 1, 4)}
 
-    wall = time.perf_counter() - began
-    mine = sum(os.times()[:2]) - start_cpu
-    total = (_busy_ticks() - start_ticks) / os.sysconf("SC_CLK_TCK")
-    results["others_cpu_share"] = round(max(0.0, (total - mine) / (wall * os.cpu_count())), 3)
+    results["others_cpu_share"] = others.share()
     results["command"] = "python benchmarks/forward.py"
     out = HERE / "results" / "forward.json"
     out.parent.mkdir(exist_ok=True)

@@ -23,21 +23,10 @@ from pathlib import Path
 import numpy as np
 
 import qkvflow as qf
+from timing import OthersCpu, interleaved, stats
 
 HERE = Path(__file__).resolve().parent
-NEW, SRC, REPEATS, PAUSE = 64, 32, 9, 0.2
-
-
-def _others_cpu_share(start: tuple, wall: float) -> float:
-    """CPU time of every process but this one, as a share of the machine, over ``wall`` seconds."""
-    def busy():
-        with open("/proc/stat", encoding="ascii") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        return sum(fields[:3]) + sum(fields[5:8])  # user nice system (+ irq softirq steal), in ticks
-    ticks = os.sysconf("SC_CLK_TCK")
-    mine = sum(os.times()[:2]) - start[1]
-    total = (busy() - start[0]) / ticks
-    return max(0.0, (total - mine) / (wall * os.cpu_count()))
+NEW, SRC, REPEATS = 64, 32, 9
 
 
 def main() -> None:
@@ -69,21 +58,10 @@ def main() -> None:
 
     a, b = ours(), theirs()
     assert a.shape == b.shape == (1, NEW + 1), (a.shape, b.shape)  # both write all 64 tokens
-    runs = {"qkvflow": [], "qkvflow_unchecked": [], "transformers": []}
-    start = (None, sum(os.times()[:2]))
-    with open("/proc/stat", encoding="ascii") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    start = (sum(fields[:3]) + sum(fields[5:8]), start[1])
-    began = time.perf_counter()
-    contenders = [("qkvflow", ours), ("transformers", theirs), ("qkvflow_unchecked", lambda: ours(check=False))]
-    for round_ in range(REPEATS):
-        # rotate who goes first: a library's threads may still be spinning after its run
-        for name, fn in contenders[round_ % 3:] + contenders[:round_ % 3]:
-            time.sleep(PAUSE)
-            t = time.perf_counter()
-            fn()
-            runs[name].append(time.perf_counter() - t)
-    share = _others_cpu_share(start, time.perf_counter() - began)
+    others = OthersCpu()
+    runs = interleaved({"qkvflow": ours, "transformers": theirs, "qkvflow_unchecked": lambda: ours(check=False)},
+                       REPEATS, warm_up=False)  # warmed up above
+    share = others.share()
 
     # What one decoder step must read: the decoder's weights but the cross-attention K/V
     # projections (computed once per source), and the output projection (tied to the embedding).
@@ -98,9 +76,6 @@ def main() -> None:
         reads.append(time.perf_counter() - t)
     floor_ms = statistics.median(reads) * 1e3
 
-    def stats(xs):
-        return {"median_s": round(statistics.median(xs), 4), "min_s": round(min(xs), 4), "max_s": round(max(xs), 4)}
-
     q, t = statistics.median(runs["qkvflow"]), statistics.median(runs["transformers"])
     result = {
         "workload": f"greedy {NEW} new tokens, batch 1, {SRC} source tokens, Marian-sized (6+6, d_model 512, "
@@ -114,7 +89,7 @@ def main() -> None:
         "weight_streaming_floor_ms_per_token": round(floor_ms, 2),
         "qkvflow_over_floor": round(q / NEW * 1e3 / floor_ms, 2),
         "check_overhead_median": round(q / statistics.median(runs["qkvflow_unchecked"]) - 1, 4),
-        "others_cpu_share": round(share, 3),
+        "others_cpu_share": share,
         "same_tokens": bool((a == b).all()),
         "command": "python benchmarks/generate.py",
     }

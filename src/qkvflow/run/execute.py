@@ -29,6 +29,9 @@ _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 # for these input shapes (forward), a node at this step shape (incremental decoding).
 _VERIFIED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _CHECKED: dict = {}
+# Per graph and run key: the shape each named shape had, when the inputs alone bound every
+# dim (so a later run with the same input sizes must produce exactly these).
+_SHAPES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _plan(g: nx.MultiDiGraph) -> list[tuple]:
@@ -120,6 +123,7 @@ class Executor:
         self.params = {k: np.asarray(params[k], dtype=self.dtype) for k in param_specs(graph)}
         self.check = check
         self.seen: set = _VERIFIED.setdefault(graph, set())
+        self.shapes: dict = _SHAPES.setdefault(graph, {})
         for node, data in graph.nodes(data=True):
             tied = data["attrs"].get("tied_to")
             if tied and tied not in self.params:
@@ -187,12 +191,14 @@ class Executor:
         if stray is not None:
             raise InputError(f"initial value for {stray!r}: not a computed node of the graph")
         frees = () if capture or only is not None else _frees(self.graph, self.plan)
-        expected: dict = {}
         # A run whose every size was seen before has had every kernel signature verified:
         # its nodes' input shapes are the same (the named shapes are still checked below).
         run_key = ("run", self.dtype.char, only is None, tuple(sorted(
             (k, v) for k, v in sizes.items() if isinstance(v, int))))
         verify = self.check and run_key not in self.seen
+        expected = self.shapes.get(run_key)
+        if expected is None:
+            expected, bound = {}, sum(v is not None for v in sizes.values())
         for i, (node, op, args, attrs, pnames, names, kernel, call, source) in enumerate(self.plan):
             if op == "input" or (only is not None and node not in only):
                 continue
@@ -219,6 +225,8 @@ class Executor:
                 del values[u]  # read for the last time: its memory goes back now
         if verify and not initial:
             self.seen.add(run_key)
+        if self.check and run_key not in self.shapes and sum(v is not None for v in sizes.values()) == bound:
+            self.shapes[run_key] = expected  # no node bound a dim the inputs left free
         if only is not None:
             return {"activations": values}
         result = {self.graph.nodes[o]["attrs"]["name"]: values[o] for o in self.graph.graph["outputs"]}
@@ -234,7 +242,8 @@ class Executor:
     def _check_shape(node: str, names: tuple, out: np.ndarray, sizes: dict, source: str,
                      expected: dict | None = None) -> None:
         """``out`` has the named shape ``names`` under ``sizes``, binding free dims. ``expected``
-        (per run: the sizes do not change within one) remembers fully bound shapes by names."""
+        remembers fully bound shapes by names, for this run and, when the inputs bound every
+        dim, for later runs with the same input sizes (their shapes are then the same)."""
         if expected is not None:
             want = expected.get(names)
             if want is not None and out.shape == want:

@@ -89,7 +89,9 @@ def merge_heads(x: Float[Array, "*b h s d"]) -> Float[Array, "*b s hd"]:
 
 def scores(q: Float[Array, "*b tq d"], k: Float[Array, "*b tk d"], scale: float) -> Float[Array, "*b tq tk"]:
     s = q @ np.swapaxes(k, -1, -2)  # (..., tq, d) @ (..., d, tk) -> (..., tq, tk)
-    return s * s.dtype.type(scale) if scale != 1.0 else s
+    if scale != 1.0:
+        s *= s.dtype.type(scale)  # in place: s is this kernel's own
+    return s
 
 
 def mask(x: Float[Array, "*b tq tk"], keep: Bool[Array, "*#m"]) -> Float[Array, "*b tq tk"]:
@@ -100,7 +102,8 @@ def softmax(x: Float[Array, "*s"], axis: int) -> Float[Array, "*s"]:
     top = np.maximum.reduce(x, axis=axis, keepdims=True)
     dead = np.isneginf(top)  # a fully masked row
     if not dead.any():
-        e = np.exp(x - top)
+        e = np.subtract(x, top)
+        np.exp(e, out=e)
         e /= np.add.reduce(e, axis=axis, keepdims=True)
         return e
     e = np.exp(x - np.where(dead, 0, top))
@@ -121,9 +124,13 @@ def norm(x: Float[Array, "*b d"], weight: Float[Array, "d"], bias: Float[Array, 
     """``layer``: (x - mean) / sqrt(var + eps) * w + b; ``rms``: x / sqrt(mean(x^2) + eps) * w."""
     if kind == "rms":
         return x / np.sqrt(_mean_last(x * x) + eps) * weight
-    centred = x - _mean_last(x)
-    y = centred / np.sqrt(_mean_last(centred ** 2) + eps) * weight
-    return y + bias if bias is not None else y
+    # The same operations as written above, in place on the kernel's own arrays.
+    y = x - _mean_last(x)
+    y /= np.sqrt(_mean_last(np.square(y)) + eps)
+    y *= weight
+    if bias is not None:
+        y += bias
+    return y
 
 
 def _mean_last(x: np.ndarray) -> np.ndarray:
