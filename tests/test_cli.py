@@ -324,6 +324,7 @@ def test_run_prints_logits_shape_and_the_top_tokens(capsys):
     said, *lines = out.strip().splitlines()
     assert said == "weights: seeded random (seed 4; --params FILE for real ones)"
     assert lines[0] == "logits: shape (1, 5, 41) (batch, tgt, vocab), dtype float64"
+    assert lines.pop(1) == "top 2 token ids per tgt position (batch row 0), as id (logit):"
     assert len(lines) == 1 + 5
     g = qf.trace(qf.load_model("tiny"))
     logits = qf.forward(g, qf.init_params(g, seed=4), np.array([[int(t) for t in src.split()]]),
@@ -562,7 +563,7 @@ def test_run_feeds_a_model_with_one_input_through_ids(capsys):
     assert code == 0
     lines = out.splitlines()[1:]
     assert lines[0] == "logits: shape (1, 4, 53) (batch, seq, vocab), dtype float64"
-    assert [line.split(":")[0].strip() for line in lines[1:]] == ["seq[0]", "seq[1]", "seq[2]", "seq[3]"]
+    assert [line.split(":")[0].strip() for line in lines[2:]] == ["seq[0]", "seq[1]", "seq[2]", "seq[3]"]
     assert_usage_error(shell("run", lm, "--src", "1 2", "--tgt", "3"),
                        "takes 1 input(s), ids: give --ids (its input ids)")
     assert_usage_error(shell("run", "tiny", "--ids", "1 2"),

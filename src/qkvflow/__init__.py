@@ -36,12 +36,13 @@ __version__ = "0.1.0"
 
 
 
-def trace(model):
+def trace(model, *, allow_large: bool = False):
     """Trace ``model`` into the qkvflow graph, annotated by the provenance pass.
 
     The tracer records every operation with named dims (no numbers); the
     provenance pass then labels the Q, K and V edges of every attention and
-    writes its sites into ``graph.graph["attention"]``.
+    writes its sites into ``graph.graph["attention"]``. A model of more than
+    100,000 nodes (about 2,000 layers) is refused unless ``allow_large``.
 
     Examples
     --------
@@ -53,7 +54,7 @@ def trace(model):
     'encoder.layers.1.norm2'
     """
     from .passes.provenance import annotate
-    return annotate(_trace(model))
+    return annotate(_trace(model, allow_large=allow_large))
 
 
 def load_model(spec):

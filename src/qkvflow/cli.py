@@ -10,7 +10,7 @@ import gc
 import sys
 from pathlib import Path
 
-from .ir.errors import QkvflowError
+from .ir.errors import ModelLoadError, QkvflowError
 
 __all__ = ["main"]
 
@@ -26,7 +26,7 @@ def _words_of(spec: str) -> list | None:
     return None
 
 
-def _model(spec: str, *, with_params: bool = False):
+def _model(spec: str, args, *, with_params: bool = False):
     """The graph of MODEL: traced from a preset, TOML file, factory or Hugging Face
     folder (``hf:PATH``), or read from a graph file written by ``qkvflow trace
     --format json``. ``with_params``: (graph, the model's own weights or None)."""
@@ -36,8 +36,24 @@ def _model(spec: str, *, with_params: bool = False):
         return (g, None) if with_params else g
     from . import load_model, trace
     model = load_model(spec)
-    g = trace(model)
+    g = trace(model, allow_large=args.allow_large)
     return (g, model.params) if with_params else g
+
+
+def _runnable(spec: str, args):
+    """(graph, the model's own weights or None) of a model about to run: one with
+    error findings is refused, its findings shown, unless --no-check."""
+    g, weights = _model(spec, args, with_params=True)
+    if not args.no_check:
+        from .passes.checks import check, has_errors
+        from .passes.formats import format_diagnostics
+        found = check(g)
+        if has_errors(found):
+            print(format_diagnostics(found, "text"), file=sys.stderr)
+            errors = sum(d.severity == "error" for d in found)
+            raise ModelLoadError(f"model {spec!r} has {errors} error finding(s) (above), so its numbers would "
+                                 "mean nothing; fix them, or pass --no-check to run it anyway")
+    return g, weights
 
 
 def _emit(text: str | bytes, out: str | None) -> None:
@@ -60,7 +76,7 @@ def cmd_presets(args) -> int:
 
 
 def cmd_trace(args) -> int:
-    g = _model(args.model)
+    g = _model(args.model, args)
     if args.format == "json":
         from .ir.graph import to_json
         _emit(to_json(g), args.output)
@@ -78,20 +94,20 @@ def cmd_check(args) -> int:
     from .passes.formats import format_diagnostics
     found = []
     for spec in args.models:
-        found.extend(check(_model(spec), strict=args.strict))
+        found.extend(check(_model(spec, args), strict=args.strict))
     _emit(format_diagnostics(found, args.format, checked=len(args.models)), args.output)
     return 1 if has_errors(found) else 0
 
 
 def cmd_explain(args) -> int:
     from .views.explain import explain
-    _emit(explain(_model(args.model), lang=args.lang, fmt=args.format), args.output)
+    _emit(explain(_model(args.model, args), lang=args.lang, fmt=args.format), args.output)
     return 0
 
 
 def cmd_render(args) -> int:
     from .views.render import render
-    render(_model(args.model), args.output, level=args.level, fmt=args.format)
+    render(_model(args.model, args), args.output, level=args.level, fmt=args.format)
     print(f"wrote {args.output}")
     return 0
 
@@ -166,6 +182,7 @@ def _run(g, args, vocab=None, words=None, weights=None) -> tuple[str, dict, dict
                          f"min {value.min():.4f}, max {value.max():.4f}")
         return "\n".join(lines), params, out
     top = min(args.top, logits.shape[-1])
+    lines.append(f"top {top} token ids per {names[-2]} position (batch row 0), as id (logit):")
     for t in range(logits.shape[1]):
         row = logits[0, t]
         best = np.argsort(-row, kind="stable")[:top]
@@ -178,7 +195,7 @@ def _run(g, args, vocab=None, words=None, weights=None) -> tuple[str, dict, dict
 
 
 def cmd_run(args) -> int:
-    g, weights = _model(args.model, with_params=True)
+    g, weights = _runnable(args.model, args)
     words = _words_of(args.model)
     vocab = {w: i for i, w in enumerate(words)} if words else None
     text, _, out = _run(g, args, vocab=vocab, words=words, weights=weights)
@@ -197,7 +214,7 @@ def cmd_run(args) -> int:
 
 def cmd_generate(args) -> int:
     from .run.generate import generate
-    g, weights = _model(args.model, with_params=True)
+    g, weights = _runnable(args.model, args)
     from .ir.graph import required_inputs
     names = required_inputs(g)
     flag = "--src" if len(names) == 2 else "--ids"
@@ -269,7 +286,7 @@ def _toml(values: dict) -> str:
 def cmd_diff(args) -> int:
     from .interop.diff import diff
     from .run.params import load_params
-    g, weights = _model(args.model, with_params=True)
+    g, weights = _model(args.model, args, with_params=True)
     params = load_params(args.params) if args.params else weights
     if params is None:
         from .ir.errors import ParamError
@@ -294,7 +311,7 @@ def cmd_demo(args) -> int:
     from .run.params import save_params
     from .views.render import render
 
-    g, weights = _model(args.model, with_params=True)
+    g, weights = _runnable(args.model, args)
     vocab_words = _words_of(args.model) or _demo_vocab(g.graph["dims"].get("vocab") or 0)
     vocab = {w: i for i, w in enumerate(vocab_words)}
     from .ir.graph import required_inputs
@@ -366,100 +383,165 @@ def _seed(text: str) -> int:
     return int(text)
 
 
+MODEL_FORMS = (
+    "MODEL is one of: a preset name (qkvflow presets); a TOML file (preset = \"tiny\" plus keys to "
+    "change); package.module:factory or path/file.py:factory (a function returning a qkvflow Model "
+    "or Config); hf:PATH, a local Hugging Face folder (config.json + safetensors); a graph file "
+    "written by 'qkvflow trace MODEL --format json'."
+)
+EXIT_CODES = "exit codes: 0 done, no error findings; 1 error findings (or diverging models, for diff); " \
+             "2 the invocation or an input could not be used (one line on stderr)."
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qkvflow", description=(
-        "Trace, check, explain, draw and run the Q/K/V dataflow of Transformer attention. "
-        "MODEL is a preset name, a TOML file, module:factory / path/file.py:factory, or a graph "
-        "file written by 'qkvflow trace MODEL --format json'."))
+        "Trace, check, explain, draw and run the Q/K/V dataflow of Transformer attention. " + MODEL_FORMS),
+        epilog=EXIT_CODES)
     from . import __version__
     p.add_argument("--version", action="version", version=f"qkvflow {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("presets", help="list the built-in models").set_defaults(fn=cmd_presets)
+    def command(name: str, summary: str, description: str = "", takes_model: bool = True):
+        q = sub.add_parser(name, help=summary, epilog=EXIT_CODES,
+                           description=" ".join(x for x in (summary[0].upper() + summary[1:] + ".", description,
+                                                             MODEL_FORMS if takes_model else "") if x))
+        if takes_model:
+            q.add_argument("--allow-large", action="store_true",
+                           help="trace a model of more than 100,000 nodes (about 2,000 layers)")
+        return q
 
-    t = sub.add_parser("trace", help="print the traced graph")
-    t.add_argument("model")
-    t.add_argument("--format", choices=("table", "json", "graphml"), default="table")
-    t.add_argument("-o", "--output")
+    command("presets", "list the built-in models", takes_model=False).set_defaults(fn=cmd_presets)
+
+    t = command("trace", "print the traced graph", "One line per node (path, op, inputs, named shape), "
+                "or the whole graph as JSON or GraphML.")
+    t.add_argument("model", metavar="MODEL")
+    t.add_argument("--format", choices=("table", "json", "graphml"), default="table", help="default: table")
+    t.add_argument("-o", "--output", metavar="FILE", help="write to FILE (atomically) instead of stdout")
     t.set_defaults(fn=cmd_trace)
 
-    c = sub.add_parser("check", help="check shapes, provenance and information flow")
+    c = command("check", "check shapes, provenance and information flow",
+                "Prints every finding with its code (QKV...), node and source line.")
     c.add_argument("models", nargs="+", metavar="MODEL")
-    c.add_argument("--format", choices=("text", "json", "sarif", "github"), default="text")
+    c.add_argument("--format", choices=("text", "json", "sarif", "github"), default="text",
+                   help="text (default), json, SARIF 2.1.0, or GitHub workflow annotations")
     c.add_argument("--strict", action="store_true", help="treat warnings as errors")
-    c.add_argument("-o", "--output")
+    c.add_argument("-o", "--output", metavar="FILE", help="write to FILE (atomically) instead of stdout")
     c.set_defaults(fn=cmd_check)
 
-    e = sub.add_parser("explain", help="the Q/K/V provenance table, from the graph")
-    e.add_argument("model")
-    e.add_argument("--lang", choices=("en", "zh"), default="en")
-    e.add_argument("--format", choices=("text", "md", "json"), default="text")
-    e.add_argument("-o", "--output")
+    e = command("explain", "the Q/K/V provenance table, from the graph",
+                "One row per kind of attention: where its queries, keys and values come from, and its mask.")
+    e.add_argument("model", metavar="MODEL")
+    e.add_argument("--lang", choices=("en", "zh"), default="en", help="language of the table (default: en)")
+    e.add_argument("--format", choices=("text", "md", "json"), default="text", help="default: text")
+    e.add_argument("-o", "--output", metavar="FILE", help="write to FILE (atomically) instead of stdout")
     e.set_defaults(fn=cmd_explain)
 
-    r = sub.add_parser("render", help="draw the dataflow (svg, png, pdf, dot, mmd)")
-    r.add_argument("model")
-    r.add_argument("-o", "--output", required=True)
-    r.add_argument("--level", choices=("block", "op"), default="block")
-    r.add_argument("--format", choices=("svg", "png", "pdf", "dot", "mmd", "json"), default=None)
+    r = command("render", "draw the dataflow (svg, png, pdf, dot, mmd, json)",
+                "The format is the output file's extension unless --format says it (then they must agree).")
+    r.add_argument("model", metavar="MODEL")
+    r.add_argument("-o", "--output", required=True, metavar="FILE", help="the diagram file to write")
+    r.add_argument("--level", choices=("block", "op"), default="block",
+                   help="block: one box per block (default); op: every operation")
+    r.add_argument("--format", choices=("svg", "png", "pdf", "dot", "mmd", "json"), default=None,
+                   help="default: from FILE's extension")
     r.set_defaults(fn=cmd_render)
 
     def run_args(q):
-        q.add_argument("--src", help='source token ids of an encoder-decoder, e.g. "5 6 7"')
-        q.add_argument("--tgt", help='target token ids of an encoder-decoder, e.g. "1 8"')
-        q.add_argument("--ids", help='token ids of a model with one input (decoder-only, encoder-only)')
-        q.add_argument("--params", help=".safetensors or .npz (default: seeded random)")
-        q.add_argument("--seed", type=_seed, default=0)
-        q.add_argument("--dtype", choices=("float64", "float32"), default="float64")
-        q.add_argument("--top", type=_positive, default=3, help="how many ids to show per position")
+        q.add_argument("--src", metavar="IDS", help='source token ids of an encoder-decoder, e.g. "5 6 7" '
+                                                    "(or words, for toy-en-zh)")
+        q.add_argument("--tgt", metavar="IDS", help='target token ids of an encoder-decoder, e.g. "1 8"')
+        q.add_argument("--ids", metavar="IDS", help="token ids of a model with one input (decoder-only, encoder-only)")
+        q.add_argument("--params", metavar="FILE", help="weights, .safetensors or .npz (default: the model's own "
+                                                        "if it has them, else seeded random)")
+        q.add_argument("--seed", type=_seed, default=0, help="of the seeded random weights (default 0)")
+        q.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="default: float64")
+        q.add_argument("--no-check", action="store_true",
+                       help="run even a model with error findings (its numbers may mean nothing)")
 
-    u = sub.add_parser("run", help="run the NumPy reference model on token ids")
-    u.add_argument("model")
+    u = command("run", "run the NumPy reference model on token ids",
+                "Prints which weights ran (seeded random unless --params or the model's own), the shape "
+                "of each output, and per position the top ids with their logits.")
+    u.add_argument("model", metavar="MODEL")
     run_args(u)
-    u.add_argument("--save-activations", help="write every node's activation (.safetensors/.npz)")
+    u.add_argument("--top", type=_positive, default=3, help="how many ids to show per position (default 3)")
+    u.add_argument("--save-activations", metavar="FILE",
+                   help="write every node's activation by node path (.safetensors or .npz)")
     u.set_defaults(fn=cmd_run)
 
-    n = sub.add_parser("generate", help="write tokens one at a time: greedy, beam search or sampling")
-    n.add_argument("model")
-    n.add_argument("--src", help='source token ids of an encoder-decoder, e.g. "5 6 7" (or words, for toy-en-zh)')
-    n.add_argument("--ids", help="the prompt of a decoder-only model")
-    n.add_argument("--params", help=".safetensors or .npz (default: the model's own, else seeded random)")
-    n.add_argument("--max-new-tokens", type=_seed, default=None,
+    n = command("generate", "write tokens one at a time: greedy, beam search or sampling",
+                "Decodes from --src (an encoder-decoder) or the prompt --ids (a decoder-only model), "
+                "incrementally with a KV cache derived from the graph.")
+    n.add_argument("model", metavar="MODEL")
+    n.add_argument("--src", metavar="IDS",
+                   help='source token ids of an encoder-decoder, e.g. "5 6 7" (or words, for toy-en-zh)')
+    n.add_argument("--ids", metavar="IDS", help="the prompt of a decoder-only model")
+    n.add_argument("--params", metavar="FILE",
+                   help="weights, .safetensors or .npz (default: the model's own, else seeded random)")
+    n.add_argument("--max-new-tokens", type=_seed, default=None, metavar="N",
                    help="at most this many new tokens (default 32, or what the model's positions leave room for)")
-    n.add_argument("--beam", type=_positive, default=1, help="beam search with N beams (default 1: greedy)")
-    n.add_argument("--length-penalty", type=float, default=1.0, help="beam score / length ** this (default 1)")
+    n.add_argument("--beam", type=_positive, default=1, metavar="N",
+                   help="beam search with N beams (default 1: greedy)")
+    n.add_argument("--length-penalty", type=_finite_float, default=1.0, metavar="X",
+                   help="beam score / length ** X (default 1)")
     n.add_argument("--sample", action="store_true", help="sample instead of the most likely token")
-    n.add_argument("--temperature", type=_temperature, default=1.0, help="with --sample: divides the logits (> 0)")
-    n.add_argument("--top-k", type=_seed, default=0, help="with --sample: among the k most likely (0: all)")
-    n.add_argument("--top-p", type=_tolerance, default=1.0, help="with --sample: in the smallest set reaching p")
-    n.add_argument("--seed", type=_seed, default=0, help="of the sampling and of seeded random weights")
-    n.add_argument("--dtype", choices=("float64", "float32"), default="float64")
+    n.add_argument("--temperature", type=_temperature, default=1.0, metavar="T",
+                   help="with --sample: divides the logits (> 0, default 1)")
+    n.add_argument("--top-k", type=_seed, default=0, metavar="K",
+                   help="with --sample: among the K most likely (default 0: all)")
+    n.add_argument("--top-p", type=_tolerance, default=1.0, metavar="P",
+                   help="with --sample: in the smallest set reaching probability P (default 1)")
+    n.add_argument("--seed", type=_seed, default=0, help="of the sampling and of seeded random weights (default 0)")
+    n.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="default: float64")
+    n.add_argument("--no-check", action="store_true",
+                   help="generate even with a model that has error findings")
     n.set_defaults(fn=cmd_generate)
 
-    i = sub.add_parser("import", help="import a local Hugging Face folder (config.json + safetensors)")
-    i.add_argument("path", help="the folder: BART, Marian, T5, GPT-2, Llama or BERT")
-    i.add_argument("-o", "--output", required=True, help="folder for model.toml and params.safetensors")
+    i = command("import", "import a local Hugging Face folder (config.json + safetensors)",
+                "Writes model.toml and params.safetensors into the output folder, both or neither.",
+                takes_model=False)
+    i.add_argument("path", metavar="PATH", help="the folder: BART, Marian, T5, GPT-2, Llama or BERT")
+    i.add_argument("-o", "--output", required=True, metavar="FOLDER",
+                   help="folder for model.toml and params.safetensors")
     i.set_defaults(fn=cmd_import)
 
-    f = sub.add_parser("diff", help="compare every node with a Hugging Face model's modules (needs torch, "
-                                    "transformers); exit 1 when they diverge")
-    f.add_argument("model", help="qkvflow's side: hf:PATH, or a preset/TOML with --params")
-    f.add_argument("--against", required=True, help="hf:PATH, the transformers side")
-    f.add_argument("--src", help="source token ids (default: seeded random ids, a padded batch of 2)")
-    f.add_argument("--tgt", help="target token ids")
-    f.add_argument("--ids", help="token ids of a model with one input")
-    f.add_argument("--params", help="qkvflow's weights (.safetensors/.npz) when MODEL has none")
-    f.add_argument("--tolerance", type=_tolerance, default=1e-6, help="largest relative error that agrees")
-    f.add_argument("-o", "--output")
+    f = command("diff", "compare every node with a Hugging Face model's modules (needs torch, transformers)",
+                "Prints the max abs and relative error of every aligned node and names the first that "
+                "diverges; exit 1 when the models diverge.")
+    f.add_argument("model", metavar="MODEL", help="qkvflow's side: hf:PATH, or a preset/TOML with --params")
+    f.add_argument("--against", required=True, metavar="hf:PATH", help="the transformers side")
+    f.add_argument("--src", metavar="IDS", help="source token ids (default: seeded random ids, a padded batch of 2)")
+    f.add_argument("--tgt", metavar="IDS", help="target token ids")
+    f.add_argument("--ids", metavar="IDS", help="token ids of a model with one input")
+    f.add_argument("--params", metavar="FILE", help="qkvflow's weights (.safetensors/.npz) when MODEL has none")
+    f.add_argument("--tolerance", type=_tolerance, default=1e-6, metavar="X",
+                   help="largest relative error that agrees (default 1e-6)")
+    f.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE instead of stdout")
     f.set_defaults(fn=cmd_diff)
 
-    d = sub.add_parser("demo", help="trace, check, explain, render and run a built-in model")
-    d.add_argument("--model", default="toy-en-zh", help="default: the shipped English -> Chinese translator")
+    d = command("demo", "trace, check, explain, render and run a built-in model",
+                "Writes graph.json, check.txt/.sarif, explain.txt, diagrams, params and the run into "
+                "the output folder, all or nothing.", takes_model=False)
+    d.add_argument("--model", default="toy-en-zh", metavar="MODEL",
+                   help="default: the shipped English -> Chinese translator; any MODEL form")
     d.add_argument("--lang", choices=("en", "zh"), default="en", help="the language of explain and the story")
-    d.add_argument("--out", default="qkvflow-demo")
+    d.add_argument("--out", default="qkvflow-demo", metavar="FOLDER", help="default: qkvflow-demo")
+    d.add_argument("--allow-large", action="store_true",
+                   help="trace a model of more than 100,000 nodes (about 2,000 layers)")
     run_args(d)
+    d.add_argument("--top", type=_positive, default=3, help="how many ids to show per position (default 3)")
     d.set_defaults(fn=cmd_demo)
     return p
+
+
+def _finite_float(text: str) -> float:
+    import math
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _tolerance(text: str) -> float:

@@ -251,7 +251,7 @@ def test_cli_run_gives_the_same_logits_as_the_api(tmp_path):
     proc = shell("run", "llama-tiny", "--ids", "5 6 7", "--top", "1")
     assert proc.returncode == 0, proc.stderr
     logits = run("llama-tiny", ids=np.array([[5, 6, 7]]))["logits"][0]
-    for t, line in enumerate(proc.stdout.splitlines()[2:]):
+    for t, line in enumerate(proc.stdout.splitlines()[3:]):  # weights, shape, column header
         assert line.strip() == f"seq[{t}]: {int(np.argmax(logits[t]))} ({logits[t].max():.3f})"
 
 

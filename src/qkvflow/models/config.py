@@ -216,6 +216,8 @@ PRESETS = {
 
 
 def preset(name: str) -> Config:
+    if not isinstance(name, str):
+        raise ConfigError(f"a preset is named by a string, got {type(name).__name__} {name!r}")
     try:
         return PRESETS[name]
     except KeyError:
@@ -238,6 +240,11 @@ def from_dict(values: dict, origin: str = "config") -> Config:
     """Build a Config from plain values, naming any unknown key or bad value."""
     fields = {f.name: f for f in dataclasses.fields(Config)}
     base = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{origin}: a config is a table of keys, got {type(values).__name__}")
+    for key in ("preset", "family"):
+        if key in values:
+            _expect(key, values[key], str, origin)
     if "preset" in values:
         base = preset(values["preset"]).as_dict()
     if "family" in values and "preset" not in values:

@@ -34,9 +34,9 @@ def _import_factory(spec: str):
         sys.modules[name] = module
         try:
             module_spec.loader.exec_module(module)
-        except QkvflowError:
+        except (QkvflowError, KeyboardInterrupt):
             raise
-        except (Exception, SystemExit) as err:  # a model file must not end the checker
+        except BaseException as err:  # a model file must not end the checker, whatever it raises
             raise ModelLoadError(f"importing {target!r} failed: {type(err).__name__}: {err}") from err
     else:
         if not target or not all(part.isidentifier() for part in target.split(".")):
@@ -45,9 +45,9 @@ def _import_factory(spec: str):
             )
         try:
             module = importlib.import_module(target)
-        except QkvflowError:
+        except (QkvflowError, KeyboardInterrupt):
             raise
-        except (Exception, SystemExit) as err:
+        except BaseException as err:
             raise ModelLoadError(
                 f"cannot import module {target!r} for MODEL {spec!r}: {type(err).__name__}: {err}"
             ) from err
@@ -73,9 +73,9 @@ def load_model(spec) -> Model:
         factory = _import_factory(spec)
         try:
             made = factory()
-        except QkvflowError:
+        except (QkvflowError, KeyboardInterrupt):
             raise
-        except (Exception, SystemExit) as err:
+        except BaseException as err:
             raise ModelLoadError(f"factory {spec!r} failed: {type(err).__name__}: {err}") from err
         if isinstance(made, Config):
             return _from_config(made)

@@ -79,11 +79,16 @@ def validate_params(g: nx.MultiDiGraph, params: dict, *, reread: bool = False) -
     An array found finite before is not read again unless ``reread``; returns
     whether every array was read now."""
     dims = g.graph["dims"]
+    specs = param_specs(g)
+    if len(params) != len(specs) or not all(k in specs for k in params):
+        _refuse_unknown_names(g, params, specs)
     read_all = True
-    for path, shape in sorted(param_specs(g).items()):
+    for path, shape in sorted(specs.items()):
         if path not in params:
             raise ParamError(f"parameter {path} {describe_shape(shape, dims)} is missing")
         value = params[path]
+        if not isinstance(value, np.ndarray):
+            raise ParamError(f"parameter {path} is a {type(value).__name__}, expected a NumPy array")
         want = _sizes(g, shape)
         if tuple(value.shape) != want:
             raise ParamError(
@@ -100,6 +105,19 @@ def validate_params(g: nx.MultiDiGraph, params: dict, *, reread: bool = False) -
             raise ParamError(f"parameter {path} contains NaN or infinite values")
         _remember_finite(value)
     return read_all
+
+
+def _refuse_unknown_names(g: nx.MultiDiGraph, params: dict, specs: dict) -> None:
+    """A name the model does not have is a ParamError naming it and the closest one it has
+    (a misspelling would otherwise leave the real parameter missing, or be ignored)."""
+    import difflib
+    for name in params:
+        if not isinstance(name, str):
+            raise ParamError(f"parameter names are strings (node paths), got {type(name).__name__} {name!r}")
+        if name not in specs:
+            close = difflib.get_close_matches(name, specs, n=1, cutoff=0.5)
+            hint = f"; the closest it has is {close[0]}" if close else ""
+            raise ParamError(f"{name} is not a parameter of model {g.graph.get('model', '?')!r}{hint}")
 
 
 def _remember_finite(value) -> None:
