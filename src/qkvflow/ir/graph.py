@@ -21,6 +21,7 @@ and the ``sites`` the provenance pass found), ``inputs``, ``outputs``,
 """
 
 import json
+import re
 
 import networkx as nx
 
@@ -61,6 +62,14 @@ def new_graph(**graph_attrs) -> nx.MultiDiGraph:
         {"attention": {}, "inputs": [], "outputs": [], "memory": None, **graph_attrs}
     )
     return g
+
+
+def expect_graph(value, caller: str = "") -> None:
+    """A GraphError unless ``value`` is a traced graph; a MODEL string gets the call that traces it."""
+    if not isinstance(value, nx.MultiDiGraph):
+        hint = f"; trace it first: qkvflow.trace(qkvflow.load_model({value!r}))" if isinstance(value, str) else ""
+        raise GraphError(f"{caller + ': ' if caller else ''}expected a traced graph (qkvflow.trace(model)), "
+                         f"got {type(value).__name__}{hint}")
 
 
 def args_of(g: nx.MultiDiGraph, node: str) -> list[tuple[str, str]]:
@@ -211,19 +220,48 @@ def to_json(g: nx.MultiDiGraph) -> str:
     return json.dumps(nx.node_link_data(g, edges="edges"), indent=1, sort_keys=True)
 
 
+# Written as escapes in GraphML: the backslash (so escaping stays one to one), the characters
+# XML 1.0 cannot carry, and CR (a parser would read it back as LF).
+_XML_UNSAFE = re.compile("[\\\\\x00-\x08\x0b-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
 def to_graphml(g: nx.MultiDiGraph) -> bytes:
-    """GraphML, with tuple and dict attributes flattened to strings."""
+    """GraphML: tuple and dict attributes flattened to strings, a missing (None) attribute
+    left out, an attribute whose values differ in type written as strings throughout (one
+    key per attribute), and every string made XML-safe by :func:`_xml_text`."""
     import io
 
     def flat(attrs: dict) -> dict:
-        return {k: v if isinstance(v, (str, int, float, bool)) else str(v) for k, v in attrs.items()}
+        return {k: v if isinstance(v, (bool, int, float)) else _xml_text(str(v))
+                for k, v in attrs.items() if v is not None}
 
-    out = nx.MultiDiGraph(model=g.graph.get("model", ""))
-    out.add_nodes_from((n, flat(d)) for n, d in g.nodes(data=True))
-    out.add_edges_from((u, v, k, flat(d)) for u, v, k, d in g.edges(keys=True, data=True))
+    def one_type(rows: list) -> list:
+        """An attribute whose values are of several types becomes a string everywhere."""
+        kinds: dict = {}
+        for attrs in rows:
+            for k, v in attrs.items():
+                kinds.setdefault(k, set()).add(type(v))
+        return [{k: str(v) if len(kinds[k]) > 1 else v for k, v in attrs.items()} for attrs in rows]
+
+    out = nx.MultiDiGraph(model=_xml_text(g.graph.get("model") or ""))
+    node_attrs = one_type([flat(d) for _, d in g.nodes(data=True)])
+    out.add_nodes_from((_xml_text(n), d) for n, d in zip(g, node_attrs))
+    edge_attrs = one_type([flat(d) for *_, d in g.edges(keys=True, data=True)])
+    out.add_edges_from((_xml_text(u), _xml_text(v), k, d)
+                       for (u, v, k), d in zip(g.edges(keys=True), edge_attrs))
     buffer = io.BytesIO()
     nx.write_graphml(out, buffer)
     return buffer.getvalue()
+
+
+def _xml_text(text: str) -> str:
+    r"""``text`` with backslashes and the characters XML cannot carry (or would turn into
+    another: CR) written as Python escapes; one to one, so distinct names stay distinct.
+
+    >>> _xml_text("a\\b\x00\r\n")
+    'a\\\\b\\x00\\r\n'
+    """
+    return _XML_UNSAFE.sub(lambda m: ascii(m.group())[1:-1], text)
 
 
 def from_json(text: str) -> nx.MultiDiGraph:

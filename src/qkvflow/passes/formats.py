@@ -1,12 +1,41 @@
-"""Findings as text: compiler-style lines, JSON, SARIF 2.1.0, GitHub annotations."""
+"""Findings as text: compiler-style lines, JSON, SARIF 2.1.0, GitHub annotations.
+
+Node paths, model names and file names come from user code, so each format
+escapes them by its own rules: text shows control characters as escapes (one
+finding, one line), JSON and SARIF are ``json.dumps`` (SARIF URIs are
+percent-encoded), and GitHub annotations follow the workflow-command escapes.
+"""
+
+import json
+import re
+from urllib.parse import quote
 
 from ..ir.errors import ConfigError
 from .checks import CODES
 from .diagnostics import Diagnostic
 
-__all__ = ["FORMATS", "format_diagnostics"]
+__all__ = ["FORMATS", "format_diagnostics", "printable"]
 
 FORMATS = ("text", "json", "sarif", "github")
+
+# Control characters (C0, DEL, C1), line and paragraph separators, bidirectional
+# controls, surrogates and the two non-characters XML cannot carry.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
+                          "\u2066-\u2069\ud800-\udfff\ufffe\uffff]")
+# GitHub workflow commands: ::kind prop=value,prop=value::message
+_GITHUB_MESSAGE = str.maketrans({"%": "%25", "\r": "%0D", "\n": "%0A"})
+_GITHUB_PROPERTY = str.maketrans({"%": "%25", "\r": "%0D", "\n": "%0A", ":": "%3A", ",": "%2C"})
+
+
+def printable(text: str) -> str:
+    r"""``text`` with each unprintable character written as its Python escape.
+
+    The result is one line, valid in XML, and reads in the order it is stored.
+
+    >>> printable("a\nb\x00c\u202ed")
+    'a\\nb\\x00c\\u202ed'
+    """
+    return _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], text)
 
 
 def _location(source: str) -> tuple[str, int] | None:
@@ -31,7 +60,7 @@ def _sarif(diagnostics: list[Diagnostic]) -> dict:
         loc = _location(d.source)
         if loc:
             result["locations"][0]["physicalLocation"] = {
-                "artifactLocation": {"uri": loc[0].replace("\\", "/")},
+                "artifactLocation": {"uri": quote(loc[0].replace("\\", "/"))},
                 "region": {"startLine": max(loc[1], 1)},
             }
         results.append(result)
@@ -51,16 +80,17 @@ def _sarif(diagnostics: list[Diagnostic]) -> dict:
 def _github(d: Diagnostic) -> str:
     kind = "error" if d.severity == "error" else "warning"
     loc = _location(d.source)
-    where = f" file={loc[0]},line={loc[1]}," if loc else " "
-    message = d.message.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-    return f"::{kind}{where.rstrip(',')}{',' if loc else ''}title={d.code}::{message} [{d.model}: {d.node}]"
+    props = {"file": loc[0], "line": str(loc[1])} if loc else {}
+    props["title"] = d.code
+    fields = ",".join(f"{name}={value.translate(_GITHUB_PROPERTY)}" for name, value in props.items())
+    message = f"{d.message} [{d.model}: {d.node}]".translate(_GITHUB_MESSAGE)
+    return f"::{kind} {fields}::{message}"
 
 
 def format_diagnostics(diagnostics: list[Diagnostic], fmt: str = "text", checked: int = 1) -> str:
     """Render findings as compiler-style text, JSON, SARIF 2.1.0 or GitHub annotations."""
-    import json
     if fmt == "text":
-        lines = [d.text() for d in diagnostics]
+        lines = [printable(d.text()) for d in diagnostics]
         errors = sum(d.severity == "error" for d in diagnostics)
         warnings = len(diagnostics) - errors
         lines.append(f"{checked} model(s) checked: {errors} error(s), {warnings} warning(s)")

@@ -9,6 +9,10 @@ styles come from one mapping, :data:`ROLE_STYLE` for edges and
 and V are blue, green and orange everywhere.
 The encoder's final output (``graph.graph["memory"]``) is drawn on its own so
 that the K and V edges into every cross-attention visibly start from it.
+
+Names come from user code, so neither writer puts one in raw: each is shown
+on one line with control characters as visible escapes (:func:`_shown`), then
+escaped by the writer's own rules; DOT and Mermaid ids are generated.
 """
 
 import os
@@ -22,6 +26,7 @@ from ..atomic import OutputError, write_atomic
 from ..ir.errors import RenderError
 from ..ir.graph import to_json
 from ..ir.ops import OPS
+from ..passes.formats import printable
 from ..passes.provenance import ensure
 from .explain import kind_names
 
@@ -68,6 +73,10 @@ _BLOCK_STYLE = {
 _MEMORY_FILL = "#f4cccc"
 _BIG = 400  # diagram nodes above which dot's layout iterations are bounded
 _BIG_EDGES = 300  # diagram edges above which they are bounded too, and edges drawn straight
+_LONG = 200  # characters of one name a diagram shows (dot 2.43 refuses quoted strings over 16 KiB)
+_DOT_ESCAPES = str.maketrans({"\\": "\\\\", "&": "&amp;", "<": "&lt;", ">": "&gt;"})
+_MERMAID_ESCAPES = str.maketrans({"#": "#35;", '"': "#quot;", "<": "#lt;", ">": "#gt;", "&": "#amp;",
+                                  ";": "#59;", "`": "#96;", "%": "#37;"})
 
 
 @dataclass
@@ -122,6 +131,14 @@ def _streams(g: nx.MultiDiGraph) -> list:
     """The model's streams, then any other stream a node names."""
     named = [d.get("stream") for _, d in g.nodes(data=True) if d.get("stream")]
     return list(dict.fromkeys([*g.graph.get("streams", []), *named]))
+
+
+def _shown(text: str) -> str:
+    """A user string as a diagram shows it: one line, unprintable characters as escapes,
+    at most ``_LONG`` characters (its start and its end)."""
+    if len(text) > _LONG:
+        text = text[:_LONG // 2] + "…" + text[-(_LONG // 2 - 1):]
+    return printable(text)
 
 
 def _relative(path: str, stream: str | None) -> str:
@@ -238,6 +255,7 @@ def _to_dot(diagram: _Diagram, title: str, level: str) -> str:
         import graphviz
     except ImportError as err:
         raise RenderError("the graphviz Python package is needed to draw; pip install graphviz") from err
+    title = _dot_text(title)
     graph_attr = {"rankdir": "TB", "label": title, "labelloc": "t", "fontname": "Helvetica",
                   "nodesep": "0.3", "ranksep": "0.45" if level == "block" else "0.3"}
     if len(diagram.nodes) > _BIG:
@@ -257,16 +275,18 @@ def _to_dot(diagram: _Diagram, title: str, level: str) -> str:
     by_cluster: dict = {}
     for nid, node in diagram.nodes.items():
         by_cluster.setdefault(node.cluster, {}).setdefault(node.group, []).append(nid)
-    for cluster, groups in by_cluster.items():
+    for i, (cluster, groups) in enumerate(by_cluster.items()):
         if cluster is None:
             _dot_nodes(dot, diagram, groups)
             continue
-        with dot.subgraph(name=f"cluster_{cluster}") as sub:
-            sub.attr(label=_cluster_label(cluster), style="rounded", color="#999999")
+        # The two usual streams keep readable names; any other stream's name is user text.
+        name = f"cluster_{cluster}" if cluster in ("encoder", "decoder") else f"cluster_{i}"
+        with dot.subgraph(name=name) as sub:
+            sub.attr(label=_dot_text(_cluster_label(cluster)), style="rounded", color="#999999")
             _dot_nodes(sub, diagram, groups)
     for (tail, head, role), edge in diagram.edges.items():
         colour, style, width, _ = ROLE_STYLE[role]
-        dot.edge(tail, head, label=edge.label or None, color=colour, fontcolor=colour,
+        dot.edge(tail, head, label=_dot_text(edge.label) or None, color=colour, fontcolor=colour,
                  style=style, penwidth=str(width), constraint="false" if edge.free else None,
                  **{"class": role})
     with dot.subgraph(name="cluster_legend") as sub:
@@ -282,18 +302,24 @@ def _dot_nodes(dot, diagram: _Diagram, groups: dict) -> None:
             for nid in nids:
                 _dot_node(dot, nid, diagram.nodes[nid])
             continue
-        name = "cluster_" + re.sub(r"\W", "_", group)
-        with dot.subgraph(name=name) as sub:
-            sub.attr(label=_relative(group, diagram.nodes[nids[0]].cluster),
+        with dot.subgraph(name=f"cluster_{nids[0]}") as sub:  # named after its first node: unique
+            sub.attr(label=_dot_text(_relative(group, diagram.nodes[nids[0]].cluster)),
                      style="dashed,rounded", color="#bbbbbb", fontsize="9")
             for nid in nids:
                 _dot_node(sub, nid, diagram.nodes[nid])
 
 
 def _dot_node(dot, nid: str, node: _Node) -> None:
-    label = "\\n".join(line.replace("\\", "\\\\") for line in node.label)
-    dot.node(nid, label=label, shape=node.shape, fillcolor=node.fill, id=node.path,
-             tooltip=node.path, penwidth="2.5" if node.bold else None)
+    path = _dot_text(node.path)
+    dot.node(nid, label=_dot_text(*node.label), shape=node.shape, fillcolor=node.fill, id=path,
+             tooltip=path, penwidth="2.5" if node.bold else None)
+
+
+def _dot_text(*lines: str) -> str:
+    """Lines of user text as one DOT escString: backslashes doubled, so none starts an
+    escape but the line breaks; ``&``, ``<`` and ``>`` as entities, so it is never
+    read as an entity or an HTML label. The graphviz package quotes it, escaping ``"``."""
+    return "\\n".join(_shown(line).translate(_DOT_ESCAPES) for line in lines)
 
 
 def _pipe(source: str, fmt: str) -> str | bytes:
@@ -318,7 +344,9 @@ def _pipe(source: str, fmt: str) -> str | bytes:
 
 
 def _mermaid_id(path: str, taken: set) -> str:
-    base = "n_" + re.sub(r"\W", "_", path)
+    """``n_`` and the path with each character but ASCII letters, digits and ``_`` as ``_``,
+    numbered when taken."""
+    base = "n_" + re.sub(r"\W", "_", path[:_LONG], flags=re.ASCII)
     nid, i = base, 1
     while nid in taken:
         nid, i = f"{base}_{i}", i + 1
@@ -327,13 +355,16 @@ def _mermaid_id(path: str, taken: set) -> str:
 
 
 def _mermaid_text(text: str) -> str:
-    return text.replace('"', "#quot;").replace("<", "#lt;").replace(">", "#gt;")
+    """User text inside a quoted Mermaid label: characters Mermaid, HTML or Markdown would read
+    as syntax written as Mermaid entity codes (``#quot;``, ``#35;``)."""
+    return _shown(text).translate(_MERMAID_ESCAPES)
 
 
 def _to_mermaid(diagram: _Diagram, title: str) -> str:
     taken: set = set()
     ids = {nid: _mermaid_id(node.path, taken) for nid, node in diagram.nodes.items()}
-    lines = ["flowchart TB", f"  %% {title}: Q blue, K green, V orange, residual dashed, mask dotted"]
+    legend = "Q blue, K green, V orange, residual dashed, mask dotted"
+    lines = ["flowchart TB", f"  %% {_mermaid_text(title)}: {legend}"]
     for i, cluster in enumerate([*diagram.streams, None]):
         members = [nid for nid, node in diagram.nodes.items() if node.cluster == cluster]
         indent = "    " if cluster else "  "
