@@ -304,7 +304,7 @@ def load_toml(path: str | Path) -> Config:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as err:
+    except (OSError, UnicodeDecodeError, ValueError) as err:  # ValueError: a NUL in the name
         raise ConfigError(f"config file {str(path)!r} cannot be read: {err}") from None
     try:
         values = tomllib.loads(text)

@@ -43,8 +43,7 @@ import collections
 import networkx as nx
 
 from ..ir.dims import dim_table
-from ..ir.errors import GraphError
-from ..ir.graph import softmax_logits
+from ..ir.graph import expect_graph, softmax_logits
 from ..ir.ops import Group, in_group
 
 __all__ = ["annotate", "ensure"]
@@ -71,8 +70,7 @@ def ensure(g: nx.MultiDiGraph) -> nx.MultiDiGraph:
     the bare tracer, another front-end, or with its sites stripped) gets
     the same facts; recorded sites are kept, and lint checks them.
     """
-    if not isinstance(g, nx.MultiDiGraph):
-        raise GraphError(f"expected a traced graph (qkvflow.trace(model)), got {type(g).__name__}")
+    expect_graph(g)
     if any("sites" not in record for record in g.graph.get("attention", {}).values()):
         annotate(g)
     return g

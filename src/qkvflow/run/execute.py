@@ -11,16 +11,17 @@ It never re-runs model-building code. Checking has two layers:
   cost of checking small (measured in ``benchmarks/``).
 """
 
+import math
 import weakref
 
 import networkx as nx
 import numpy as np
 
 from ..ir.dims import describe_shape, size_of
-from ..ir.errors import ExecutionError, GraphError, InputError, ParamError, QkvflowError
-from ..ir.graph import arg_nodes, check_well_formed, execution_order, param_path, vocabulary_of
+from ..ir.errors import ExecutionError, InputError, ParamError, QkvflowError
+from ..ir.graph import arg_nodes, check_well_formed, execution_order, expect_graph, param_path, vocabulary_of
 from ..ir.ops import spec
-from .params import all_finite, param_specs, validate_params
+from .params import all_finite, check_fits, param_specs, validate_params
 
 __all__ = ["Executor", "forward"]
 
@@ -108,8 +109,7 @@ class Executor:
     """
 
     def __init__(self, graph: nx.MultiDiGraph, params: dict, *, dtype="float64", check: bool = True):
-        if not isinstance(graph, nx.MultiDiGraph):
-            raise GraphError(f"expected a traced graph (qkvflow.trace(model)), got {type(graph).__name__}")
+        expect_graph(graph)
         if str(dtype) not in ("float64", "float32") and dtype not in (np.float64, np.float32):
             raise ParamError(f"dtype {dtype!r} is not supported; use float64 or float32")
         if not isinstance(params, dict):
@@ -196,6 +196,9 @@ class Executor:
         run_key = ("run", self.dtype.char, only is None, tuple(sorted(
             (k, v) for k, v in sizes.items() if isinstance(v, int))))
         verify = self.check and run_key not in self.seen
+        if ("fits",) + run_key not in self.seen:
+            self._check_fits(sizes)
+            self.seen.add(("fits",) + run_key)
         expected = self.shapes.get(run_key)
         if expected is None:
             expected, bound = {}, sum(v is not None for v in sizes.values())
@@ -237,6 +240,18 @@ class Executor:
         if capture:
             result["activations"] = values
         return result
+
+    def _check_fits(self, sizes: dict) -> None:
+        """Before anything is computed: the largest value of this run fits in memory."""
+        largest, node, names = 0, None, ()
+        for step in self.plan:
+            dims = [size_of(n, sizes) for n in step[5]]
+            if None not in dims and math.prod(dims) > largest:
+                largest, node, names = math.prod(dims), step[0], step[5]
+        try:
+            check_fits(largest * self.dtype.itemsize, f"node {node}'s value {describe_shape(names, sizes)} would")
+        except ParamError as err:
+            raise InputError(f"this run is too large: {err}") from None
 
     @staticmethod
     def _check_shape(node: str, names: tuple, out: np.ndarray, sizes: dict, source: str,
@@ -296,8 +311,7 @@ def forward(graph: nx.MultiDiGraph, params: dict, *inputs, dtype="float64",
     >>> out["logits"].shape
     (1, 2, 41)
     """
-    if not isinstance(graph, nx.MultiDiGraph):
-        raise GraphError(f"forward: expected a traced graph (qkvflow.trace(model)), got {type(graph).__name__}")
+    expect_graph(graph, "forward")
     names = [graph.nodes[n]["attrs"]["name"] for n in graph.graph["inputs"]]
     if len(inputs) > len(names):
         raise InputError(f"forward got {len(inputs)} positional inputs; the model takes "

@@ -5,6 +5,7 @@ read through pickle. Writes are atomic (a temporary file, then a rename).
 """
 
 import io
+import math
 import os
 import weakref
 from pathlib import Path
@@ -42,12 +43,24 @@ def init_params(g: nx.MultiDiGraph, seed: int = 0, dtype="float64") -> dict[str,
     embeddings ~ N(0, 1/d_model), learned positions ~ N(0, 0.02); norm
     weights 1; biases 0.
     """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ParamError(f"seed must be a non-negative integer, got {seed!r}")
+    if str(dtype) not in ("float64", "float32") and dtype not in (np.float64, np.float32):
+        raise ParamError(f"dtype {dtype!r} is not supported; use float64 or float32")
+    owners = sorted(_owners(g).items())
+    shapes = {}
+    for path, (_, _, shape) in owners:
+        shapes[path] = _sizes(g, shape)
+        if any(s is None or s <= 0 for s in shapes[path]):
+            raise ParamError(f"parameter {path} has shape {shape} without positive sizes")
+    counts = [math.prod(s) for s in shapes.values()]
+    # all of them in dtype, and the largest drawn in float64 before its cast
+    check_fits(sum(counts) * np.dtype(dtype).itemsize + 8 * max(counts, default=0),
+               f"the parameters of model {g.graph.get('model', '?')!r}")
     rng = np.random.default_rng(seed)
     out = {}
-    for path, (node, leaf, shape) in sorted(_owners(g).items()):
-        sizes = _sizes(g, shape)
-        if any(s is None or s <= 0 for s in sizes):
-            raise ParamError(f"parameter {path} has shape {shape} without positive sizes")
+    for path, (node, leaf, shape) in owners:
+        sizes = shapes[path]
         op = g.nodes[node]["op"]
         init = g.nodes[node]["attrs"].get("init") or spec(op).init.get(leaf)
         if init is None:
@@ -64,6 +77,30 @@ def init_params(g: nx.MultiDiGraph, seed: int = 0, dtype="float64") -> dict[str,
             value = rng.normal(0.0, sizes[-1] ** -0.5, sizes)
         out[path] = value.astype(dtype)
     return out
+
+
+def memory_available() -> int | None:
+    """Bytes of memory this machine can still give, or None where that cannot be read."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(nbytes: int, what: str) -> None:
+    """A ParamError when ``nbytes`` exceed the memory available: said before allocating,
+    instead of a MemoryError, or the operating system ending the process."""
+    have = memory_available()
+    if have is not None and nbytes > have:
+        raise ParamError(f"{what} need {_bytes(nbytes)}; this machine has {_bytes(have)} of memory available")
+
+
+def _bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1024 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} EB"
 
 
 # Arrays already read and found finite, by id: the weak reference tells a reused id apart
@@ -142,13 +179,13 @@ def all_finite(value: np.ndarray) -> bool:
 def save_params(params: dict, path: str | os.PathLike) -> Path:
     """Write ``params`` to ``.safetensors`` or ``.npz`` atomically."""
     path = Path(path)
-    arrays = {k: np.ascontiguousarray(v) for k, v in params.items()}
+    arrays = _plain_arrays(params)
     suffix = path.suffix.lower()
     if suffix not in (".safetensors", ".npz"):
         raise ParamError(f"cannot save parameters to {str(path)!r}: use a .safetensors or .npz file")
     if suffix == ".npz":
         buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
+        np.savez(buffer, allow_pickle=False, **arrays)
         payload = buffer.getvalue()
     else:
         from safetensors.numpy import save
@@ -158,6 +195,26 @@ def save_params(params: dict, path: str | os.PathLike) -> Path:
     except OutputError as err:
         raise ParamError(str(err)) from None
     return path
+
+
+def _plain_arrays(params) -> dict:
+    """name -> contiguous numeric array; anything a file could only hold through pickle
+    (objects, strings, ragged lists) is a ParamError naming it."""
+    if not isinstance(params, dict):
+        raise ParamError(f"params must be a dict of name -> array, got {type(params).__name__}")
+    arrays = {}
+    for name, value in params.items():
+        if not isinstance(name, str) or not name:
+            raise ParamError(f"parameter names are non-empty strings, got {type(name).__name__} {name!r}")
+        try:
+            array = np.ascontiguousarray(value)
+        except (ValueError, TypeError) as err:
+            raise ParamError(f"parameter {name} is not an array of one shape: {err}") from None
+        if array.dtype.kind not in "biuf":
+            raise ParamError(f"parameter {name} has dtype {array.dtype}, expected numbers (bool, int or float); "
+                             "other values would need pickle, which qkvflow never writes")
+        arrays[name] = array
+    return arrays
 
 
 def load_params(path: str | os.PathLike) -> dict[str, np.ndarray]:

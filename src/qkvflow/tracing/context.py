@@ -251,7 +251,20 @@ def eager(model: Model, params: dict, feeds: dict, dtype="float64"):
     """
     import numpy as np
 
+    from ..ir.errors import InputError, ParamError
+
+    def arrays(values, what: str, error, **kw) -> dict:
+        if not isinstance(values, dict):
+            raise error(f"eager: {what} must be a dict of name -> array, got {type(values).__name__}")
+        try:
+            return {k: np.asarray(v, **kw) for k, v in values.items()}
+        except (ValueError, TypeError) as err:
+            raise error(f"eager: {what} holds a value that is not an array of one shape: {err}") from None
+
+    if str(dtype) not in ("float64", "float32"):
+        raise ParamError(f"dtype {dtype!r} is not supported; use float64 or float32")
     sizes = dict(model.dims)
-    ctx = Eager(sizes, {k: np.asarray(v, dtype=dtype) for k, v in params.items()}, feeds, np.dtype(dtype))
+    ctx = Eager(sizes, arrays(params, "params", ParamError, dtype=dtype), arrays(feeds, "feeds", InputError),
+                np.dtype(dtype))
     with activate(ctx):
         return model.build()
