@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: venv demo test diagrams bench clean
+.PHONY: venv demo test diagrams screenshot bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -26,6 +26,14 @@ diagrams: $(STAMP)
 	$(BIN)/qkvflow render vaswani-base -o diagrams/vaswani-base.svg
 	$(BIN)/qkvflow render vaswani-base -o diagrams/vaswani-base.mmd
 	$(BIN)/qkvflow render vaswani-base -o diagrams/vaswani-base.dot
+	$(BIN)/qkvflow run toy-en-zh --src "I love China <eos>" --tgt "<bos> 我 爱 中国" \
+	  --attention diagrams/toy-en-zh-attention.svg >/dev/null
+	$(BIN)/qkvflow run toy-en-zh --src "I love China <eos>" --tgt "<bos> 我 爱 中国" \
+	  --attention diagrams/toy-en-zh-attention.png >/dev/null
+
+# The report in headless Chromium (Debian's chromium, pip install playwright), kept as a picture.
+screenshot: $(STAMP)
+	QKVFLOW_SCREENSHOT=$(CURDIR)/diagrams/report.png $(BIN)/python -m pytest -q tests/views/test_report.py -k chromium
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cold_start.py

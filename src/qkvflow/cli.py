@@ -1,8 +1,8 @@
 """The ``qkvflow`` command line.
 
 Exit codes: 0 clean, 1 findings of severity error, 2 the invocation or the
-input could not be used (one line on stderr, never a traceback). Stages are
-imported only by the subcommands that need them.
+input could not be used (one line on stderr, never a traceback), 3 a bug in
+qkvflow (one line too). Stages are imported only by the subcommands that need them.
 """
 
 import argparse
@@ -167,8 +167,14 @@ def _run(g, args, vocab=None, words=None, weights=None) -> tuple[str, dict, dict
     from .run.execute import forward
     feeds = _feeds(g, args, vocab)
     params, said = _weights(g, args, weights)
-    out = forward(g, params, dtype=args.dtype, capture=bool(getattr(args, "save_activations", None)), **feeds)
+    attention = getattr(args, "attention", None)
+    out = forward(g, params, dtype=args.dtype, capture=bool(getattr(args, "save_activations", None) or attention),
+                  **feeds)
     lines = [said]
+    if attention:
+        _heatmaps(g, out["activations"], feeds, attention, words, args)
+        lines.append(f"wrote {attention} (attention weights of batch row 0, "
+                     f"{'head ' + str(args.head) if args.head is not None else 'averaged over the heads'})")
     for node in g.graph["outputs"]:
         name, names = g.nodes[node]["attrs"]["name"], g.nodes[node]["shape"]
         lines.append(f"{name}: shape {out[name].shape} ({', '.join(names)}), dtype {out[name].dtype}")
@@ -192,6 +198,73 @@ def _run(g, args, vocab=None, words=None, weights=None) -> tuple[str, dict, dict
         )
         lines.append(f"  {names[-2]}[{t}]: {shown}")
     return "\n".join(lines), params, out
+
+
+def _tokens(g, feeds: dict, words: list | None) -> dict:
+    """Sequence dim -> the labels of batch row 0's positions (words where known, else ids)."""
+    tokens = {}
+    for node in g.graph["inputs"]:
+        name, names = g.nodes[node]["attrs"]["name"], g.nodes[node]["shape"]
+        if name in feeds and names and names[-1] in g.graph.get("sequences", {}):
+            ids = [int(t) for t in feeds[name][0]]
+            tokens[names[-1]] = [words[t] if words and t < len(words) else str(t) for t in ids]
+    return tokens
+
+
+def _heatmaps(g, activations: dict, feeds: dict, path: str, words: list | None, args) -> None:
+    from .views.heatmaps import attention_maps, plot_attention
+    maps = attention_maps(g, activations, head=args.head)
+    plot_attention(maps, path, tokens=_tokens(g, feeds, words), title=f"{g.graph.get('model', '')}: attention weights")
+
+
+def _stats(node: str, value) -> dict:
+    """Summary of one activation; masked scores (-inf) are counted, not averaged."""
+    import numpy as np
+    finite = value[np.isfinite(value)]
+    row = {"path": node, "shape": str(value.shape)}
+    if finite.size:
+        row.update(mean=f"{finite.mean():.4g}", std=f"{finite.std():.4g}", min=f"{finite.min():.4g}",
+                   max=f"{finite.max():.4g}")
+    if finite.size < value.size:
+        row["shape"] += f", {value.size - finite.size} not finite (masked)"
+    return row
+
+
+def cmd_report(args) -> int:
+    import numpy as np
+
+    from .passes.checks import check
+    from .views.explain import explain
+    from .views.render import render
+    from .views.report import html_report, node_details
+    import json
+    g, weights = _model(args.model, args, with_params=True)
+    found = check(g)
+    diagrams = {level: render(g, level=level, fmt="svg") for level in ("block", "op")
+                if level == "block" or g.number_of_nodes() <= args.op_limit}
+    provenance = {lang: json.loads(explain(g, lang=lang, fmt="json"))["rows"] for lang in ("en", "zh")}
+    heatmaps, stats, note, sizes = None, None, "", {}
+    if args.src or args.ids:
+        if any(d.severity == "error" for d in found) and not args.no_check:
+            raise ModelLoadError(f"model {args.model!r} has error findings, so a run of it would mean nothing; "
+                                 "report it without --src/--ids, or pass --no-check")
+        from .run.execute import forward
+        from .views.heatmaps import attention_maps, draw_attention
+        words = _words_of(args.model)
+        feeds = _feeds(g, args, {w: i for i, w in enumerate(words)} if words else None)
+        params, note = _weights(g, args, weights)
+        acts = forward(g, params, dtype=args.dtype, capture=True, **feeds)["activations"]
+        sizes = {d: n for node in g.graph["inputs"] if g.nodes[node]["attrs"]["name"] in feeds
+                 for d, n in zip(g.nodes[node]["shape"], feeds[g.nodes[node]["attrs"]["name"]].shape)}
+        heatmaps = draw_attention(attention_maps(g, acts), "svg", tokens=_tokens(g, feeds, words),
+                                  title="attention weights, batch row 0, averaged over the heads").decode("utf-8")
+        stats = [_stats(n, v) for n, v in acts.items() if isinstance(v, np.ndarray) and v.dtype.kind == "f" and v.size]
+    page = html_report(title=f"qkvflow report: {g.graph.get('model') or args.model}", diagrams=diagrams,
+                       details=node_details(g, sizes), provenance=provenance,
+                       findings=[d.as_dict() for d in found], heatmaps=heatmaps, stats=stats, run_note=note)
+    _emit(page, args.output)
+    print(f"wrote {args.output}")
+    return 1 if any(d.severity == "error" for d in found) else 0
 
 
 def cmd_run(args) -> int:
@@ -240,10 +313,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from .atomic import write_atomic
+    from .atomic import OutputError, staged_folder, write_atomic
     from .interop.hf import import_hf
     from .run.params import save_params
-    from .atomic import OutputError
     if not args.output.strip():
         raise OutputError("-o is empty; give the folder to write model.toml and params.safetensors into")
     out = Path(args.output)
@@ -253,13 +325,10 @@ def cmd_import(args) -> int:
         if (out / name).is_dir():
             raise OutputError(f"{str(out / name)!r} is a folder; cannot write the file {name} there")
     imported = import_hf(args.path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputError(f"cannot create the output folder {str(out)!r}: {err.strerror}") from None
     cfg = imported.config
-    write_atomic(out / "model.toml", _toml(cfg.as_dict()))
-    save_params(imported.params, out / "params.safetensors")
+    with staged_folder(out) as stage:  # both files or neither
+        write_atomic(stage / "model.toml", _toml(cfg.as_dict()))
+        save_params(imported.params, stage / "params.safetensors")
     size = sum(v.nbytes for v in imported.params.values())
     print(f"imported {cfg.family} model {cfg.name!r} from {args.path}: {len(imported.params)} tensors, "
           f"{size / 2**20:.1f} MB")
@@ -302,49 +371,33 @@ def _demo_vocab(size: int) -> list[str]:
     return words + [f"w{i}" for i in range(len(words), size)]
 
 
-def cmd_demo(args) -> int:
+def _demo_files(g, args, stage: Path, vocab: dict, vocab_words: list, weights) -> tuple[list[str], bool]:
+    """Write the demo's files into ``stage``, printing each stage's result: (their names,
+    whether the check found errors)."""
     from .atomic import write_atomic
+    from .ir.graph import to_json
     from .passes.checks import check
     from .passes.formats import format_diagnostics
-    from .views.explain import explain
-    from .ir.graph import to_json
     from .run.params import save_params
+    from .views.explain import explain
     from .views.render import render
-
-    g, weights = _runnable(args.model, args)
-    vocab_words = _words_of(args.model) or _demo_vocab(g.graph["dims"].get("vocab") or 0)
-    vocab = {w: i for i, w in enumerate(vocab_words)}
-    from .ir.graph import required_inputs
-    if len(required_inputs(g)) == 2:
-        args.src, args.tgt = args.src or DEMO_SRC, args.tgt or DEMO_TGT
-    else:
-        args.ids = args.ids or f"{DEMO_TGT}"
-    _feeds(g, args, vocab)  # unusable inputs stop the demo before it writes anything
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        from .atomic import OutputError
-        raise OutputError(f"cannot create the demo folder {str(out)!r}: {err.strerror}") from None
-    print(f"qkvflow demo: model {args.model!r}, {g.number_of_nodes()} nodes, "
-          f"{g.number_of_edges()} edges -> {out}/")
-    write_atomic(out / "graph.json", to_json(g))
+    write_atomic(stage / "graph.json", to_json(g))
     found = check(g)
     report = format_diagnostics(found, "text")
-    write_atomic(out / "check.txt", report + "\n")
-    write_atomic(out / "check.sarif", format_diagnostics(found, "sarif"))
+    write_atomic(stage / "check.txt", report + "\n")
+    write_atomic(stage / "check.sarif", format_diagnostics(found, "sarif"))
     print("\n== check\n" + report)
     table = explain(g, lang=args.lang)
-    write_atomic(out / "explain.txt", explain(g) + "\n")
-    write_atomic(out / "explain.zh.txt", explain(g, lang="zh") + "\n")
+    write_atomic(stage / "explain.txt", explain(g) + "\n")
+    write_atomic(stage / "explain.zh.txt", explain(g, lang="zh") + "\n")
     print("\n== explain\n" + table)
     written = []
     for name, level in (("dataflow.dot", "block"), ("dataflow.mmd", "block"), ("dataflow-op.dot", "op")):
-        render(g, out / name, level=level)
+        render(g, stage / name, level=level)
         written.append(name)
     for name, level in (("dataflow.svg", "block"), ("dataflow-op.svg", "op")):
         try:
-            render(g, out / name, level=level)
+            render(g, stage / name, level=level)
             written.append(name)
         except QkvflowError as err:
             print(f"note: {name} skipped: {err}")
@@ -353,7 +406,7 @@ def cmd_demo(args) -> int:
     size = sum(v.nbytes for v in params.values())
     files = ["graph.json", "check.txt", "check.sarif", "explain.txt", "explain.zh.txt"] + written
     if size <= 64 * 2**20:
-        save_params(params, out / "params.safetensors")
+        save_params(params, stage / "params.safetensors")
         files.append("params.safetensors")
     else:
         print(f"note: params.safetensors skipped ({size / 2**20:.0f} MB of seeded random weights)")
@@ -364,11 +417,30 @@ def cmd_demo(args) -> int:
     if args.model == "toy-en-zh" and weights is not None and not args.params:
         from .demo import story
         told = story(" ".join(args.src.split()[:-1]) if args.src.endswith("<eos>") else args.src, args.lang)
-        write_atomic(out / "translate.txt", told + "\n")
+        write_atomic(stage / "translate.txt", told + "\n")
         files.append("translate.txt")
         print("\n== translate: the decoder writes one word at a time\n" + told)
+    return files, any(d.severity == "error" for d in found)
+
+
+def cmd_demo(args) -> int:
+    from .atomic import staged_folder
+    g, weights = _runnable(args.model, args)
+    vocab_words = _words_of(args.model) or _demo_vocab(g.graph["dims"].get("vocab") or 0)
+    vocab = {w: i for i, w in enumerate(vocab_words)}
+    from .ir.graph import required_inputs
+    if len(required_inputs(g)) == 2:
+        args.src, args.tgt = args.src or DEMO_SRC, args.tgt or DEMO_TGT
+    else:
+        args.ids = args.ids or f"{DEMO_TGT}"
+    _feeds(g, args, vocab)  # unusable inputs stop the demo before it writes anything
+    out = Path(args.out)
+    print(f"qkvflow demo: model {args.model!r}, {g.number_of_nodes()} nodes, "
+          f"{g.number_of_edges()} edges -> {out}/")
+    with staged_folder(out) as stage:  # every file appears in out, or none does
+        files, errors = _demo_files(g, args, stage, vocab, vocab_words, weights)
     print(f"\nwrote {', '.join(files)} to {out}/")
-    return 1 if any(d.severity == "error" for d in found) else 0
+    return 1 if errors else 0
 
 
 def _positive(text: str) -> int:
@@ -389,6 +461,7 @@ MODEL_FORMS = (
     "or Config); hf:PATH, a local Hugging Face folder (config.json + safetensors); a graph file "
     "written by 'qkvflow trace MODEL --format json'."
 )
+MODEL_HELP = "a preset, TOML file, module:factory, hf:PATH or graph .json (the forms above)"
 EXIT_CODES = "exit codes: 0 done, no error findings; 1 error findings (or diverging models, for diff); " \
              "2 the invocation or an input could not be used (one line on stderr)."
 
@@ -414,14 +487,14 @@ def _parser() -> argparse.ArgumentParser:
 
     t = command("trace", "print the traced graph", "One line per node (path, op, inputs, named shape), "
                 "or the whole graph as JSON or GraphML.")
-    t.add_argument("model", metavar="MODEL")
+    t.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     t.add_argument("--format", choices=("table", "json", "graphml"), default="table", help="default: table")
     t.add_argument("-o", "--output", metavar="FILE", help="write to FILE (atomically) instead of stdout")
     t.set_defaults(fn=cmd_trace)
 
     c = command("check", "check shapes, provenance and information flow",
                 "Prints every finding with its code (QKV...), node and source line.")
-    c.add_argument("models", nargs="+", metavar="MODEL")
+    c.add_argument("models", nargs="+", metavar="MODEL", help="one or more; " + MODEL_HELP)
     c.add_argument("--format", choices=("text", "json", "sarif", "github"), default="text",
                    help="text (default), json, SARIF 2.1.0, or GitHub workflow annotations")
     c.add_argument("--strict", action="store_true", help="treat warnings as errors")
@@ -430,7 +503,7 @@ def _parser() -> argparse.ArgumentParser:
 
     e = command("explain", "the Q/K/V provenance table, from the graph",
                 "One row per kind of attention: where its queries, keys and values come from, and its mask.")
-    e.add_argument("model", metavar="MODEL")
+    e.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     e.add_argument("--lang", choices=("en", "zh"), default="en", help="language of the table (default: en)")
     e.add_argument("--format", choices=("text", "md", "json"), default="text", help="default: text")
     e.add_argument("-o", "--output", metavar="FILE", help="write to FILE (atomically) instead of stdout")
@@ -438,7 +511,7 @@ def _parser() -> argparse.ArgumentParser:
 
     r = command("render", "draw the dataflow (svg, png, pdf, dot, mmd, json)",
                 "The format is the output file's extension unless --format says it (then they must agree).")
-    r.add_argument("model", metavar="MODEL")
+    r.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     r.add_argument("-o", "--output", required=True, metavar="FILE", help="the diagram file to write")
     r.add_argument("--level", choices=("block", "op"), default="block",
                    help="block: one box per block (default); op: every operation")
@@ -461,17 +534,21 @@ def _parser() -> argparse.ArgumentParser:
     u = command("run", "run the NumPy reference model on token ids",
                 "Prints which weights ran (seeded random unless --params or the model's own), the shape "
                 "of each output, and per position the top ids with their logits.")
-    u.add_argument("model", metavar="MODEL")
+    u.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     run_args(u)
     u.add_argument("--top", type=_positive, default=3, help="how many ids to show per position (default 3)")
     u.add_argument("--save-activations", metavar="FILE",
                    help="write every node's activation by node path (.safetensors or .npz)")
+    u.add_argument("--attention", metavar="FILE", help="draw every attention's weights as heatmaps, a row per "
+                   "kind and a column per layer (.png or .svg; needs matplotlib)")
+    u.add_argument("--head", type=_seed, default=None, metavar="N",
+                   help="with --attention: head N's weights (default: averaged over the heads)")
     u.set_defaults(fn=cmd_run)
 
     n = command("generate", "write tokens one at a time: greedy, beam search or sampling",
                 "Decodes from --src (an encoder-decoder) or the prompt --ids (a decoder-only model), "
                 "incrementally with a KV cache derived from the graph.")
-    n.add_argument("model", metavar="MODEL")
+    n.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     n.add_argument("--src", metavar="IDS",
                    help='source token ids of an encoder-decoder, e.g. "5 6 7" (or words, for toy-en-zh)')
     n.add_argument("--ids", metavar="IDS", help="the prompt of a decoder-only model")
@@ -495,6 +572,17 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--no-check", action="store_true",
                    help="generate even with a model that has error findings")
     n.set_defaults(fn=cmd_generate)
+
+    o = command("report", "one self-contained HTML report: diagrams, provenance, findings, a run",
+                "Diagrams at block and op level (zoom, pan, click a node for its path, op, shape, source "
+                "and parameters), the Q/K/V table in English and Chinese, the findings with their source "
+                "lines; with token ids, the attention heatmaps and every node's activation statistics.")
+    o.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    o.add_argument("-o", "--output", required=True, metavar="FILE", help="the .html file to write")
+    run_args(o)
+    o.add_argument("--op-limit", type=_positive, default=1500, metavar="N",
+                   help="draw the op-level diagram only for graphs of at most N nodes (default 1500)")
+    o.set_defaults(fn=cmd_report)
 
     i = command("import", "import a local Hugging Face folder (config.json + safetensors)",
                 "Writes model.toml and params.safetensors into the output folder, both or neither.",
@@ -520,13 +608,11 @@ def _parser() -> argparse.ArgumentParser:
 
     d = command("demo", "trace, check, explain, render and run a built-in model",
                 "Writes graph.json, check.txt/.sarif, explain.txt, diagrams, params and the run into "
-                "the output folder, all or nothing.", takes_model=False)
+                "the output folder, all or nothing.")
     d.add_argument("--model", default="toy-en-zh", metavar="MODEL",
                    help="default: the shipped English -> Chinese translator; any MODEL form")
     d.add_argument("--lang", choices=("en", "zh"), default="en", help="the language of explain and the story")
     d.add_argument("--out", default="qkvflow-demo", metavar="FOLDER", help="default: qkvflow-demo")
-    d.add_argument("--allow-large", action="store_true",
-                   help="trace a model of more than 100,000 nodes (about 2,000 layers)")
     run_args(d)
     d.add_argument("--top", type=_positive, default=3, help="how many ids to show per position (default 3)")
     d.set_defaults(fn=cmd_demo)
@@ -577,6 +663,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qkvflow: interrupted", file=sys.stderr)
         return 2
+    except Exception as err:  # a bug in qkvflow: still one line, and its own exit code
+        print(f"qkvflow: internal error: {type(err).__name__}: {err} (a bug in qkvflow; please report it with "
+              "the command that caused it)", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":
