@@ -202,6 +202,15 @@ def test_a_read_only_output_is_refused_and_left_as_it_was(tmp_path):
     assert weights.read_bytes() == b"mine"
 
 
+def test_an_output_named_for_another_format_is_refused(tmp_path):
+    refused(shell("render", "tiny", "-o", tmp_path / "x.svg", "--format", "png"),
+            "x.svg' is named as svg, but the format asked for is png")
+    assert not (tmp_path / "x.svg").exists()
+    with pytest.raises(qf.QkvflowError, match="is named as mmd"):
+        qf.render(qf.trace(qf.load_model("tiny")), tmp_path / "x.mmd", fmt="dot")
+    assert shell("render", "tiny", "-o", tmp_path / "x.diagram", "--format", "mmd").returncode == 0
+
+
 def test_a_replaced_output_keeps_its_mode_and_a_link_keeps_pointing(tmp_path):
     out = tmp_path / "table.txt"
     out.write_text("old")

@@ -321,3 +321,19 @@ def test_a_toml_model_name_is_the_svg_title(capsys, tmp_path, toml_models):
     assert run(capsys, "render", toml_models[0], "-o", path)[0] == 0
     texts = [t.text for t in ET.parse(path).getroot().iter(f"{SVG}text")]
     assert shown(f"{TOML_NAME} (block level)") in texts
+
+
+def test_explain_and_the_trace_table_keep_one_line_per_row(tmp_path):
+    """A name with a newline, `|` or a direction override cannot add a row or a cell."""
+    toml = tmp_path / "evil.toml"
+    toml.write_text('preset = "tiny"\nname = "a\\nb | c\\u202ed"\n', encoding="utf-8")
+    g = qf.trace(qf.load_model(str(toml)))
+    plain = qf.trace(qf.load_model("tiny"))
+    for fmt in ("text", "md"):
+        text, reference = qf.explain(g, fmt=fmt), qf.explain(plain, fmt=fmt)
+        assert len(text.splitlines()) == len(reference.splitlines())
+        assert "\u202e" not in text and "a\\nb" in text
+    md = qf.explain(g, fmt="md").splitlines()
+    assert md[0] == "### Attention provenance of model a\\nb | c\\u202ed"
+    assert all(line.count("|") == reference_line.count("|") for line, reference_line in
+               zip(md[2:], qf.explain(plain, fmt="md").splitlines()[2:]))

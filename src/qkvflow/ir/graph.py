@@ -28,6 +28,7 @@ import networkx as nx
 from .dims import factors
 from .errors import GraphError
 from .ops import OPS, Group
+from .text import printable
 
 __all__ = [
     "ROLES",
@@ -206,8 +207,8 @@ def tabular(g: nx.MultiDiGraph, limit: int | None = None) -> str:
     rows = [("path", "op", "inputs", "shape")]
     for node in execution_order(g):
         data = g.nodes[node]
-        ins = ", ".join(f"{role}={src}" for src, role in args_of(g, node))
-        rows.append((node, data["op"], ins, "(" + ", ".join(data["shape"]) + ")"))
+        ins = ", ".join(f"{role}={printable(src)}" for src, role in args_of(g, node))
+        rows.append((printable(node), data["op"], ins, "(" + ", ".join(map(printable, data["shape"])) + ")"))
         if limit is not None and len(rows) > limit:
             break
     widths = [max(len(r[i]) for r in rows) for i in range(3)]

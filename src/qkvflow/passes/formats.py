@@ -11,31 +11,17 @@ import re
 from urllib.parse import quote
 
 from ..ir.errors import ConfigError
+from ..ir.text import printable
 from .checks import CODES
 from .diagnostics import Diagnostic
 
-__all__ = ["FORMATS", "format_diagnostics", "printable"]
+__all__ = ["FORMATS", "format_diagnostics"]
 
 FORMATS = ("text", "json", "sarif", "github")
 
-# Control characters (C0, DEL, C1), line and paragraph separators, bidirectional
-# controls, surrogates and the two non-characters XML cannot carry.
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
-                          "\u2066-\u2069\ud800-\udfff\ufffe\uffff]")
 # GitHub workflow commands: ::kind prop=value,prop=value::message
 _GITHUB_MESSAGE = str.maketrans({"%": "%25", "\r": "%0D", "\n": "%0A"})
 _GITHUB_PROPERTY = str.maketrans({"%": "%25", "\r": "%0D", "\n": "%0A", ":": "%3A", ",": "%2C"})
-
-
-def printable(text: str) -> str:
-    r"""``text`` with each unprintable character written as its Python escape.
-
-    The result is one line, valid in XML, and reads in the order it is stored.
-
-    >>> printable("a\nb\x00c\u202ed")
-    'a\\nb\\x00c\\u202ed'
-    """
-    return _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], text)
 
 
 def _location(source: str) -> tuple[str, int] | None:

@@ -19,6 +19,7 @@ import networkx as nx
 from ..ir.dims import dim_table
 from ..ir.errors import ConfigError
 from ..ir.graph import ATTENTION_KINDS, describe_origin
+from ..ir.text import printable, table_cell
 from ..passes.provenance import ensure
 
 __all__ = ["LANGS", "FORMATS", "provenance", "consequences", "explain", "kind_names"]
@@ -281,7 +282,7 @@ def _text(title: str, cells: list, notes: list, w: dict) -> str:
 
 
 def _md(title: str, cells: list, notes: list, w: dict) -> str:
-    lines = ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
+    lines = ["| " + " | ".join(table_cell(c) for c in row) + " |" for row in cells]
     lines.insert(1, "|" + "|".join("---" for _ in COLUMNS) + "|")
     tail = [f"**{w['consequences']}**", ""] + [f"- {n}" for n in notes] if notes else []
     return "\n".join([f"### {title}", ""] + lines + ([""] + tail if tail else [])) + "\n"
@@ -328,5 +329,6 @@ def explain(graph: nx.MultiDiGraph, lang: str = "en", fmt: str = "text") -> str:
         return json.dumps({"model": model, "lang": lang, "rows": rows, "consequences": notes},
                           ensure_ascii=False, indent=2)
     render = _text if fmt == "text" else _md
-    cells = [list(w["headers"])] + [[str(r[c]) for c in COLUMNS] for r in rows]
-    return render(w["title"].format(model=model), cells, notes, w)
+    # names come from the user's model: one line each, no control or direction characters
+    cells = [list(w["headers"])] + [[printable(str(r[c])) for c in COLUMNS] for r in rows]
+    return render(w["title"].format(model=printable(model)), cells, [printable(n) for n in notes], w)

@@ -26,7 +26,7 @@ from ..atomic import OutputError, write_atomic
 from ..ir.errors import RenderError
 from ..ir.graph import to_json
 from ..ir.ops import OPS
-from ..passes.formats import printable
+from ..ir.text import printable
 from ..passes.provenance import ensure
 from .explain import kind_names
 
@@ -403,9 +403,14 @@ def _to_mermaid(diagram: _Diagram, title: str) -> str:
 def _resolve_format(path, fmt: str | None) -> str:
     """An explicit ``fmt`` wins; otherwise the suffix of ``path``; otherwise DOT."""
     if fmt is not None:
-        if str(fmt).lower().lstrip(".") not in FORMATS:
+        fmt = str(fmt).lower().lstrip(".")
+        if fmt not in FORMATS:
             raise RenderError(f"unknown diagram format {fmt!r}; accepted: {', '.join(FORMATS)}")
-        return str(fmt).lower().lstrip(".")
+        suffix = os.path.splitext(os.fspath(path))[1].lower() if path is not None else ""
+        if suffix in _SUFFIXES and _SUFFIXES[suffix] != fmt:  # x.svg holding PNG bytes would lie
+            raise RenderError(f"{os.fspath(path)!r} is named as {_SUFFIXES[suffix]}, but the format asked "
+                              f"for is {fmt}; make them agree")
+        return fmt
     suffix = os.path.splitext(os.fspath(path))[1].lower() if path is not None else ".dot"
     if suffix not in _SUFFIXES:
         raise RenderError(f"cannot tell the diagram format of {os.fspath(path)!r}; "
