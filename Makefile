@@ -24,8 +24,10 @@ test: $(STAMP)
 
 diagrams: $(STAMP)
 	$(BIN)/qkvflow render vaswani-base -o diagrams/vaswani-base.svg
+	$(BIN)/qkvflow render vaswani-base -o diagrams/vaswani-base.png
 	$(BIN)/qkvflow render vaswani-base -o diagrams/vaswani-base.mmd
 	$(BIN)/qkvflow render vaswani-base -o diagrams/vaswani-base.dot
+	$(BIN)/qkvflow render vaswani-base -o diagrams/vaswani-base-blocks.dot --level block
 	$(BIN)/qkvflow run toy-en-zh --src "I love China <eos>" --tgt "<bos> 我 爱 中国" \
 	  --attention diagrams/toy-en-zh-attention.svg >/dev/null
 	$(BIN)/qkvflow run toy-en-zh --src "I love China <eos>" --tgt "<bos> 我 爱 中国" \

@@ -240,8 +240,8 @@ def cmd_report(args) -> int:
     import json
     g, weights = _model(args.model, args, with_params=True)
     found = check(g)
-    diagrams = {level: render(g, level=level, fmt="svg") for level in ("block", "op")
-                if level == "block" or g.number_of_nodes() <= args.op_limit}
+    diagrams = {level: render(g, level=level, fmt="svg") for level in ("layer", "block", "op")
+                if level != "op" or g.number_of_nodes() <= args.op_limit}
     provenance = {lang: json.loads(explain(g, lang=lang, fmt="json"))["rows"] for lang in ("en", "zh")}
     heatmaps, stats, note, sizes = None, None, "", {}
     if args.src or args.ids:
@@ -392,10 +392,10 @@ def _demo_files(g, args, stage: Path, vocab: dict, vocab_words: list, weights) -
     write_atomic(stage / "explain.zh.txt", explain(g, lang="zh") + "\n")
     print("\n== explain\n" + table)
     written = []
-    for name, level in (("dataflow.dot", "block"), ("dataflow.mmd", "block"), ("dataflow-op.dot", "op")):
+    for name, level in (("dataflow.dot", "layer"), ("dataflow.mmd", "layer"), ("dataflow-op.dot", "op")):
         render(g, stage / name, level=level)
         written.append(name)
-    for name, level in (("dataflow.svg", "block"), ("dataflow-op.svg", "op")):
+    for name, level in (("dataflow.svg", "layer"), ("dataflow-op.svg", "op")):
         try:
             render(g, stage / name, level=level)
             written.append(name)
@@ -513,8 +513,9 @@ def _parser() -> argparse.ArgumentParser:
                 "The format is the output file's extension unless --format says it (then they must agree).")
     r.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     r.add_argument("-o", "--output", required=True, metavar="FILE", help="the diagram file to write")
-    r.add_argument("--level", choices=("block", "op"), default="block",
-                   help="block: one box per block (default); op: every operation")
+    r.add_argument("--level", choices=("layer", "block", "op"), default="layer",
+                   help="layer: each stream's layer once, with its count (default); block: one box per "
+                        "block of every layer; op: every operation")
     r.add_argument("--format", choices=("svg", "png", "pdf", "dot", "mmd", "json"), default=None,
                    help="default: from FILE's extension")
     r.set_defaults(fn=cmd_render)
@@ -574,7 +575,7 @@ def _parser() -> argparse.ArgumentParser:
     n.set_defaults(fn=cmd_generate)
 
     o = command("report", "one self-contained HTML report: diagrams, provenance, findings, a run",
-                "Diagrams at block and op level (zoom, pan, click a node for its path, op, shape, source "
+                "Diagrams at layer, block and op level (zoom, pan, click a node for its path, op, shape, source "
                 "and parameters), the Q/K/V table in English and Chinese, the findings with their source "
                 "lines; with token ids, the attention heatmaps and every node's activation statistics.")
     o.add_argument("model", metavar="MODEL", help=MODEL_HELP)

@@ -71,7 +71,7 @@ def test_the_graph_runs_equal_to_the_plain_numpy_model(port, tmp_path):
 
 def test_the_block_diagram_shows_dataflow_not_weights(port):
     _, g = port
-    text = qf.render(g, fmt="mmd")
+    text = qf.render(g, fmt="mmd", level="block")
     assert "c_attn" not in text and 'n_wte["' not in text
     assert "h.0.self_attn<br/>masked self-attention<br/>mask: causal" in text
     assert "c_attn" in qf.render(g, fmt="mmd", level="op")

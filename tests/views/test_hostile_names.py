@@ -170,10 +170,10 @@ MERMAID_LABEL = rf'"{MERMAID_TEXT}(?:<br/>{MERMAID_TEXT})*"'
 MERMAID_STATEMENTS = {
     "header": r"flowchart TB",
     "comment": rf"  %% ({MERMAID_TEXT}): Q blue, K green, V orange, residual dashed, mask dotted",
-    "subgraph": rf"  subgraph ({MERMAID_ID})\[({MERMAID_LABEL})\]",
-    "end": r"  end",
-    "node": rf" {{2,4}}({MERMAID_ID})\[({MERMAID_LABEL})\]",
-    "style": rf" {{2,4}}style ({MERMAID_ID}) fill:#[0-9a-f]{{6}}(?:,[a-z-]+:#?[0-9a-z]+)*",
+    "subgraph": rf" {{2,4}}subgraph ({MERMAID_ID})\[({MERMAID_LABEL})\]",
+    "end": r" {2,4}end",
+    "node": rf" {{2,6}}({MERMAID_ID})\[({MERMAID_LABEL})\]",
+    "style": rf" {{2,6}}style ({MERMAID_ID}) fill:#[0-9a-f]{{6}}(?:,[a-z-]+:#?[0-9a-z]+)*",
     "edge": rf"  ({MERMAID_ID}) -\.?->(?:\|({MERMAID_LABEL})\|)? ({MERMAID_ID})",
     "linkStyle": r"  linkStyle ([\d,]+) stroke:#[0-9a-f]{6},stroke-width:[\d.]+px(?:,stroke-dasharray:2 3)?",
 }
@@ -213,7 +213,8 @@ def test_mermaid_has_no_injected_statement_and_shows_each_name(capsys, tmp_path,
     assert len(nodes) == drawn and (level == "block" or drawn == graph.number_of_nodes())
     assert all(re.fullmatch(r"n_[A-Za-z0-9_]+", nid) for nid in nodes)  # generated, never raw names
     assert [shown(model.name), "input", "(batch, seq)"] in nodes.values()
-    streams = [mermaid_decoded(g[1]) for k, g in statements if k == "subgraph" and g[0] != "Legend"]
+    streams = [mermaid_decoded(g[1]) for k, g in statements
+               if k == "subgraph" and g[0] != "Legend" and not g[0].startswith("layer_")]
     assert streams == [[shown(f"{model.name} stream")]]
     edges = [g for k, g in statements if k == "edge"]
     assert all(tail in nodes and head in nodes for tail, _, head in edges)
@@ -312,7 +313,7 @@ def test_a_toml_model_name_changes_only_the_title(capsys, tmp_path, toml_models,
     assert [i for i, (a, b) in enumerate(zip(hostile, plain)) if a != b] == title_lines
     if suffix == ".mmd":
         comment = mermaid_statements(outs[0])[1][1][0]
-        assert mermaid_decoded(comment) == [shown(f"{TOML_NAME} (block level)")]
+        assert mermaid_decoded(comment) == [shown(f"{TOML_NAME} (layer level)")]
 
 
 @needs_dot
@@ -320,7 +321,7 @@ def test_a_toml_model_name_is_the_svg_title(capsys, tmp_path, toml_models):
     path = tmp_path / "x.svg"
     assert run(capsys, "render", toml_models[0], "-o", path)[0] == 0
     texts = [t.text for t in ET.parse(path).getroot().iter(f"{SVG}text")]
-    assert shown(f"{TOML_NAME} (block level)") in texts
+    assert shown(f"{TOML_NAME} (layer level)") in texts
 
 
 def test_explain_and_the_trace_table_keep_one_line_per_row(tmp_path):

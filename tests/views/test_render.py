@@ -63,7 +63,7 @@ def cross_blocks(g) -> list[str]:
 
 @needs_dot
 def test_block_svg_parses_and_has_the_qkv_legend(graphs):
-    svg = render(graphs["vaswani-base"], fmt="svg")
+    svg = render(graphs["vaswani-base"], fmt="svg", level="block")
     root = ET.fromstring(svg)
     texts = {el.text for el in root.iter(f"{SVG}text")}
     assert {"Q", "K", "V", "residual", "mask"} <= texts
@@ -76,7 +76,7 @@ def test_block_svg_parses_and_has_the_qkv_legend(graphs):
 @pytest.mark.parametrize("name", PRESETS)
 def test_memory_feeds_every_cross_attention_with_k_and_v(graphs, name):
     g = graphs[name]
-    text = render(g, fmt="dot")
+    text = render(g, fmt="dot", level="block")
     memory = g.graph["memory"]
     crosses = cross_blocks(g)
     assert len(crosses) == g.graph["config"]["decoder_layers"]
@@ -107,7 +107,7 @@ def test_block_level_has_encoder_and_decoder_clusters(graphs):
 
 def test_block_edges_carry_roles_colours_and_shapes(graphs):
     g = graphs["vaswani-base"]
-    text = render(g, fmt="dot")
+    text = render(g, fmt="dot", level="block")
     edges = dot_edges(text)
     memory = g.graph["memory"]
     k_labels = {label for t, _, r, label in edges if t == memory and r == "k"}
@@ -215,7 +215,7 @@ def test_overwrites_an_existing_file(graphs, tmp_path):
 
 @pytest.mark.parametrize("kwargs, words", [
     ({"fmt": "gif"}, ["gif", "svg", "png", "pdf", "dot", "mmd"]),
-    ({"level": "layer"}, ["layer", "block", "op"]),
+    ({"level": "layers"}, ["layers", "layer", "block", "op"]),
     ({"path": "diagram.xyz"}, ["diagram.xyz", ".svg", ".mmd"]),
 ])
 def test_unknown_format_or_level_names_the_accepted_ones(graphs, kwargs, words):

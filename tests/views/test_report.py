@@ -45,7 +45,7 @@ def test_the_report_is_one_file_with_every_part_and_nothing_from_the_network(dem
     tags = _Tags()
     tags.feed(text)
     assert tags.external == [] and "<link" not in text  # no network: inline SVG, CSS and JS
-    assert tags.tags.count("svg") >= 3  # block and op diagrams, heatmaps
+    assert tags.tags.count("svg") >= 4  # layer, block and op diagrams, heatmaps
     assert tags.tags.count("script") == 2  # the node details (JSON) and the page's code
     for part in ('id="diagram"', 'id="provenance"', 'id="findings"', 'id="heatmaps"', 'id="stats"',
                  "encoder self-attention", "编码器", "中国"):
@@ -97,7 +97,8 @@ def test_the_report_in_headless_chromium(demo_report, tmp_path):
         page.on("request", lambda r: errors.append(f"request {r.url}") if not r.url.startswith(("file:", "data:"))
                 else None)
         page.goto(demo_report.as_uri())
-        assert page.locator(".pane.shown svg").count() == 1  # the block-level diagram, shown
+        assert page.locator(".pane.shown svg").count() == 1  # the layer-level diagram, shown
+        assert page.locator(".pane").count() == 3  # layer, block and op level
         assert page.locator("#provenance .lang.shown tbody tr").count() == 3  # enc self, dec self, cross
         assert page.locator("#heatmaps svg").count() == 1 and page.locator("#stats tbody tr").count() > 100
         node = page.locator('.pane.shown g.node[id="decoder.layers.0.cross_attn"]')
@@ -110,7 +111,7 @@ def test_the_report_in_headless_chromium(demo_report, tmp_path):
         page.locator('.tab[data-level="op"]').click()
         page.locator('.pane.shown g.node[id="decoder.layers.0.cross_attn.k_proj"]').click()
         assert "param weight" in page.locator("#details").inner_text()
-        page.locator('.tab[data-level="block"]').click()
+        page.locator('.tab[data-level="layer"]').click()
         page.locator('.pane.shown g.node[id="decoder.layers.0.cross_attn"]').click()
         # `make screenshot` keeps this picture as diagrams/report.png
         shot = Path(os.environ.get("QKVFLOW_SCREENSHOT") or tmp_path / "report.png")

@@ -33,7 +33,7 @@ from .explain import kind_names
 __all__ = ["render", "FORMATS", "LEVELS", "ROLE_STYLE", "STYLES"]
 
 FORMATS = ("svg", "png", "pdf", "dot", "mmd", "json")
-LEVELS = ("block", "op")
+LEVELS = ("layer", "block", "op")
 _NEEDS_DOT = ("svg", "png", "pdf")
 _SUFFIXES = {".svg": "svg", ".png": "png", ".pdf": "pdf", ".dot": "dot", ".gv": "dot",
              ".mmd": "mmd", ".mermaid": "mmd", ".json": "json"}
@@ -51,7 +51,7 @@ ROLE_STYLE = {
     "probs": ("#9467bd", "solid", 1.2, "probs"),
     "memory": ("#8c564b", "bold", 2.0, "memory"),
     "x": ("#333333", "solid", 1.0, "x"),
-    "ids": ("#333333", "solid", 1.0, "ids"),
+    "ids": ("#17becf", "solid", 1.0, "ids"),
 }
 
 # Drawing style of an op (its registry entry's ``style``) -> (node shape, fill colour).
@@ -102,6 +102,8 @@ class _Diagram:
     nodes: dict = field(default_factory=dict)   # id -> _Node, in graph order
     edges: dict = field(default_factory=dict)   # (tail, head, role) -> _Edge
     streams: list = field(default_factory=list)  # clusters, in the model's order
+    group_labels: dict = field(default_factory=dict)  # nested cluster -> its title (else its path)
+    quiet_masks: bool = False                   # mask edges thin and pale (one per block kind)
 
 
 def _op_style(op: str) -> tuple[str, str]:
@@ -200,6 +202,85 @@ def _block_diagram(g: nx.MultiDiGraph) -> _Diagram:
     return diagram
 
 
+def _layer_of(g: nx.MultiDiGraph, gid: str, members: list[str]) -> tuple[str, int, str] | None:
+    """(stream, layer, the layer's path) of a block inside a numbered layer, else None:
+    ``decoder.layers.3.cross_attn`` -> ("decoder", 3, "decoder.layers.3")."""
+    first = g.nodes[members[0]]
+    layer, parts = first.get("layer"), gid.split(".")
+    if layer is None or not first.get("block_path") or str(layer) not in parts[:-1]:
+        return None
+    return first.get("stream"), layer, ".".join(parts[:parts.index(str(layer)) + 1])
+
+
+def _layer_diagram(g: nx.MultiDiGraph) -> _Diagram:
+    """The paper's figure: each stream's layer drawn once with its count ("×6"), a model
+    whose layers differ drawing each distinct layer once with the layers it stands for;
+    the memory, the inputs, the masks (one edge per mask and block kind, drawn quietly)
+    and what comes before and after the layers as at block level."""
+    members: dict[str, list[str]] = {}
+    for node, data in g.nodes(data=True):
+        _op_style(data.get("op"))
+        if data["op"] != "param":
+            members.setdefault(_group_of(g, node), []).append(node)
+    memory = g.graph.get("memory")
+    where = {gid: _layer_of(g, gid, nodes) for gid, nodes in members.items() if gid != memory}
+    # A layer's kind: its blocks, by their path inside the layer, and what each block is.
+    layers: dict = {}
+    for gid, at in where.items():
+        if at is not None:
+            record = g.graph.get("attention", {}).get(gid) or {}
+            masks = tuple(sorted({m for site in record.get("sites", []) for m in site.get("masks", [])}))
+            block = (gid[len(at[2]) + 1:], g.nodes[members[gid][0]].get("block"), record.get("kind"), masks)
+            layers.setdefault(at, []).append(block)
+    kinds: dict = {}  # (stream, blocks) -> [(layer, its path)]
+    for at, blocks in layers.items():
+        kinds.setdefault((at[0], tuple(blocks)), []).append(at)
+    first_of = {at: ats[0] for ats in kinds.values() for at in ats}
+    alone = {stream: sum(s == stream for s, _ in kinds) == 1 for stream, _ in kinds}
+
+    def representative(gid: str) -> str:
+        at = where.get(gid)
+        return gid if at is None else first_of[at][2] + gid[len(at[2]):]
+
+    diagram = _Diagram(streams=_streams(g), quiet_masks=True)
+    ids: dict = {}
+    for gid in members:
+        rep = representative(gid)
+        if rep in ids:
+            continue
+        ids[rep] = f"n{len(ids)}"
+        node = _group_node(g, rep, members[rep])
+        at = where.get(rep)
+        if at is not None:
+            stream, _, group = at
+            numbers = [layer for _, layer, _ in next(ats for ats in kinds.values() if ats[0] == at)]
+            node.group, node.label[0] = group, rep[len(group) + 1:]
+            diagram.group_labels[group] = (f"layer ×{len(numbers)}" if alone[stream]
+                                           else f"layers {_spans(numbers)} (×{len(numbers)})")
+        diagram.nodes[ids[rep]] = node
+    for u, v, data in g.edges(data=True):
+        at_u, at_v = where.get(_group_of(g, u)), where.get(_group_of(g, v))
+        gu, gv = representative(_group_of(g, u)), representative(_group_of(g, v))
+        if gu == gv or g.nodes[u]["op"] == "param":
+            continue  # inside a block, or a weight
+        if at_u and at_v and at_u[1] != at_v[1] and first_of[at_u][1] >= first_of[at_v][1]:
+            continue  # from one layer into the next of its kind: the "×N" says it
+        label = None if data["role"] == "mask" else _shape_text(g.nodes[u]["shape"])
+        _add_edge(diagram, ids[gu], ids[gv], data["role"], label, free=gv == memory)
+    _label_edges(diagram)
+    return diagram
+
+
+def _spans(numbers: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    spans, start = [], numbers[0]
+    for prev, n in zip(numbers, numbers[1:] + [None]):
+        if n != prev + 1 if n is not None else True:
+            spans.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = n
+    return ", ".join(spans)
+
+
 def _op_diagram(g: nx.MultiDiGraph) -> _Diagram:
     ids = {node: f"n{i}" for i, node in enumerate(g)}
     diagram = _Diagram(streams=_streams(g))
@@ -241,12 +322,21 @@ def _label_edges(diagram: _Diagram) -> None:
 
 # --- writers -----------------------------------------------------------------
 
-def _legend_html() -> str:
+_QUIET_MASK = ("#e4b4b4", "dotted", 0.8, "mask")
+
+
+def _edge_style(diagram: _Diagram, role: str) -> tuple:
+    return _QUIET_MASK if role == "mask" and diagram.quiet_masks else ROLE_STYLE[role]
+
+
+def _legend_html(diagram: _Diagram) -> str:
+    """The roles the diagram draws, in the table's order."""
     glyph = {"solid": "━━━", "bold": "━━━", "dashed": "━ ━ ━", "dotted": "· · · ·"}
+    drawn = {role for _, _, role in diagram.edges}
     rows = "".join(
         f'<tr><td><font color="{colour}">{glyph[style]}</font></td>'
         f'<td align="left"><font color="{colour}"><b>{text}</b></font></td></tr>'
-        for colour, style, _, text in ROLE_STYLE.values())
+        for colour, style, _, text in (_edge_style(diagram, r) for r in ROLE_STYLE if r in drawn))
     return f'<<table border="0" cellspacing="0" cellpadding="2">{rows}</table>>'
 
 
@@ -285,13 +375,13 @@ def _to_dot(diagram: _Diagram, title: str, level: str) -> str:
             sub.attr(label=_dot_text(_cluster_label(cluster)), style="rounded", color="#999999")
             _dot_nodes(sub, diagram, groups)
     for (tail, head, role), edge in diagram.edges.items():
-        colour, style, width, _ = ROLE_STYLE[role]
+        colour, style, width, _ = _edge_style(diagram, role)
         dot.edge(tail, head, label=_dot_text(edge.label) or None, color=colour, fontcolor=colour,
                  style=style, penwidth=str(width), constraint="false" if edge.free else None,
                  **{"class": role})
     with dot.subgraph(name="cluster_legend") as sub:
         sub.attr(label="Legend", style="rounded", color="#999999")
-        sub.node("legend", label=_legend_html(), shape="plain", id="legend", style="")
+        sub.node("legend", label=_legend_html(diagram), shape="plain", id="legend", style="")
     return dot.source
 
 
@@ -303,8 +393,8 @@ def _dot_nodes(dot, diagram: _Diagram, groups: dict) -> None:
                 _dot_node(dot, nid, diagram.nodes[nid])
             continue
         with dot.subgraph(name=f"cluster_{nids[0]}") as sub:  # named after its first node: unique
-            sub.attr(label=_dot_text(_relative(group, diagram.nodes[nids[0]].cluster)),
-                     style="dashed,rounded", color="#bbbbbb", fontsize="9")
+            title = diagram.group_labels.get(group) or _relative(group, diagram.nodes[nids[0]].cluster)
+            sub.attr(label=_dot_text(title), style="dashed,rounded", color="#bbbbbb", fontsize="9")
             for nid in nids:
                 _dot_node(sub, nid, diagram.nodes[nid])
 
@@ -372,12 +462,22 @@ def _to_mermaid(diagram: _Diagram, title: str) -> str:
             label = _cluster_label(cluster)
             sid = label if label.isidentifier() and label.isascii() else f"stream_{i}"
             lines.append(f'  subgraph {sid}["{_mermaid_text(label)}"]')
+        groups: dict = {}
         for nid in members:
-            node = diagram.nodes[nid]
-            label = "<br/>".join(_mermaid_text(line) for line in node.label)
-            lines.append(f'{indent}{ids[nid]}["{label}"]')
-            width = ",stroke-width:3px" if node.bold else ""
-            lines.append(f"{indent}style {ids[nid]} fill:{node.fill}{width}")
+            groups.setdefault(diagram.nodes[nid].group if diagram.nodes[nid].group in diagram.group_labels
+                              else None, []).append(nid)
+        for j, (group, nids) in enumerate(groups.items()):
+            inner = indent + ("  " if group else "")
+            if group:  # a layer drawn once: its own box, titled with its count
+                lines.append(f'{indent}subgraph layer_{i}_{j}["{_mermaid_text(diagram.group_labels[group])}"]')
+            for nid in nids:
+                node = diagram.nodes[nid]
+                label = "<br/>".join(_mermaid_text(line) for line in node.label)
+                lines.append(f'{inner}{ids[nid]}["{label}"]')
+                width = ",stroke-width:3px" if node.bold else ""
+                lines.append(f"{inner}style {ids[nid]} fill:{node.fill}{width}")
+            if group:
+                lines.append(f"{indent}end")
         if cluster:
             lines.append("  end")
     by_role: dict = {}
@@ -418,7 +518,7 @@ def _resolve_format(path, fmt: str | None) -> str:
     return _SUFFIXES[suffix]
 
 
-def render(graph: nx.MultiDiGraph, path=None, *, level: str = "block",
+def render(graph: nx.MultiDiGraph, path=None, *, level: str = "layer",
            fmt: str | None = None) -> str | bytes:
     """Draw the Q/K/V dataflow of a traced graph.
 
@@ -429,8 +529,10 @@ def render(graph: nx.MultiDiGraph, path=None, *, level: str = "block",
     path : str or os.PathLike, optional
         Where to write the diagram (atomically). Its suffix gives the format
         when ``fmt`` is None.
-    level : {"block", "op"}
-        ``block``: one node per sub-layer; ``op``: one node per graph node.
+    level : {"layer", "block", "op"}
+        ``layer`` (default): each stream's layer drawn once with its count, as
+        in the paper's figure; ``block``: one node per sub-layer of every
+        layer; ``op``: one node per graph node.
     fmt : {"svg", "png", "pdf", "dot", "mmd", "json"}, optional
         svg, png and pdf need the graphviz ``dot`` program; dot, mmd
         (Mermaid) and json do not. Default: from ``path``, else ``dot``.
@@ -461,7 +563,7 @@ def render(graph: nx.MultiDiGraph, path=None, *, level: str = "block",
     if fmt == "json":
         out = to_json(graph)
     else:
-        diagram = _block_diagram(graph) if level == "block" else _op_diagram(graph)
+        diagram = {"layer": _layer_diagram, "block": _block_diagram, "op": _op_diagram}[level](graph)
         if fmt == "mmd":
             out = _to_mermaid(diagram, title)
         else:
