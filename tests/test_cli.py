@@ -553,7 +553,7 @@ def test_a_broken_graph_file_is_one_line_and_exit_2(tmp_path):
     good = json.loads(qf.ir.graph.to_json(qf.trace(qf.load_model("tiny"))))
     good["nodes"][0]["op"] = "conv2d"
     graph.write_text(json.dumps(good))
-    assert_usage_error(shell("render", graph, "-o", tmp_path / "x.mmd"), "is not well formed", "conv2d")
+    assert_usage_error(shell("render", graph, "-o", tmp_path / "x.mmd"), "is not a qkvflow graph", "conv2d")
     assert_usage_error(shell("check", tmp_path / "missing.json"), "missing.json", "cannot be read")
 
 

@@ -657,7 +657,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except QkvflowError as err:
-        print(f"qkvflow: error: {err}", file=sys.stderr)
+        from .ir.text import printable
+        print(f"qkvflow: error: {printable(str(err))}", file=sys.stderr)  # one line, whatever a name holds
         return 2
     except BrokenPipeError:
         return 0
@@ -665,7 +666,9 @@ def main(argv: list[str] | None = None) -> int:
         print("qkvflow: interrupted", file=sys.stderr)
         return 2
     except Exception as err:  # a bug in qkvflow: still one line, and its own exit code
-        print(f"qkvflow: internal error: {type(err).__name__}: {err} (a bug in qkvflow; please report it with "
+        from .ir.text import printable
+        print(f"qkvflow: internal error: {type(err).__name__}: {printable(str(err))} (a bug in qkvflow; please "
+              "report it with "
               "the command that caused it)", file=sys.stderr)
         return 3
 

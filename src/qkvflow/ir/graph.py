@@ -73,6 +73,16 @@ def expect_graph(value, caller: str = "") -> None:
                          f"got {type(value).__name__}{hint}")
 
 
+def position_limit(g: nx.MultiDiGraph) -> int | None:
+    """How many positions a sequence may have: ``max_positions`` less the rows a learned
+    table skips (BART's offset of 2); None when the model has no such limit."""
+    limit = g.graph.get("dims", {}).get("max_positions")
+    if not limit:
+        return None
+    return limit - max((d["attrs"].get("offset") or 0 for _, d in g.nodes(data=True) if d["op"] == "positional"),
+                       default=0)
+
+
 def args_of(g: nx.MultiDiGraph, node: str) -> list[tuple[str, str]]:
     """The (input node, role) pairs of ``node`` in argument order."""
     edges = [(data["arg"], src, data["role"]) for src, keyed in g.pred[node].items() for data in keyed.values()]
@@ -362,10 +372,14 @@ def read_graph(path) -> nx.MultiDiGraph:
     except (ValueError, KeyError, TypeError, AttributeError, nx.NetworkXError) as err:
         raise GraphError(f"graph file {str(path)!r} is not a qkvflow graph (expected the JSON of "
                          f"qkvflow trace --format json): {type(err).__name__}: {err}") from None
+    from .graph_file import file_problem
     try:
-        problems = lint(g)
+        problem = file_problem(g)
+        problems = [("graph", problem)] if problem else lint(g)
     except Exception as err:  # attributes of the wrong kind anywhere in the file
         raise GraphError(f"graph file {str(path)!r} is not a qkvflow graph: {type(err).__name__}: {err}") from None
+    if problem:
+        raise GraphError(f"graph file {str(path)!r} is not a qkvflow graph: {problem}")
     if problems:
         raise GraphError(f"graph file {str(path)!r} is not well formed: {problems[0][1]}")
     return g

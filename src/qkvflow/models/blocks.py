@@ -132,3 +132,12 @@ def position_bias(cfg: Config, q_ids, k_ids, *, bidirectional: bool):
     with scope("", block="position_bias"):
         return nn.relative_bias(q_ids, k_ids, bidirectional=bidirectional,
                                 max_distance=cfg.relative_max_distance, name="relative_bias")
+
+
+def with_scale(block, scale: str):
+    """``block`` (declared with :func:`qkvflow.attention`) declared with another score
+    scale: a config's ``attention_scale = "none"`` (T5) is what the checker expects."""
+    if scale == "sqrt":
+        return block
+    declaration = {k: v for k, v in block.declaration.items() if k != "kind"}
+    return nn.attention(block.declaration["kind"], **{**declaration, "scale": scale})(block.__wrapped__)

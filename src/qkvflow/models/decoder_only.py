@@ -15,7 +15,7 @@ import numpy as np
 from ..tracing import nn
 from ..tracing.context import Model, scope
 from .blocks import (PLAIN, AttentionOptions, embed, feed_forward, final_norm, lm_head, multi_head_attention,
-                     sublayer)
+                     sublayer, with_scale)
 from .config import Config
 
 if TYPE_CHECKING:  # the annotations are resolved when a run type-checks a block
@@ -57,7 +57,8 @@ def build(cfg: Config, *, self_attention=None, ffn=None) -> Model:
     """
     opts = AttentionOptions.of(cfg)
     padded = cfg.pad_id >= 0
-    attend = self_attention or (causal_self_attention if padded else causal_self_attention_unpadded)
+    attend = self_attention or with_scale(causal_self_attention if padded else causal_self_attention_unpadded,
+                                          opts.scale)
     ffn = ffn or (lambda h, act: feed_forward(h, act, gated=cfg.ffn == "gated", bias=cfg.bias))
     extra = {} if opts == PLAIN else {"opts": opts}
     table = "decoder.embed.weight"

@@ -14,7 +14,7 @@ import numpy as np
 from ..tracing import nn
 from ..tracing.context import Model, scope
 from .blocks import (PLAIN, AttentionOptions, embed, feed_forward, final_norm, lm_head, multi_head_attention,
-                     position_bias, sublayer)
+                     position_bias, sublayer, with_scale)
 from .config import Config
 
 if TYPE_CHECKING:  # the annotations are resolved when a run type-checks a block
@@ -70,16 +70,6 @@ def cross_attention(
     return multi_head_attention(y, memory, src_keep[:, None, None, :], opts=opts)
 
 
-def _blocks(scale: str) -> tuple:
-    """The three blocks above declared with another scale (T5: ``"none"``)."""
-    def declared(kind, fn):
-        decl = {k: v for k, v in fn.declaration.items() if k != "kind"}
-        return nn.attention(kind, **{**decl, "scale": scale})(fn.__wrapped__)
-
-    return (declared("encoder_self", encoder_self_attention), declared("decoder_self", decoder_self_attention),
-            declared("cross", cross_attention))
-
-
 def build(cfg: Config, *, encoder_self=None, decoder_self=None, cross=None, ffn=None) -> Model:
     """The encoder–decoder Model of ``cfg``; any block can be replaced.
 
@@ -91,9 +81,7 @@ def build(cfg: Config, *, encoder_self=None, decoder_self=None, cross=None, ffn=
     config's attention is not the plain one.
     """
     opts = AttentionOptions.of(cfg)
-    own = (encoder_self_attention, decoder_self_attention, cross_attention)
-    if opts.scale != "sqrt":
-        own = _blocks(opts.scale)
+    own = (with_scale(b, opts.scale) for b in (encoder_self_attention, decoder_self_attention, cross_attention))
     encoder_self, decoder_self, cross = (mine or theirs for mine, theirs in zip((encoder_self, decoder_self, cross), own))
     ffn = ffn or (lambda h, act: feed_forward(h, act, gated=cfg.ffn == "gated", bias=cfg.bias))
     extra = {} if opts == PLAIN else {"opts": opts}

@@ -15,7 +15,8 @@ import numpy as np
 
 from ..tracing import nn
 from ..tracing.context import Model, scope
-from .blocks import PLAIN, AttentionOptions, embed, feed_forward, final_norm, multi_head_attention, sublayer
+from .blocks import (PLAIN, AttentionOptions, embed, feed_forward, final_norm, multi_head_attention, sublayer,
+                     with_scale)
 from .config import Config
 
 if TYPE_CHECKING:  # the annotations are resolved when a run type-checks a block
@@ -40,7 +41,7 @@ def build(cfg: Config, *, self_attention=None, ffn=None) -> Model:
     given] -> logits (batch, seq, vocab) with the ``mlm`` head, or hidden states
     (batch, seq, d_model) and pooled (batch, d_model) with the ``pooled`` head."""
     opts = AttentionOptions.of(cfg)
-    attend = self_attention or bidirectional_self_attention
+    attend = self_attention or with_scale(bidirectional_self_attention, opts.scale)
     ffn = ffn or (lambda h, act: feed_forward(h, act, gated=cfg.ffn == "gated", bias=cfg.bias))
     extra = {} if opts == PLAIN else {"opts": opts}
 

@@ -171,7 +171,8 @@ def _scale_findings(g, block: str, rec: dict):
     named = "*".join(rec["contracted"])
     expected = f"1/sqrt({named}) = {want:.6g}" if declared == "sqrt" else f"the declared {want:.6g}"
     hint = next((f" (1/sqrt({n}): a width, not the {named} Q and K are multiplied over)"
-                 for n, s in dims.items() if s and n not in rec["contracted"] and math.isclose(scale, s ** -0.5)),
+                 for n, s in dims.items() if isinstance(s, int) and s > 0 and n not in rec["contracted"]
+                 and math.isclose(scale, s ** -0.5)),
                 " (unscaled)" if math.isclose(scale, 1.0) else "")
     yield diag(g, "QKV207", rec["scores"], f"{block}: the scores are scaled by {scale:.6g}{hint}; "
                f"expected {expected}; declare scale=... on the block if this is meant")

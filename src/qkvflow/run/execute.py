@@ -18,8 +18,10 @@ import networkx as nx
 import numpy as np
 
 from ..ir.dims import describe_shape, size_of
+from ..ir.dtypes import run_dtype
 from ..ir.errors import ExecutionError, InputError, ParamError, QkvflowError
-from ..ir.graph import arg_nodes, check_well_formed, execution_order, expect_graph, param_path, vocabulary_of
+from ..ir.graph import (arg_nodes, check_well_formed, execution_order, expect_graph, param_path, position_limit,
+                        vocabulary_of)
 from ..ir.ops import spec
 from .params import all_finite, check_fits, param_specs, validate_params
 
@@ -110,8 +112,7 @@ class Executor:
 
     def __init__(self, graph: nx.MultiDiGraph, params: dict, *, dtype="float64", check: bool = True):
         expect_graph(graph)
-        if str(dtype) not in ("float64", "float32") and dtype not in (np.float64, np.float32):
-            raise ParamError(f"dtype {dtype!r} is not supported; use float64 or float32")
+        dtype = run_dtype(dtype)
         if not isinstance(params, dict):
             raise ParamError(f"params must be a dict of parameter path -> array, got {type(params).__name__}")
         self.graph = graph
@@ -122,6 +123,7 @@ class Executor:
         self.dtype = np.dtype(dtype)
         self.params = {k: np.asarray(params[k], dtype=self.dtype) for k in param_specs(graph)}
         self.check = check
+        self._position_limit = position_limit(graph)
         self.seen: set = _VERIFIED.setdefault(graph, set())
         self.shapes: dict = _SHAPES.setdefault(graph, {})
         for node, data in graph.nodes(data=True):
@@ -166,7 +168,7 @@ class Executor:
             if 0 in arr.shape:
                 raise InputError(f"input {name} is empty along {names[arr.shape.index(0)]}")
             values[node] = arr
-        limit = sizes.get("max_positions")
+        limit = self._position_limit
         for dim in g.graph.get("sequences", {}):
             if limit and sizes.get(dim) is not None and sizes[dim] > limit:
                 raise InputError(f"{dim} length {sizes[dim]} exceeds max_positions = {limit}")

@@ -24,7 +24,7 @@ import networkx as nx
 import numpy as np
 
 from ..ir.errors import InputError
-from ..ir.graph import independent_of, required_inputs
+from ..ir.graph import independent_of, position_limit, required_inputs
 from .execute import Executor
 from .incremental import IncrementalRunner, NotIncremental, seq_dim_of, take_rows
 
@@ -190,7 +190,7 @@ def generate(graph: nx.MultiDiGraph, params: dict, *inputs, max_new_tokens: int 
         prompt = np.full((fixed[names[0]].shape[0], 1), cfg.get("bos_id", 1), dtype=np.int64)
     else:
         prompt = np.asarray(feeds[seq_name]).astype(np.int64)
-    limit = g.graph["dims"].get("max_positions")
+    limit = position_limit(g)
     note = ""
     if limit and prompt.shape[1] + max_new_tokens > limit:
         if prompt.shape[1] >= limit:

@@ -15,9 +15,11 @@ import numpy as np
 
 from ..atomic import OutputError, write_atomic
 from ..ir.dims import describe_shape, size_of
+from ..ir.dtypes import run_dtype
 from ..ir.errors import ParamError
 from ..ir.graph import param_path
 from ..ir.ops import spec
+from ..ir.text import printable
 
 __all__ = ["param_specs", "init_params", "validate_params", "save_params", "load_params", "nest_params"]
 
@@ -45,8 +47,7 @@ def init_params(g: nx.MultiDiGraph, seed: int = 0, dtype="float64") -> dict[str,
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ParamError(f"seed must be a non-negative integer, got {seed!r}")
-    if str(dtype) not in ("float64", "float32") and dtype not in (np.float64, np.float32):
-        raise ParamError(f"dtype {dtype!r} is not supported; use float64 or float32")
+    dtype = run_dtype(dtype)
     owners = sorted(_owners(g).items())
     shapes = {}
     for path, (_, _, shape) in owners:
@@ -154,7 +155,7 @@ def _refuse_unknown_names(g: nx.MultiDiGraph, params: dict, specs: dict) -> None
         if name not in specs:
             close = difflib.get_close_matches(name, specs, n=1, cutoff=0.5)
             hint = f"; the closest it has is {close[0]}" if close else ""
-            raise ParamError(f"{name} is not a parameter of model {g.graph.get('model', '?')!r}{hint}")
+            raise ParamError(f"{printable(name)} is not a parameter of model {g.graph.get('model', '?')!r}{hint}")
 
 
 def _remember_finite(value) -> None:

@@ -261,8 +261,8 @@ def eager(model: Model, params: dict, feeds: dict, dtype="float64"):
         except (ValueError, TypeError) as err:
             raise error(f"eager: {what} holds a value that is not an array of one shape: {err}") from None
 
-    if str(dtype) not in ("float64", "float32"):
-        raise ParamError(f"dtype {dtype!r} is not supported; use float64 or float32")
+    from ..ir.dtypes import run_dtype
+    dtype = run_dtype(dtype)
     sizes = dict(model.dims)
     ctx = Eager(sizes, arrays(params, "params", ParamError, dtype=dtype), arrays(feeds, "feeds", InputError),
                 np.dtype(dtype))
