@@ -1,4 +1,4 @@
-"""Rendering to SVG: every preset at block and op level, and 24+24 layers, whole processes.
+"""Rendering to SVG: every preset at layer, block and op level, and 24+24 layers, whole processes.
 
 Each contender is ``qkvflow render MODEL -o x.svg --level L`` in a new process, 3 runs
 interleaved in a rotating order with a 0.2 s pause; the peer in the same run is
@@ -26,7 +26,7 @@ def main() -> None:
     qkvflow = [sys.executable, "-m", "qkvflow"]
     contenders = {"startup (qkvflow presets)": process([*qkvflow, "presets"])}
     for model in [*qf.PRESETS, str(deep)]:
-        for level in ("block", "op"):
+        for level in ("layer", "block", "op"):
             name = "24+24 layers" if model == str(deep) else model
             contenders[f"{name} {level}"] = process([*qkvflow, "render", model, "-o", f"{out}/x.svg", "--level", level])
     others = OthersCpu()

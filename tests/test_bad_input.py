@@ -44,6 +44,25 @@ def toml(tmp_path):
 
 # --- configs and model files -------------------------------------------------------------
 
+def test_a_misspelt_key_gets_the_closest_one(toml):
+    refused(shell("check", toml('preset = "tiny"\nd_modle = 24\n')), "unknown key 'd_modle' (did you mean 'd_model'?)")
+
+
+def test_check_o_says_what_it_wrote(tmp_path):
+    (tmp_path / "m.toml").write_text('preset = "tiny"\nencoder_layers = -1\n')
+    proc = shell("check", tmp_path / "m.toml", "-o", tmp_path / "c.txt")
+    assert proc.returncode == 1 and proc.stdout.strip() == f"wrote {tmp_path / 'c.txt'}: 1 error(s), 0 warning(s)"
+
+
+def test_a_report_without_matplotlib_leaves_out_only_the_heatmaps(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "r.html"
+    assert cli.main(["report", "tiny", "-o", str(out), "--src", "5 6", "--tgt", "1"]) == 0
+    assert "no heatmaps in the report: heatmaps need matplotlib" in capsys.readouterr().out
+    text = out.read_text(encoding="utf-8")
+    assert 'id="stats"' in text and 'id="heatmaps"' not in text
+
+
 @pytest.mark.parametrize("value, kind", [('["tiny"]', "list"), ('{ a = 1 }', "dict"), ("3", "int")])
 def test_a_preset_that_is_not_a_string_is_named(toml, value, kind):
     refused(shell("check", toml(f"preset = {value}\n")), "preset must be str", kind)
@@ -275,11 +294,15 @@ def test_every_subcommand_documents_its_options_model_forms_and_exit_codes():
 
 
 @pytest.mark.parametrize("args, needle", [
+    (["run", "tiny", "--source", "5", "--tgt", "1"], "qkvflow run: error: unrecognized arguments: --source 5"),
+    (["run", "tiny", "--src", "5", "--tgt", "1", "--head", "1"], "give --attention FILE too"),
+    (["check", "vaswani-bse"], "unknown model 'vaswani-bse' (did you mean 'vaswani-base'?)"),
+    (["render", "tiny", "-o", "x.jpg"], "or give the format (--format, or fmt= in Python)"),
     (["run", "tiny", "--src", "5", "--tgt", "1", "--top", "-2"], "--top: expected a positive integer"),
     (["run", "tiny", "--src", "٣", "--tgt", "1"], "'٣' is not a token id"),
     (["generate", "tiny", "--src", "5", "--length-penalty", "nan"], "expected a finite number"),
 ])
-def test_small_things(args, needle):
-    proc = shell(*args)
+def test_small_things(args, needle, tmp_path):
+    proc = shell(*args, cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert needle in proc.stderr, proc.stderr

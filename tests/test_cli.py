@@ -240,7 +240,7 @@ def test_check_github_format(capsys, broken_model):
 def test_check_strict_and_output_file(capsys, tmp_path):
     out_file = tmp_path / "report.txt"
     code, out, _ = main(capsys, "check", "tiny", "--strict", "-o", out_file)
-    assert code == 0 and out == ""
+    assert code == 0 and out == f"wrote {out_file}: 0 error(s), 0 warning(s)\n"
     assert out_file.read_text().strip() == "1 model(s) checked: 0 error(s), 0 warning(s)"
 
 

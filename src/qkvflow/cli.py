@@ -96,12 +96,17 @@ def cmd_check(args) -> int:
     for spec in args.models:
         found.extend(check(_model(spec, args), strict=args.strict))
     _emit(format_diagnostics(found, args.format, checked=len(args.models)), args.output)
+    if args.output:
+        errors = sum(d.severity == "error" for d in found)
+        print(f"wrote {args.output}: {errors} error(s), {len(found) - errors} warning(s)")
     return 1 if has_errors(found) else 0
 
 
 def cmd_explain(args) -> int:
     from .views.explain import explain
     _emit(explain(_model(args.model, args), lang=args.lang, fmt=args.format), args.output)
+    if args.output:
+        print(f"wrote {args.output}")
     return 0
 
 
@@ -249,6 +254,7 @@ def cmd_report(args) -> int:
             raise ModelLoadError(f"model {args.model!r} has error findings, so a run of it would mean nothing; "
                                  "report it without --src/--ids, or pass --no-check")
         from .run.execute import forward
+        from .ir.errors import RenderError
         from .views.heatmaps import attention_maps, draw_attention
         words = _words_of(args.model)
         feeds = _feeds(g, args, {w: i for i, w in enumerate(words)} if words else None)
@@ -256,8 +262,12 @@ def cmd_report(args) -> int:
         acts = forward(g, params, dtype=args.dtype, capture=True, **feeds)["activations"]
         sizes = {d: n for node in g.graph["inputs"] if g.nodes[node]["attrs"]["name"] in feeds
                  for d, n in zip(g.nodes[node]["shape"], feeds[g.nodes[node]["attrs"]["name"]].shape)}
-        heatmaps = draw_attention(attention_maps(g, acts), "svg", tokens=_tokens(g, feeds, words),
-                                  title="attention weights, batch row 0, averaged over the heads").decode("utf-8")
+        try:
+            heatmaps = draw_attention(attention_maps(g, acts), "svg", tokens=_tokens(g, feeds, words),
+                                      title="attention weights, batch row 0, averaged over the heads").decode("utf-8")
+        except RenderError as err:  # no matplotlib: the report without its heatmaps, saying why
+            note += f"; no heatmaps: {err}"
+            print(f"note: no heatmaps in the report: {err}")
         stats = [_stats(n, v) for n, v in acts.items() if isinstance(v, np.ndarray) and v.dtype.kind == "f" and v.size]
     page = html_report(title=f"qkvflow report: {g.graph.get('model') or args.model}", diagrams=diagrams,
                        details=node_details(g, sizes), provenance=provenance,
@@ -463,7 +473,8 @@ MODEL_FORMS = (
 )
 MODEL_HELP = "a preset, TOML file, module:factory, hf:PATH or graph .json (the forms above)"
 EXIT_CODES = "exit codes: 0 done, no error findings; 1 error findings (or diverging models, for diff); " \
-             "2 the invocation or an input could not be used (one line on stderr)."
+             "2 the invocation or an input could not be used, or a model with error findings refused a " \
+             "run (one line on stderr); 3 a bug in qkvflow (one line too)."
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -523,7 +534,8 @@ def _parser() -> argparse.ArgumentParser:
     def run_args(q):
         q.add_argument("--src", metavar="IDS", help='source token ids of an encoder-decoder, e.g. "5 6 7" '
                                                     "(or words, for toy-en-zh)")
-        q.add_argument("--tgt", metavar="IDS", help='target token ids of an encoder-decoder, e.g. "1 8"')
+        q.add_argument("--tgt", metavar="IDS", help='target token ids of an encoder-decoder, e.g. "1 8" '
+                                                    "(or words, for toy-en-zh)")
         q.add_argument("--ids", metavar="IDS", help="token ids of a model with one input (decoder-only, encoder-only)")
         q.add_argument("--params", metavar="FILE", help="weights, .safetensors or .npz (default: the model's own "
                                                         "if it has them, else seeded random)")
@@ -650,7 +662,14 @@ def _temperature(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said with the subcommand's usage, not the top level's
+        commands = parser._subparsers._group_actions[0].choices
+        commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "head", None) is not None and not getattr(args, "attention", None):
+        commands = parser._subparsers._group_actions[0].choices
+        commands[args.command].error("--head picks the head of the --attention heatmaps; give --attention FILE too")
     # What the imports made lives as long as the process: the collector need not
     # scan it on each full collection (a trace allocates enough to trigger several).
     gc.freeze()

@@ -222,8 +222,15 @@ def preset(name: str) -> Config:
         return PRESETS[name]
     except KeyError:
         raise ConfigError(
-            f"unknown preset {name!r}; the presets are: {', '.join(sorted(PRESETS))}"
+            f"unknown preset {name!r}{did_you_mean(name, PRESETS)}; the presets are: {', '.join(sorted(PRESETS))}"
         ) from None
+
+
+def did_you_mean(name: str, known) -> str:
+    """' (did you mean ...?)' for a close known name, else ''."""
+    import difflib
+    close = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _expect(key: str, value, want: type, origin: str) -> None:
@@ -257,7 +264,8 @@ def from_dict(values: dict, origin: str = "config") -> Config:
             continue
         if key not in fields:
             raise ConfigError(
-                f"{origin}: unknown key {key!r}; accepted keys: preset, {', '.join(fields)}"
+                f"{origin}: unknown key {key!r}{did_you_mean(key, ['preset', *fields])}; accepted keys: "
+                f"preset, {', '.join(fields)}"
             )
         want = type(fields[key].default)
         _expect(key, value, want, origin)

@@ -10,7 +10,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from .config import PRESETS, Config, load_toml, preset
+from .config import PRESETS, Config, did_you_mean, load_toml, preset
 from ..tracing.context import Model
 from ..ir.errors import ConfigError, ModelLoadError, QkvflowError
 
@@ -85,6 +85,7 @@ def load_model(spec) -> Model:
             )
         return made
     raise ConfigError(
-        f"unknown model {spec!r}: not a preset ({', '.join(sorted(PRESETS))}), not a .toml file, "
+        f"unknown model {spec!r}{did_you_mean(spec, PRESETS)}: not a preset ({', '.join(sorted(PRESETS))}), "
+        "not a .toml file, "
         "not package.module:factory or path/to/file.py:factory, not hf:PATH, not a graph .json"
     )

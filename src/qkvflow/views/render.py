@@ -514,7 +514,8 @@ def _resolve_format(path, fmt: str | None) -> str:
     suffix = os.path.splitext(os.fspath(path))[1].lower() if path is not None else ".dot"
     if suffix not in _SUFFIXES:
         raise RenderError(f"cannot tell the diagram format of {os.fspath(path)!r}; "
-                          f"use a suffix among {', '.join(_SUFFIXES)} or pass fmt")
+                          f"use a suffix among {', '.join(_SUFFIXES)}, or give the format (--format, or fmt= "
+                          "in Python)")
     return _SUFFIXES[suffix]
 
 
