@@ -123,10 +123,19 @@ def main() -> None:
         src, tgt = rng.integers(3, cfg1.vocab, (1, 16)), rng.integers(3, cfg1.vocab, (1, 16))
         fwd = to_torch(cfg1, params)
         ts, tt = torch.from_numpy(src), torch.from_numpy(tgt)
+        calls = 20 if name == "tiny" else 1  # a few ms a call: one sample is 20 calls back to back
+
+        def repeated(fn, n=calls):
+            def run():
+                for _ in range(n):
+                    fn()
+            return run
         runs = interleaved({
-            "qf.forward": lambda: qf.forward(g1, params, src, tgt, dtype="float32"),
-            "torch": lambda: fwd(ts, tt),
-            "qf.forward_unchecked": lambda: qf.forward(g1, params, src, tgt, dtype="float32", check=False)}, 15)
+            "qf.forward": repeated(lambda: qf.forward(g1, params, src, tgt, dtype="float32")),
+            "torch": repeated(lambda: fwd(ts, tt)),
+            "qf.forward_unchecked": repeated(lambda: qf.forward(g1, params, src, tgt, dtype="float32",
+                                                                  check=False))}, 15)
+        runs = {k: [x / calls for x in v] for k, v in runs.items()}  # seconds per call
         q, t = statistics.median(runs["qf.forward"]), statistics.median(runs["torch"])
         results[f"{name} b1 16+16 float32 (qf.forward)"] = {
             **{k: stats(v) for k, v in runs.items()}, "ratio_qkvflow_over_torch": round(q / t, 3),

@@ -84,3 +84,11 @@ def test_the_cli_draws_the_layer_level_by_default(tmp_path):
     assert "(layer level)" in (tmp_path / "t5.dot").read_text()
     assert main(["render", "t5-tiny", "-o", str(tmp_path / "b.dot"), "--level", "block"]) == 0
     assert "(block level)" in (tmp_path / "b.dot").read_text()
+
+
+def test_op_level_labels_do_not_say_a_word_twice():
+    dot = render(qf.trace(qf.load_model("vaswani-base")), level="op", fmt="dot")
+    labels = [label.split("\\n") for label in re.findall(r'\[label="([^"]*)"', dot)]
+    assert ["softmax", "(batch, heads, src, src)"] in labels  # named after its op: said once
+    assert ["q_proj", "linear", "(batch, src, heads*d_head)"] in labels
+    assert not [lines for lines in labels if len(lines) > 2 and lines[0].rstrip("_0123456789") == lines[1]]

@@ -288,7 +288,9 @@ def _op_diagram(g: nx.MultiDiGraph) -> _Diagram:
     for node, data in g.nodes(data=True):
         shape, fill = _op_style(data.get("op"))
         tail = node.rsplit(".", 1)[-1]
-        lines = [tail, data["op"], _shape_text(data.get("shape", ()))]
+        # "softmax / softmax" says one word twice: a node named after its op shows it once
+        named_as_op = tail.rstrip("_0123456789") == data["op"]
+        lines = [tail, *([] if named_as_op else [data["op"]]), _shape_text(data.get("shape", ()))]
         if node == memory:
             lines, fill = ["memory: " + tail, *lines[1:]], _MEMORY_FILL
         diagram.nodes[ids[node]] = _Node(lines, node, shape, fill, data.get("stream"),
