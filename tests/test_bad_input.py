@@ -2,9 +2,11 @@
 CLI), never a traceback, no unbounded work, and no output file lost or half written."""
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -256,6 +258,28 @@ def test_a_failing_demo_leaves_no_output_behind(tmp_path):
     proc = shell("demo", "--model", "tiny", "--out", out)  # the same folder, now whole
     assert proc.returncode == 0, proc.stderr
     assert {"graph.json", "check.sarif", "params.safetensors"} <= {p.name for p in out.iterdir()}
+
+
+def test_a_folder_or_file_linked_to_another_file_system_is_written_whole(tmp_path):
+    """Staged files reach a link's target even on another file system (/dev/shm, a tmpfs)."""
+    elsewhere = Path(tempfile.mkdtemp(dir="/dev/shm")) if Path("/dev/shm").is_dir() else None
+    if elsewhere is None or os.stat(elsewhere).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second file system to link to")
+    try:
+        (tmp_path / "linked").symlink_to(elsewhere)
+        assert shell("demo", "--model", "tiny", "--out", tmp_path / "linked").returncode == 0
+        assert {"graph.json", "params.safetensors"} <= {p.name for p in elsewhere.iterdir()}
+        out = tmp_path / "demo"
+        assert shell("demo", "--model", "tiny", "--out", out).returncode == 0
+        (out / "params.safetensors").unlink()
+        (elsewhere / "params.safetensors").write_bytes(b"old")
+        (out / "params.safetensors").symlink_to(elsewhere / "params.safetensors")
+        (out / "graph.json").write_text("old")
+        assert shell("demo", "--model", "tiny", "--out", out).returncode == 0
+        assert (out / "params.safetensors").is_symlink() and (elsewhere / "params.safetensors").read_bytes() != b"old"
+        assert (out / "graph.json").read_text() != "old"
+    finally:
+        shutil.rmtree(elsewhere, ignore_errors=True)
 
 
 def test_import_writes_both_files_or_neither(tmp_path, monkeypatch, capsys):

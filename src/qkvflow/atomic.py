@@ -108,10 +108,10 @@ def staged_folder(out: str | os.PathLike):
     """A folder to write many files into, moved into ``out`` only if the block ends
     without an error: either every file appears in ``out`` or none does (and a new
     ``out`` is not left behind empty)."""
-    out = Path(out)
+    out = Path(os.path.realpath(out))  # a link's target: the stage must sit on its file system
     if out.exists() and not out.is_dir():
         raise OutputError(f"{str(out)!r} is a file; expected a folder to write into")
-    parent = out.parent if str(out.parent) else Path(".")
+    parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp"))
@@ -122,11 +122,22 @@ def staged_folder(out: str | os.PathLike):
         if not out.exists():
             os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700
             os.rename(stage, out)
-        else:  # renames within one folder's parent: each atomic, all checked before the first
-            moves = [(f, _target(out / f.name)) for f in sorted(stage.iterdir())]
-            for staged, target in moves:
-                _take_mode(staged, target)
-                os.replace(staged, target)
+        else:  # every file made ready beside its target first, then renamed (each atomic)
+            moves = []
+            try:
+                for staged in sorted(stage.iterdir()):
+                    target = _target(out / staged.name)
+                    if os.stat(target.parent).st_dev != os.stat(staged).st_dev:  # a link to elsewhere
+                        staged = Path(_write_temporary(target, staged.read_bytes()))
+                    moves.append((staged, target))
+            except OSError:
+                for ready, _ in moves:
+                    if ready.parent != stage:
+                        ready.unlink(missing_ok=True)
+                raise
+            for ready, target in moves:
+                _take_mode(ready, target)
+                os.replace(ready, target)
     except OSError as err:
         raise OutputError(f"cannot write into {str(out)!r}: {err.strerror or err}") from None
     finally:

@@ -76,10 +76,10 @@ def test_a_single_stream_model_draws_its_one_kind(tmp_path):
 
 def test_the_svg_carries_the_tokens_as_text(tmp_path, tiny_run):
     g, acts = tiny_run
-    words = {"src": ["I", "love", "China", "<eos>", "<pad>", "<pad>"], "tgt": ["<bos>", "我", "爱"]}
-    out = plot_attention(attention_maps(g, acts), tmp_path / "a.svg", tokens=words, title="tiny & <friends>")
+    words = {"src": ["I", "love", "China", "<eos>", "<pad>", "$x$"], "tgt": ["<bos>", "我", "爱"]}
+    out = plot_attention(attention_maps(g, acts), tmp_path / "a.svg", tokens=words, title="tiny & <friends> $\\foo{$")
     text = {t.text for t in ET.parse(out).iter() if t.tag.endswith("text") and t.text}
-    assert {"China", "<pad>", "我", "爱", "tiny & <friends>"} <= text
+    assert {"China", "<pad>", "$x$", "我", "爱", "tiny & <friends> $\\foo{$"} <= text  # drawn as written, no maths
     with pytest.raises(RenderError, match="use a .png or .svg file"):
         plot_attention(attention_maps(g, acts), tmp_path / "a.txt")
 

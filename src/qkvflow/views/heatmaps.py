@@ -145,6 +145,7 @@ def _pyplot():
     matplotlib.use("Agg")
     matplotlib.rcParams["svg.hashsalt"] = "qkvflow"  # the same SVG for the same weights
     matplotlib.rcParams["svg.fonttype"] = "none"  # SVG text stays text: a browser draws any script
+    matplotlib.rcParams["text.parse_math"] = False  # names and tokens are drawn as written, "$" included
     # Latin first, then a CJK font where one is installed (Debian: fonts-wqy-microhei)
     # Latin first, then a CJK font where one is installed (Debian: fonts-wqy-microhei)
     matplotlib.rcParams["font.family"] = [name for name, _ in _fonts()]
