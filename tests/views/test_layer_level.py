@@ -92,3 +92,18 @@ def test_op_level_labels_do_not_say_a_word_twice():
     assert ["softmax", "(batch, heads, src, src)"] in labels  # named after its op: said once
     assert ["q_proj", "linear", "(batch, src, heads*d_head)"] in labels
     assert not [lines for lines in labels if len(lines) > 2 and lines[0].rstrip("_0123456789") == lines[1]]
+
+
+def test_op_level_draws_a_miswired_layer_apart():
+    """A layer whose ops are wired otherwise is its own kind at op level: nothing is hidden."""
+    g = qf.trace(mixed("AAAA"))
+    g2 = g.copy()
+    # layer 2's out_proj reads the values instead of the attention's result (as a broken port would)
+    u = next(u for u, _, d in g2.in_edges("lm.blocks.2.self_attn.out_proj", data=True) if d["role"] == "x")
+    key = next(k for a, _, k in g2.in_edges("lm.blocks.2.self_attn.out_proj", keys=True) if a == u)
+    data = g2.edges[u, "lm.blocks.2.self_attn.out_proj", key]
+    g2.remove_edge(u, "lm.blocks.2.self_attn.out_proj", key)
+    g2.add_edge("lm.blocks.2.ln_1", "lm.blocks.2.self_attn.out_proj", **data)
+    assert re.findall(r'label="attn \((layers? [^"]*)\)"', render(g, level="op", fmt="dot")) == ["layer ×4"]
+    assert re.findall(r'label="attn \((layers? [^"]*)\)"', render(g2, level="op", fmt="dot")) == [
+        "layers 0-1, 3 (×3)", "layers 2 (×1)"]

@@ -212,6 +212,43 @@ def _layer_of(g: nx.MultiDiGraph, gid: str, members: list[str]) -> tuple[str, in
     return first.get("stream"), layer, ".".join(parts[:parts.index(str(layer)) + 1])
 
 
+class _Layers:
+    """The numbered layers of a graph's streams, sorted into kinds: layers whose units (blocks
+    at layer level, ops at op level) describe alike are one kind, drawn once."""
+
+    def __init__(self, g: nx.MultiDiGraph, units: dict, describe, memory_in_layer: bool = False) -> None:
+        # The memory is drawn on its own. At op level it still belongs to its layer's kind (a
+        # post-norm encoder's last norm is the memory: that layer is like the others).
+        memory = g.graph.get("memory")
+        placed = {uid: _layer_of(g, uid, nodes) for uid, nodes in units.items() if memory_in_layer or uid != memory}
+        layers: dict = {}
+        for uid, at in placed.items():
+            if at is not None:
+                layers.setdefault(at, []).append(describe(uid, at))
+        self.where = {uid: at for uid, at in placed.items() if uid != memory}
+        kinds: dict = {}  # (stream, descriptions) -> [(stream, layer, its path)]
+        for at, described in layers.items():
+            kinds.setdefault((at[0], tuple(described)), []).append(at)
+        self.first_of = {at: ats[0] for ats in kinds.values() for at in ats}
+        self.numbers = {ats[0]: [layer for _, layer, _ in ats] for ats in kinds.values()}
+        self.alone = {stream: sum(s == stream for s, _ in kinds) == 1 for stream, _ in kinds}
+
+    def representative(self, uid: str) -> str:
+        at = self.where.get(uid)
+        return uid if at is None else self.first_of[at][2] + uid[len(at[2]):]
+
+    def title(self, at: tuple) -> str:
+        """"layer ×6", or "layers 0-1, 3 (×3)" where a stream's layers are of several kinds."""
+        numbers = self.numbers[at]
+        return f"layer ×{len(numbers)}" if self.alone[at[0]] else f"layers {_spans(numbers)} (×{len(numbers)})"
+
+    def skipped(self, u_uid: str, v_uid: str) -> bool:
+        """An edge from one layer into a later one of its kind (or an earlier kind): the count says it."""
+        at_u, at_v = self.where.get(u_uid), self.where.get(v_uid)
+        return bool(at_u and at_v and at_u[0] == at_v[0] and at_u[1] != at_v[1]
+                    and self.first_of[at_u][1] >= self.first_of[at_v][1])
+
+
 def _layer_diagram(g: nx.MultiDiGraph) -> _Diagram:
     """The paper's figure: each stream's layer drawn once with its count ("×6"), a model
     whose layers differ drawing each distinct layer once with the layers it stands for;
@@ -222,51 +259,35 @@ def _layer_diagram(g: nx.MultiDiGraph) -> _Diagram:
         _op_style(data.get("op"))
         if data["op"] != "param":
             members.setdefault(_group_of(g, node), []).append(node)
-    memory = g.graph.get("memory")
-    where = {gid: _layer_of(g, gid, nodes) for gid, nodes in members.items() if gid != memory}
-    # A layer's kind: its blocks, by their path inside the layer, and what each block is.
-    layers: dict = {}
-    for gid, at in where.items():
-        if at is not None:
-            record = g.graph.get("attention", {}).get(gid) or {}
-            masks = tuple(sorted({m for site in record.get("sites", []) for m in site.get("masks", [])}))
-            block = (gid[len(at[2]) + 1:], g.nodes[members[gid][0]].get("block"), record.get("kind"), masks)
-            layers.setdefault(at, []).append(block)
-    kinds: dict = {}  # (stream, blocks) -> [(layer, its path)]
-    for at, blocks in layers.items():
-        kinds.setdefault((at[0], tuple(blocks)), []).append(at)
-    first_of = {at: ats[0] for ats in kinds.values() for at in ats}
-    alone = {stream: sum(s == stream for s, _ in kinds) == 1 for stream, _ in kinds}
 
-    def representative(gid: str) -> str:
-        at = where.get(gid)
-        return gid if at is None else first_of[at][2] + gid[len(at[2]):]
+    def describe(gid: str, at: tuple) -> tuple:  # a block: its path in the layer and what it is
+        record = g.graph.get("attention", {}).get(gid) or {}
+        masks = tuple(sorted({m for site in record.get("sites", []) for m in site.get("masks", [])}))
+        return gid[len(at[2]) + 1:], g.nodes[members[gid][0]].get("block"), record.get("kind"), masks
 
+    layers = _Layers(g, members, describe)
     diagram = _Diagram(streams=_streams(g), quiet_masks=True)
     ids: dict = {}
     for gid in members:
-        rep = representative(gid)
+        rep = layers.representative(gid)
         if rep in ids:
             continue
         ids[rep] = f"n{len(ids)}"
         node = _group_node(g, rep, members[rep])
-        at = where.get(rep)
+        at = layers.where.get(rep)
         if at is not None:
-            stream, _, group = at
-            numbers = [layer for _, layer, _ in next(ats for ats in kinds.values() if ats[0] == at)]
-            node.group, node.label[0] = group, rep[len(group) + 1:]
-            diagram.group_labels[group] = (f"layer ×{len(numbers)}" if alone[stream]
-                                           else f"layers {_spans(numbers)} (×{len(numbers)})")
+            node.group, node.label[0] = at[2], rep[len(at[2]) + 1:]
+            diagram.group_labels[at[2]] = layers.title(at)
         diagram.nodes[ids[rep]] = node
+    memory = g.graph.get("memory")
     for u, v, data in g.edges(data=True):
-        at_u, at_v = where.get(_group_of(g, u)), where.get(_group_of(g, v))
-        gu, gv = representative(_group_of(g, u)), representative(_group_of(g, v))
-        if gu == gv or g.nodes[u]["op"] == "param":
-            continue  # inside a block, or a weight
-        if at_u and at_v and at_u[1] != at_v[1] and first_of[at_u][1] >= first_of[at_v][1]:
-            continue  # from one layer into the next of its kind: the "×N" says it
+        gu, gv = _group_of(g, u), _group_of(g, v)
+        if g.nodes[u]["op"] == "param" or layers.representative(gu) == layers.representative(gv) \
+                or layers.skipped(gu, gv):
+            continue  # a weight, inside a block, or from one layer into the next of its kind
         label = None if data["role"] == "mask" else _shape_text(g.nodes[u]["shape"])
-        _add_edge(diagram, ids[gu], ids[gv], data["role"], label, free=gv == memory)
+        _add_edge(diagram, ids[layers.representative(gu)], ids[layers.representative(gv)], data["role"], label,
+                  free=gv == memory)
     _label_edges(diagram)
     return diagram
 
@@ -282,21 +303,42 @@ def _spans(numbers: list[int]) -> str:
 
 
 def _op_diagram(g: nx.MultiDiGraph) -> _Diagram:
-    ids = {node: f"n{i}" for i, node in enumerate(g)}
+    """Every operation, each block a box; repeated layers drawn once, as at layer level (a
+    6+6-layer graph is as tall as a 1+1 one). Two layers are of one kind when their ops, by
+    path in the layer, and the edges between them are the same."""
+    def describe(node: str, at: tuple) -> tuple:  # an op: its path in the layer, its op, its wiring
+        inner = node[len(at[2]) + 1:]
+        args = tuple((u[len(at[2]) + 1:] if u.startswith(at[2] + ".") else "", d["role"], d["arg"])
+                     for u, _, d in sorted(g.in_edges(node, data=True), key=lambda e: e[2]["arg"]))
+        return inner, g.nodes[node]["op"], args
+
+    layers = _Layers(g, {node: [node] for node in g if g.nodes[node].get("block_path")}, describe,
+                     memory_in_layer=True)
     diagram = _Diagram(streams=_streams(g))
     memory = g.graph.get("memory")
+    ids: dict = {}
     for node, data in g.nodes(data=True):
+        rep = layers.representative(node)
+        if rep in ids:
+            continue
+        ids[rep] = f"n{len(ids)}"
         shape, fill = _op_style(data.get("op"))
-        tail = node.rsplit(".", 1)[-1]
+        tail = rep.rsplit(".", 1)[-1]
         # "softmax / softmax" says one word twice: a node named after its op shows it once
         named_as_op = tail.rstrip("_0123456789") == data["op"]
         lines = [tail, *([] if named_as_op else [data["op"]]), _shape_text(data.get("shape", ()))]
         if node == memory:
             lines, fill = ["memory: " + tail, *lines[1:]], _MEMORY_FILL
-        diagram.nodes[ids[node]] = _Node(lines, node, shape, fill, data.get("stream"),
-                                         data.get("block_path"), bold=node == memory)
+        group = None if node == memory else data.get("block_path")  # the memory stands on its own
+        at = layers.where.get(rep)
+        if at is not None and group:
+            group = layers.representative(group) if group.startswith(at[2] + ".") else group
+            diagram.group_labels[group] = f"{group[len(at[2]) + 1:]} ({layers.title(at)})"
+        diagram.nodes[ids[rep]] = _Node(lines, rep, shape, fill, data.get("stream"), group, bold=node == memory)
     for u, v, data in g.edges(data=True):
-        _add_edge(diagram, ids[u], ids[v], data["role"], None)  # shapes are on the nodes
+        if layers.skipped(u, v):
+            continue
+        _add_edge(diagram, ids[layers.representative(u)], ids[layers.representative(v)], data["role"], None)
     return diagram
 
 
