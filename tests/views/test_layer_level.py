@@ -92,6 +92,7 @@ def test_op_level_labels_do_not_say_a_word_twice():
     assert ["softmax", "(batch, heads, src, src)"] in labels  # named after its op: said once
     assert ["q_proj", "linear", "(batch, src, heads*d_head)"] in labels
     assert not [lines for lines in labels if len(lines) > 2 and lines[0].rstrip("_0123456789") == lines[1]]
+    assert re.search(r"node \[[^\]]*width=2\.1", dot)  # one width for every box
 
 
 def test_op_level_draws_a_miswired_layer_apart():

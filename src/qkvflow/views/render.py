@@ -404,7 +404,9 @@ def _to_dot(diagram: _Diagram, title: str, level: str) -> str:
         graph_attr.update(nslimit="1", nslimit1="1", mclimit="0.1", splines="line")
     dot = graphviz.Digraph(
         title, graph_attr=graph_attr,
-        node_attr={"fontname": "Helvetica", "fontsize": "10", "style": "filled,rounded"},
+        # op level: one width for every box (a minimum: the few longer labels widen theirs)
+        node_attr={"fontname": "Helvetica", "fontsize": "10", "style": "filled,rounded",
+                   **({"width": "2.1"} if level == "op" else {})},
         edge_attr={"fontname": "Helvetica", "fontsize": "8", "arrowsize": "0.6"})
     by_cluster: dict = {}
     for nid, node in diagram.nodes.items():
