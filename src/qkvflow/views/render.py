@@ -24,7 +24,7 @@ import networkx as nx
 
 from ..atomic import OutputError, write_atomic
 from ..ir.errors import RenderError
-from ..ir.graph import to_json
+from ..ir.graph import args_of, to_json
 from ..ir.ops import OPS
 from ..ir.text import printable
 from ..passes.provenance import ensure
@@ -179,29 +179,6 @@ def _group_node(g: nx.MultiDiGraph, gid: str, members: list[str]) -> _Node:
     return _Node(lines, gid, "box", fill, stream)
 
 
-def _block_diagram(g: nx.MultiDiGraph) -> _Diagram:
-    members: dict[str, list[str]] = {}
-    for node, data in g.nodes(data=True):
-        _op_style(data.get("op"))
-        if data["op"] != "param":  # weights are not dataflow at this level
-            members.setdefault(_group_of(g, node), []).append(node)
-    ids = {gid: f"n{i}" for i, gid in enumerate(members)}
-    diagram = _Diagram(streams=_streams(g))
-    for gid, nodes in members.items():
-        diagram.nodes[ids[gid]] = _group_node(g, gid, nodes)
-    memory = g.graph.get("memory")
-    for u, v, data in g.edges(data=True):
-        gu, gv = _group_of(g, u), _group_of(g, v)
-        if gu == gv or g.nodes[u]["op"] == "param":
-            continue
-        # Mask shapes are on the mask nodes. The edge into the memory is free, so the
-        # memory sits above the decoder it feeds and the decoder beside the encoder.
-        label = None if data["role"] == "mask" else _shape_text(g.nodes[u]["shape"])
-        _add_edge(diagram, ids[gu], ids[gv], data["role"], label, free=gv == memory)
-    _label_edges(diagram)
-    return diagram
-
-
 def _layer_of(g: nx.MultiDiGraph, gid: str, members: list[str]) -> tuple[str, int, str] | None:
     """(stream, layer, the layer's path) of a block inside a numbered layer, else None:
     ``decoder.layers.3.cross_attn`` -> ("decoder", 3, "decoder.layers.3")."""
@@ -249,15 +226,16 @@ class _Layers:
                     and self.first_of[at_u][1] >= self.first_of[at_v][1])
 
 
-def _layer_diagram(g: nx.MultiDiGraph) -> _Diagram:
-    """The paper's figure: each stream's layer drawn once with its count ("×6"), a model
-    whose layers differ drawing each distinct layer once with the layers it stands for;
-    the memory, the inputs, the masks (one edge per mask and block kind, drawn quietly)
-    and what comes before and after the layers as at block level."""
+def _block_diagram(g: nx.MultiDiGraph, collapse: bool = False) -> _Diagram:
+    """One node per block. With ``collapse`` (the layer level, the paper's figure) each
+    stream's layer is drawn once with its count ("×6"), a model whose layers differ drawing
+    each distinct layer once with the layers it stands for, and the masks drawn quietly (one
+    edge per mask and block kind); the memory, the inputs and what comes before and after
+    the layers as at block level."""
     members: dict[str, list[str]] = {}
     for node, data in g.nodes(data=True):
         _op_style(data.get("op"))
-        if data["op"] != "param":
+        if data["op"] != "param":  # weights are not dataflow at this level
             members.setdefault(_group_of(g, node), []).append(node)
 
     def describe(gid: str, at: tuple) -> tuple:  # a block: its path in the layer and what it is
@@ -265,8 +243,8 @@ def _layer_diagram(g: nx.MultiDiGraph) -> _Diagram:
         masks = tuple(sorted({m for site in record.get("sites", []) for m in site.get("masks", [])}))
         return gid[len(at[2]) + 1:], g.nodes[members[gid][0]].get("block"), record.get("kind"), masks
 
-    layers = _Layers(g, members, describe)
-    diagram = _Diagram(streams=_streams(g), quiet_masks=True)
+    layers = _Layers(g, members if collapse else {}, describe)
+    diagram = _Diagram(streams=_streams(g), quiet_masks=collapse)
     ids: dict = {}
     for gid in members:
         rep = layers.representative(gid)
@@ -285,6 +263,8 @@ def _layer_diagram(g: nx.MultiDiGraph) -> _Diagram:
         if g.nodes[u]["op"] == "param" or layers.representative(gu) == layers.representative(gv) \
                 or layers.skipped(gu, gv):
             continue  # a weight, inside a block, or from one layer into the next of its kind
+        # Mask shapes are on the mask nodes. The edge into the memory is free, so the
+        # memory sits above the decoder it feeds and the decoder beside the encoder.
         label = None if data["role"] == "mask" else _shape_text(g.nodes[u]["shape"])
         _add_edge(diagram, ids[layers.representative(gu)], ids[layers.representative(gv)], data["role"], label,
                   free=gv == memory)
@@ -308,8 +288,7 @@ def _op_diagram(g: nx.MultiDiGraph) -> _Diagram:
     path in the layer, and the edges between them are the same."""
     def describe(node: str, at: tuple) -> tuple:  # an op: its path in the layer, its op, its wiring
         inner = node[len(at[2]) + 1:]
-        args = tuple((u[len(at[2]) + 1:] if u.startswith(at[2] + ".") else "", d["role"], d["arg"])
-                     for u, _, d in sorted(g.in_edges(node, data=True), key=lambda e: e[2]["arg"]))
+        args = tuple((u[len(at[2]) + 1:] if u.startswith(at[2] + ".") else "", role) for u, role in args_of(g, node))
         return inner, g.nodes[node]["op"], args
 
     layers = _Layers(g, {node: [node] for node in g if g.nodes[node].get("block_path")}, describe,
@@ -610,7 +589,7 @@ def render(graph: nx.MultiDiGraph, path=None, *, level: str = "layer",
     if fmt == "json":
         out = to_json(graph)
     else:
-        diagram = {"layer": _layer_diagram, "block": _block_diagram, "op": _op_diagram}[level](graph)
+        diagram = _op_diagram(graph) if level == "op" else _block_diagram(graph, collapse=level == "layer")
         if fmt == "mmd":
             out = _to_mermaid(diagram, title)
         else:
