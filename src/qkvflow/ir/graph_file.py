@@ -10,14 +10,13 @@ explained, drawn and run without an exception other than qkvflow's own.
 import networkx as nx
 
 from .dims import dim_table
+from .graph import ATTENTION_KINDS, GRAPH_KEYS, ROLES, arg_nodes, execution_order
 from .ops import OPS, infer
 from .shapes import Meta, ShapeIssue
 
 __all__ = ["file_problem"]
 
-_SEQUENCE_RULES = ("causal", "bidirectional")
-_ROLES = ("x", "q", "k", "v", "mask", "residual", "probs", "ids", "memory")
-_KINDS = ("encoder_self", "decoder_self", "cross")
+_SEQUENCE_RULES = ("causal", "bidirectional")  # the tracer's SEQUENCE_RULES (ir cannot import tracing)
 
 
 def _is_int(value) -> bool:
@@ -54,7 +53,7 @@ def _graph_problem(g: nx.MultiDiGraph) -> str | None:
     if not isinstance(attention, dict):
         return "its attention must be a table of blocks"
     for block, rec in attention.items():
-        if not (isinstance(rec, dict) and rec.get("kind") in _KINDS and isinstance(rec.get("declared"), dict)
+        if not (isinstance(rec, dict) and rec.get("kind") in ATTENTION_KINDS and isinstance(rec.get("declared"), dict)
                 and isinstance(rec.get("sites", []), list) and all(isinstance(s, dict) for s in rec.get("sites", []))):
             return f"its attention block {block!r} is not a record of a declared attention"
     return None
@@ -83,7 +82,7 @@ def _node_problem(node: str, d: dict) -> str | None:
 
 def file_problem(g: nx.MultiDiGraph) -> str | None:
     """One sentence saying what makes ``g`` unusable, or None. Run before :func:`lint`."""
-    if any(key not in g.graph for key in ("dims", "sequences", "streams", "attention", "inputs", "outputs")):
+    if any(key not in g.graph for key in GRAPH_KEYS):
         return None  # lint says which, and that the graph must be traced again
     problem = _graph_problem(g)
     if problem:
@@ -96,16 +95,17 @@ def file_problem(g: nx.MultiDiGraph) -> str | None:
                for n in g.graph["inputs"]):
         return "each of its inputs must be an input node with a name"
     for u, v, d in g.edges(data=True):
-        if d.get("role") not in _ROLES or not _is_int(d.get("arg")) or d["arg"] < 0:
+        if d.get("role") not in ROLES or not _is_int(d.get("arg")) or d["arg"] < 0:
             return f"the edge {u!r} -> {v!r} has no known role and argument position"
-    if not nx.is_directed_acyclic_graph(g):
+    try:
+        order = execution_order(g)
+    except nx.NetworkXUnfeasible:
         return None  # lint names the cycle
     dims = dim_table(g.graph)
-    for node in nx.topological_sort(g):
+    for node in order:
         d = g.nodes[node]
-        edges = sorted(((e["arg"], u) for u, _, e in g.in_edges(node, data=True)))
         metas = [Meta(g.nodes[u]["shape"], g.nodes[u].get("key_axis"), g.nodes[u].get("dtype") or "float")
-                 for _, u in edges]
+                 for u in arg_nodes(g, node)]
         try:
             infer(d["op"], metas, d["attrs"], d["params"], dims)
         except ShapeIssue:
