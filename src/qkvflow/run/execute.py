@@ -112,7 +112,7 @@ class Executor:
 
     def __init__(self, graph: nx.MultiDiGraph, params: dict, *, dtype="float64", check: bool = True):
         expect_graph(graph)
-        dtype = run_dtype(dtype)
+        self.dtype = run_dtype(dtype)
         if not isinstance(params, dict):
             raise ParamError(f"params must be a dict of parameter path -> array, got {type(params).__name__}")
         self.graph = graph
@@ -120,7 +120,6 @@ class Executor:
         # Arrays found finite by an earlier executor are not read again: a run whose
         # outputs are not finite reads them (it names a parameter changed in place since).
         self._reread = None if validate_params(graph, params) else params
-        self.dtype = np.dtype(dtype)
         self.params = {k: np.asarray(params[k], dtype=self.dtype) for k in param_specs(graph)}
         self.check = check
         self._position_limit = position_limit(graph)

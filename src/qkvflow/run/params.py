@@ -56,7 +56,7 @@ def init_params(g: nx.MultiDiGraph, seed: int = 0, dtype="float64") -> dict[str,
             raise ParamError(f"parameter {path} has shape {shape} without positive sizes")
     counts = [math.prod(s) for s in shapes.values()]
     # all of them in dtype, and the largest drawn in float64 before its cast
-    check_fits(sum(counts) * np.dtype(dtype).itemsize + 8 * max(counts, default=0),
+    check_fits(sum(counts) * dtype.itemsize + 8 * max(counts, default=0),
                f"the parameters of model {g.graph.get('model', '?')!r}")
     rng = np.random.default_rng(seed)
     out = {}

@@ -9,12 +9,13 @@ by the same path in both (``decoder.layers.1.cross_attn.k_proj.weight``).
 
 import contextlib
 import contextvars
-import functools
 import os
 import sys
 
 from ..ir.dims import DataDim, Dim
-from ..ir.errors import ModelLoadError, TraceError
+from ..ir.dtypes import run_dtype
+from ..ir.errors import InputError, ModelLoadError, ParamError, TraceError
+from ..ir.text import shown_path
 
 __all__ = ["Context", "Eager", "current", "scope", "dim", "eager", "Model"]
 
@@ -171,20 +172,6 @@ def _where(frame) -> str:
     return f"{shown_path(frame.f_code.co_filename)}:{frame.f_lineno}"
 
 
-def shown_path(filename: str) -> str:
-    """A source file as findings name it: relative to the working folder when inside it."""
-    return _shown_path(filename, os.getcwd())
-
-
-@functools.lru_cache(maxsize=1024)
-def _shown_path(filename: str, cwd: str) -> str:  # a trace asks for each file hundreds of times
-    try:
-        rel = os.path.relpath(filename, cwd)
-    except ValueError:
-        rel = filename
-    return filename if rel.startswith("..") else rel
-
-
 class Eager(Context):
     """Runs model code on NumPy arrays with the given parameters and inputs."""
 
@@ -251,8 +238,6 @@ def eager(model: Model, params: dict, feeds: dict, dtype="float64"):
     """
     import numpy as np
 
-    from ..ir.errors import InputError, ParamError
-
     def arrays(values, what: str, error, **kw) -> dict:
         if not isinstance(values, dict):
             raise error(f"eager: {what} must be a dict of name -> array, got {type(values).__name__}")
@@ -261,10 +246,8 @@ def eager(model: Model, params: dict, feeds: dict, dtype="float64"):
         except (ValueError, TypeError) as err:
             raise error(f"eager: {what} holds a value that is not an array of one shape: {err}") from None
 
-    from ..ir.dtypes import run_dtype
     dtype = run_dtype(dtype)
     sizes = dict(model.dims)
-    ctx = Eager(sizes, arrays(params, "params", ParamError, dtype=dtype), arrays(feeds, "feeds", InputError),
-                np.dtype(dtype))
+    ctx = Eager(sizes, arrays(params, "params", ParamError, dtype=dtype), arrays(feeds, "feeds", InputError), dtype)
     with activate(ctx):
         return model.build()

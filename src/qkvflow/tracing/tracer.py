@@ -26,7 +26,8 @@ from ..ir.errors import QkvflowError, TraceError
 from ..ir.graph import new_graph
 from ..ir.ops import infer
 from ..ir.shapes import ShapeIssue
-from .context import ENTRY_CODES, PACKAGE_DIR, Context, Model, activate, shown_path
+from ..ir.text import shown_path
+from .context import ENTRY_CODES, PACKAGE_DIR, Context, Model, activate
 from .tensor import Sym, numpy_constants_traced
 
 __all__ = ["trace", "Tracer"]

@@ -11,11 +11,12 @@ network. Every string from the model, its code or its file names is escaped:
 
 import html
 import json
-import os
 
 import networkx as nx
 
 from ..ir.dims import describe_shape
+from ..ir.graph import arg_nodes
+from ..ir.text import shown_path
 
 __all__ = ["node_details", "html_report"]
 
@@ -30,7 +31,7 @@ def node_details(g: nx.MultiDiGraph, sizes: dict | None = None) -> dict:
         params = {name: describe_shape(tuple(shape), sizes) for name, shape in d.get("params", {}).items()}
         details[node] = {"path": node, "op": d.get("op"), "shape": describe_shape(tuple(d.get("shape", ())), sizes),
                          "source": d.get("source", "?"), "params": params,
-                         "inputs": [u for u, _ in sorted(((u, k) for u, _, k in g.in_edges(node, keys=True)))]}
+                         "inputs": arg_nodes(g, node)}
         if d.get("block_path"):
             blocks.setdefault(d["block_path"], []).append(node)
     attention = g.graph.get("attention", {})
@@ -53,13 +54,9 @@ def node_details(g: nx.MultiDiGraph, sizes: dict | None = None) -> dict:
 
 
 def _shown(source: str) -> str:
-    """``file:line`` relative to the working folder when the file is inside it, as findings say it."""
+    """``file:line`` with the file as findings show it (relative to the working folder inside it)."""
     path, _, line = source.rpartition(":")
-    if os.path.isabs(path):
-        relative = os.path.relpath(path)
-        if not relative.startswith(".."):
-            return f"{relative}:{line}"
-    return source
+    return f"{shown_path(path)}:{line}" if path else source
 
 
 def _svg_body(svg: str) -> str:
