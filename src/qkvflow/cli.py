@@ -26,6 +26,11 @@ def _words_of(spec: str) -> list | None:
     return None
 
 
+def _vocab(words: list | None) -> dict | None:
+    """word -> token id, for reading words as ids."""
+    return {w: i for i, w in enumerate(words)} if words else None
+
+
 def _model(spec: str, args, *, with_params: bool = False):
     """The graph of MODEL: traced from a preset, TOML file, factory or Hugging Face
     folder (``hf:PATH``), or read from a graph file written by ``qkvflow trace
@@ -45,15 +50,19 @@ def _runnable(spec: str, args):
     error findings is refused, its findings shown, unless --no-check."""
     g, weights = _model(spec, args, with_params=True)
     if not args.no_check:
-        from .passes.checks import check, has_errors
-        from .passes.formats import format_diagnostics
-        found = check(g)
-        if has_errors(found):
-            print(format_diagnostics(found, "text"), file=sys.stderr)
-            errors = sum(d.severity == "error" for d in found)
-            raise ModelLoadError(f"model {spec!r} has {errors} error finding(s) (above), so its numbers would "
-                                 "mean nothing; fix them, or pass --no-check to run it anyway")
+        from .passes.checks import check
+        _refuse_errors(spec, check(g))
     return g, weights
+
+
+def _refuse_errors(spec: str, found: list, remedy: str = "fix them, or pass --no-check to run it anyway") -> None:
+    """A model with error findings is not run: its findings on stderr, then one error line."""
+    errors = sum(d.severity == "error" for d in found)
+    if errors:
+        from .passes.formats import format_diagnostics
+        print(format_diagnostics(found, "text"), file=sys.stderr)
+        raise ModelLoadError(f"model {spec!r} has {errors} error finding(s) (above), so its numbers would "
+                             f"mean nothing; {remedy}")
 
 
 def _emit(text: str | bytes, out: str | None) -> None:
@@ -238,7 +247,7 @@ def _stats(node: str, value) -> dict:
 def cmd_report(args) -> int:
     import numpy as np
 
-    from .passes.checks import check
+    from .passes.checks import check, has_errors
     from .views.explain import explain
     from .views.render import render
     from .views.report import html_report, node_details
@@ -250,14 +259,13 @@ def cmd_report(args) -> int:
     provenance = {lang: json.loads(explain(g, lang=lang, fmt="json"))["rows"] for lang in ("en", "zh")}
     heatmaps, stats, note, sizes = None, None, "", {}
     if args.src or args.ids:
-        if any(d.severity == "error" for d in found) and not args.no_check:
-            raise ModelLoadError(f"model {args.model!r} has error findings, so a run of it would mean nothing; "
-                                 "report it without --src/--ids, or pass --no-check")
+        if not args.no_check:
+            _refuse_errors(args.model, found, "report it without --src/--ids, or pass --no-check")
         from .run.execute import forward
         from .ir.errors import RenderError
         from .views.heatmaps import attention_maps, draw_attention
         words = _words_of(args.model)
-        feeds = _feeds(g, args, {w: i for i, w in enumerate(words)} if words else None)
+        feeds = _feeds(g, args, _vocab(words))
         params, note = _weights(g, args, weights)
         acts = forward(g, params, dtype=args.dtype, capture=True, **feeds)["activations"]
         sizes = {d: n for node in g.graph["inputs"] if g.nodes[node]["attrs"]["name"] in feeds
@@ -274,13 +282,13 @@ def cmd_report(args) -> int:
                        findings=[d.as_dict() for d in found], heatmaps=heatmaps, stats=stats, run_note=note)
     _emit(page, args.output)
     print(f"wrote {args.output}")
-    return 1 if any(d.severity == "error" for d in found) else 0
+    return 1 if has_errors(found) else 0
 
 
 def cmd_run(args) -> int:
     g, weights = _runnable(args.model, args)
     words = _words_of(args.model)
-    vocab = {w: i for i, w in enumerate(words)} if words else None
+    vocab = _vocab(words)
     text, _, out = _run(g, args, vocab=vocab, words=words, weights=weights)
     print(text)
     if args.save_activations:
@@ -307,7 +315,7 @@ def cmd_generate(args) -> int:
         raise InputError(f"model {g.graph.get('model')!r} generates from {flag} (its input {names[0]})")
     params, said = _weights(g, args, weights)
     words = _words_of(args.model)
-    ids = _ids(text, flag, {w: i for i, w in enumerate(words)} if words else None)
+    ids = _ids(text, flag, _vocab(words))
     out = generate(g, params, ids, max_new_tokens=args.max_new_tokens, beams=args.beam,
                    length_penalty=args.length_penalty, sample=args.sample, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, dtype=args.dtype)
@@ -437,7 +445,7 @@ def cmd_demo(args) -> int:
     from .atomic import staged_folder
     g, weights = _runnable(args.model, args)
     vocab_words = _words_of(args.model) or _demo_vocab(g.graph["dims"].get("vocab") or 0)
-    vocab = {w: i for i, w in enumerate(vocab_words)}
+    vocab = _vocab(vocab_words)
     from .ir.graph import required_inputs
     if len(required_inputs(g)) == 2:
         args.src, args.tgt = args.src or DEMO_SRC, args.tgt or DEMO_TGT
@@ -664,12 +672,11 @@ def _temperature(text: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if extra:  # said with the subcommand's usage, not the top level's
-        commands = parser._subparsers._group_actions[0].choices
-        commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    command = parser._subparsers._group_actions[0].choices[args.command]  # errors with its own usage
+    if extra:
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "head", None) is not None and not getattr(args, "attention", None):
-        commands = parser._subparsers._group_actions[0].choices
-        commands[args.command].error("--head picks the head of the --attention heatmaps; give --attention FILE too")
+        command.error("--head picks the head of the --attention heatmaps; give --attention FILE too")
     # What the imports made lives as long as the process: the collector need not
     # scan it on each full collection (a trace allocates enough to trigger several).
     gc.freeze()
@@ -687,8 +694,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # a bug in qkvflow: still one line, and its own exit code
         from .ir.text import printable
         print(f"qkvflow: internal error: {type(err).__name__}: {printable(str(err))} (a bug in qkvflow; please "
-              "report it with "
-              "the command that caused it)", file=sys.stderr)
+              "report it with the command that caused it)", file=sys.stderr)
         return 3
 
 
