@@ -53,7 +53,7 @@ def memory(g, params, feeds, dtype: str) -> dict:
     step, every value still to be read (the executor's last-use plan)."""
     import tracemalloc
 
-    from qkvflow.run.execute import _frees
+    from qkvflow.run.plan import frees as _frees
     ex = qf.Executor(g, params, dtype=dtype)
     owners = {}  # node -> (id, bytes) of the buffer its value lives in (a view shares its base's)
     for n, a in ex.run(feeds, capture=True)["activations"].items():

@@ -20,14 +20,12 @@ import numpy as np
 from ..ir.dims import describe_shape, size_of
 from ..ir.dtypes import run_dtype
 from ..ir.errors import ExecutionError, InputError, ParamError, QkvflowError
-from ..ir.graph import (arg_nodes, check_well_formed, execution_order, expect_graph, param_path, position_limit,
-                        vocabulary_of)
-from ..ir.ops import spec
+from ..ir.graph import expect_graph, param_path, position_limit, vocabulary_of
 from .params import all_finite, check_fits, param_specs, validate_params
+from .plan import fast_plan, steps
 
 __all__ = ["Executor", "forward"]
 
-_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 # Signatures verified once per graph, by every executor of it: a kernel's typed signature
 # for these input shapes (forward), a node at this step shape (incremental decoding).
 _VERIFIED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -35,45 +33,7 @@ _CHECKED: dict = {}
 # Per graph and run key: the shape each named shape had, when the inputs alone bound every
 # dim (so a later run with the same input sizes must produce exactly these).
 _SHAPES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _plan(g: nx.MultiDiGraph) -> list[tuple]:
-    """Topologically ordered steps, cached per graph."""
-    plan = _PLANS.get(g)
-    if plan is None:
-        from . import kernels  # noqa: F401 - attaches the kernels to the registry
-        check_well_formed(g)
-        plan = []
-        for node in execution_order(g):
-            d = g.nodes[node]
-            if spec(d["op"]).kernel is None:
-                raise ExecutionError(f"node {node}: no kernel for op {d['op']!r}")
-            kernel, call = spec(d["op"]).kernel
-            plan.append((node, d["op"], arg_nodes(g, node), d["attrs"], tuple(d["params"]),
-                         d["shape"], kernel, call, d.get("source", "?")))
-        _PLANS[g] = plan
-    return plan
-
-
-_FREES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _frees(g: nx.MultiDiGraph, plan: list) -> list[tuple]:
-    """For each step, the values read there for the last time (outputs kept): freed right
-    after it, so a forward holds only what is still to be read."""
-    frees = _FREES.get(g)
-    if frees is None:
-        last = {}
-        for i, step in enumerate(plan):
-            for u in step[2]:
-                last[u] = i
-        keep = set(g.graph["outputs"])
-        frees = [[] for _ in plan]
-        for u, i in last.items():
-            if u not in keep:
-                frees[i].append(u)
-        frees = _FREES[g] = [tuple(f) for f in frees]
-    return frees
+_STACK_ROWS = 64  # tokens from which the projections of one input are computed as one product
 
 
 def run_kernel(node: str, op: str, source: str, fn, call, ins: list, attrs: dict, params: dict, sizes: dict,
@@ -116,7 +76,8 @@ class Executor:
         if not isinstance(params, dict):
             raise ParamError(f"params must be a dict of parameter path -> array, got {type(params).__name__}")
         self.graph = graph
-        self.plan = _plan(graph)
+        self.plan = steps(graph)
+        self._stacked = False  # see _plan_for
         # Arrays found finite by an earlier executor are not read again: a run whose
         # outputs are not finite reads them (it names a parameter changed in place since).
         self._reread = None if validate_params(graph, params) else params
@@ -191,7 +152,7 @@ class Executor:
         stray = next((n for n in initial if n not in self.graph or n in self.graph.graph["inputs"]), None)
         if stray is not None:
             raise InputError(f"initial value for {stray!r}: not a computed node of the graph")
-        frees = () if capture or only is not None else _frees(self.graph, self.plan)
+        plan, freed = self._plan_for(sizes) if not (capture or initial or only is not None) else (self.plan, ())
         # A run whose every size was seen before has had every kernel signature verified:
         # its nodes' input shapes are the same (the named shapes are still checked below).
         run_key = ("run", self.dtype.char, only is None, tuple(sorted(
@@ -203,7 +164,7 @@ class Executor:
         expected = self.shapes.get(run_key)
         if expected is None:
             expected, bound = {}, sum(v is not None for v in sizes.values())
-        for i, (node, op, args, attrs, pnames, names, kernel, call, source) in enumerate(self.plan):
+        for i, (node, op, args, attrs, pnames, names, kernel, call, source) in enumerate(plan):
             if op == "input" or (only is not None and node not in only):
                 continue
             if node in initial:
@@ -222,10 +183,10 @@ class Executor:
                         self.seen.add(signature)
                         fn = _checked(op, kernel)
                 out = run_kernel(node, op, source, fn, call, ins, attrs, p, sizes, self.dtype)
-                if self.check:
+                if self.check and names is not None:  # a stacked projection has none: its slices do
                     self._check_shape(node, names, out, sizes, source, expected)
             values[node] = out
-            for u in frees[i] if frees else ():
+            for u in freed[i] if freed else ():
                 del values[u]  # read for the last time: its memory goes back now
         if verify and not initial:
             self.seen.add(run_key)
@@ -241,6 +202,31 @@ class Executor:
         if capture:
             result["activations"] = values
         return result
+
+    def _plan_for(self, sizes: dict) -> tuple[list, list]:
+        """The plain forward's plan and frees: with the projections of one input stacked once
+        an input of them holds _STACK_ROWS tokens or more (for fewer, one product is not faster
+        than several, and stacking would copy the weights of a one-off call for nothing)."""
+        plan, freed, stacks = fast_plan(self.graph, True)
+        if not self._stacked:
+            rows = [math.prod(size_of(n, sizes) or 0 for n in st.rows) for st in stacks]
+            if not rows or max(rows) < _STACK_ROWS:
+                return fast_plan(self.graph, False)[:2]
+            self._stack(stacks)
+        return plan, freed
+
+    def _stack(self, stacks: list) -> None:
+        """Each stack's weights and biases side by side, once per executor. The members'
+        parameters become views of them, so every plan reads the same numbers and nothing
+        is held twice."""
+        params = self.params
+        for st in stacks:
+            for name in ("weight", "bias") if st.bias else ("weight",):
+                paths = [param_path(m, name) for m, _, _ in st.members]
+                stacked = params[param_path(st.node, name)] = np.concatenate([params[p] for p in paths])
+                for path, (_, lo, hi) in zip(paths, st.members):
+                    params[path] = stacked[lo:hi]
+        self._stacked = True
 
     def _check_fits(self, sizes: dict) -> None:
         """Before anything is computed: the largest value of this run fits in memory."""

@@ -23,6 +23,15 @@ __all__ = ["sinusoidal_table"]
 Array = np.ndarray
 
 
+def _into(out: np.ndarray | None, *others) -> np.ndarray | None:
+    """``out`` when an elementwise result of it and ``others`` has its shape and dtype (no
+    broadcast widens it, no operand promotes it), else None: the kernel then allocates."""
+    if (out is None or np.broadcast_shapes(out.shape, *(np.shape(o) for o in others)) != out.shape
+            or np.result_type(out, *others) != out.dtype):
+        return None
+    return out
+
+
 def embed(ids: Integer[Array, "*b s"], weight: Float[Array, "vocab d"], scale: float) -> Float[Array, "*b s d"]:
     out = weight[ids]
     return out * weight.dtype.type(scale) if scale != 1.0 else out
@@ -50,11 +59,13 @@ def sinusoidal_table(positions: int, d: int, kind: str, dtype, start: int = 0) -
     return table.astype(dtype)
 
 
-def positional(x: Float[Array, "*b s d"], table: Float[Array, "p d"], offset: int) -> Float[Array, "*b s d"]:
+def positional(x: Float[Array, "*b s d"], table: Float[Array, "p d"], offset: int,
+               out: Float[Array, "*b s d"] | None = None) -> Float[Array, "*b s d"]:
     seq = x.shape[-2]
     if offset + seq > table.shape[0]:
         raise ValueError(f"position {offset + seq - 1} is beyond the table of {table.shape[0]} positions")
-    return x + table[offset:offset + seq]
+    rows = table[offset:offset + seq]
+    return np.add(x, rows, out=_into(out, rows))
 
 
 _FEW_ROWS = 64  # below it, W @ x.T beat x @ W.T for every projection of vaswani-base measured
@@ -94,15 +105,19 @@ def scores(q: Float[Array, "*b tq d"], k: Float[Array, "*b tk d"], scale: float)
     return s
 
 
-def mask(x: Float[Array, "*b tq tk"], keep: Bool[Array, "*#m"]) -> Float[Array, "*b tq tk"]:
+def mask(x: Float[Array, "*b tq tk"], keep: Bool[Array, "*#m"],
+         out: Float[Array, "*b tq tk"] | None = None) -> Float[Array, "*b tq tk"]:
+    if _into(out, keep) is not None:
+        np.copyto(out, -np.inf, where=~keep)
+        return out
     return np.where(keep, x, -np.inf).astype(x.dtype, copy=False)
 
 
-def softmax(x: Float[Array, "*s"], axis: int) -> Float[Array, "*s"]:
+def softmax(x: Float[Array, "*s"], axis: int, out: Float[Array, "*s"] | None = None) -> Float[Array, "*s"]:
     top = np.maximum.reduce(x, axis=axis, keepdims=True)
     dead = np.isneginf(top)  # a fully masked row
     if not dead.any():
-        e = np.subtract(x, top)
+        e = np.subtract(x, top, out=out)
         np.exp(e, out=e)
         e /= np.add.reduce(e, axis=axis, keepdims=True)
         return e
@@ -115,17 +130,17 @@ def attend(p: Float[Array, "*b tq tk"], v: Float[Array, "*b tk d"]) -> Float[Arr
     return p @ v  # (..., tq, tk) @ (..., tk, d) -> (..., tq, d)
 
 
-def add(a: Shaped[Array, "*#a"], b: Shaped[Array, "*#b"]) -> Shaped[Array, "*c"]:
-    return a + b
+def add(a: Shaped[Array, "*#a"], b: Shaped[Array, "*#b"], out: Shaped[Array, "*c"] | None = None) -> Shaped[Array, "*c"]:
+    return np.add(a, b, out=out)
 
 
 def norm(x: Float[Array, "*b d"], weight: Float[Array, "d"], bias: Float[Array, "d"] | None,
-         kind: str, eps: float) -> Float[Array, "*b d"]:
+         kind: str, eps: float, out: Float[Array, "*b d"] | None = None) -> Float[Array, "*b d"]:
     """``layer``: (x - mean) / sqrt(var + eps) * w + b; ``rms``: x / sqrt(mean(x^2) + eps) * w."""
     if kind == "rms":
         return x / np.sqrt(_mean_last(x * x) + eps) * weight
     # The same operations as written above, in place on the kernel's own arrays.
-    y = x - _mean_last(x)
+    y = np.subtract(x, _mean_last(x), out=out)
     y /= np.sqrt(_mean_last(np.square(y)) + eps)
     y *= weight
     if bias is not None:
@@ -154,9 +169,9 @@ def _erf(x: np.ndarray) -> np.ndarray:
     return np.vectorize(erf, otypes=[x.dtype])(x) if x.size else x
 
 
-def activation(x: Float[Array, "*s"], fn: str) -> Float[Array, "*s"]:
+def activation(x: Float[Array, "*s"], fn: str, out: Float[Array, "*s"] | None = None) -> Float[Array, "*s"]:
     if fn == "relu":
-        return np.maximum(x, 0)
+        return np.maximum(x, 0, out=out)
     if fn == "gelu":
         return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
     if fn == "gelu_tanh":
@@ -237,7 +252,8 @@ _ELEMENTWISE = {
     "gt": np.greater, "ge": np.greater_equal, "and": np.logical_and, "or": np.logical_or,
     "neg": np.negative, "not": np.logical_not, "exp": np.exp, "log": np.log,
     "sqrt": np.sqrt, "tanh": np.tanh, "abs": np.abs, "square": np.square,
-    "astype_float": lambda x: np.asarray(x, dtype=np.float64) if np.asarray(x).dtype.kind != "f" else x,
+    # a new array even when nothing is converted: the op's result is never its input
+    "astype_float": lambda x: np.array(x, dtype=np.float64 if np.asarray(x).dtype.kind != "f" else None),
     "astype_bool": lambda x: np.asarray(x).astype(bool), "astype_int": lambda x: np.asarray(x).astype(np.int64),
     "sin": np.sin, "cos": np.cos, "reciprocal": np.reciprocal,
 }
@@ -253,10 +269,18 @@ def _float_like(out, inputs):
     return out.astype(np.result_type(*floats), copy=False) if floats else out
 
 
-def elementwise(fn: str, *xs, const=None, const_first: bool = False):
+# Ufuncs whose float result keeps the dtype of float operands: they may write into one.
+_KEEP_FLOAT = {"add", "sub", "mul", "div", "pow", "maximum", "minimum", "neg", "exp", "log", "sqrt", "tanh",
+               "abs", "square", "sin", "cos", "reciprocal"}
+
+
+def elementwise(fn: str, *xs, const=None, const_first: bool = False, out: np.ndarray | None = None):
     f = _ELEMENTWISE[fn]
     if const is not None:
         xs = (const, *xs) if const_first else (*xs, const)
+    if out is not None and fn in _KEEP_FLOAT and out.dtype.kind == "f" and _into(
+            out, *(x for x in xs if x is not out)) is not None:
+        return f(*xs, out=out)
     return _float_like(f(*xs), xs)
 
 
@@ -268,13 +292,14 @@ def _where(ins, attrs, params):
     return _float_like(np.where(cond, a, b), (a, b))
 
 
-def _positional(kernel, ins, attrs, params):
+def _positional(kernel, ins, attrs, params, out=None):
     x = ins[0]
     table = params.get("weight")
     if table is None:  # the rows of these positions only
         offset = attrs["offset"]
-        return kernel(x, sinusoidal_table(offset + x.shape[-2], x.shape[-1], attrs["kind"], x.dtype, offset), 0)
-    return kernel(x, table, attrs["offset"])
+        return kernel(x, sinusoidal_table(offset + x.shape[-2], x.shape[-1], attrs["kind"], x.dtype, offset), 0,
+                      out)
+    return kernel(x, table, attrs["offset"], out)
 
 
 def _concat(ins, attrs, params):
@@ -290,39 +315,48 @@ def _prefix(x: np.ndarray, axis: int, length: int) -> np.ndarray:
 # Each op's kernel and the adapter ``call(fn, inputs, attrs, params, sizes)``
 # that unpacks a node for it, attached to the op's registry entry.
 
-def _kernel(op: str, fn, call) -> None:
-    implement("kernel", op)(Kernel(fn, call))
+def _kernel(op: str, fn, call, fresh: bool = False, in_place: tuple = (), in_place_call=None) -> None:
+    implement("kernel", op)(Kernel(fn, call, fresh, in_place, in_place_call))
 
 
 _kernel("input", None, None)  # fed by the executor
-_kernel("embed", embed, lambda k, i, a, p, s: k(i[0], p["weight"], a.get("scale", 1.0)))
-_kernel("positional", positional, lambda k, i, a, p, s: _positional(k, i, a, p))
-_kernel("linear", linear, lambda k, i, a, p, s: k(i[0], p["weight"], p.get("bias")))
+_kernel("embed", embed, lambda k, i, a, p, s: k(i[0], p["weight"], a.get("scale", 1.0)), fresh=True)
+_kernel("positional", positional, lambda k, i, a, p, s: _positional(k, i, a, p), fresh=True, in_place=(0,),
+        in_place_call=lambda k, i, a, p, s, j: _positional(k, i, a, p, out=i[0]))
+_kernel("linear", linear, lambda k, i, a, p, s: k(i[0], p["weight"], p.get("bias")), fresh=True)
 _kernel("split_heads", split_heads, lambda k, i, a, p, s: k(i[0], s[a["heads"]]))
 _kernel("merge_heads", merge_heads, lambda k, i, a, p, s: k(i[0]))
-_kernel("scores", scores, lambda k, i, a, p, s: k(i[0], i[1], a["scale"]))
-_kernel("mask", mask, lambda k, i, a, p, s: k(i[0], i[1]))
-_kernel("softmax", softmax, lambda k, i, a, p, s: k(i[0], a["axis"]))
-_kernel("attend", attend, lambda k, i, a, p, s: k(i[0], i[1]))
-_kernel("add", add, lambda k, i, a, p, s: k(i[0], i[1]))
-_kernel("norm", norm, lambda k, i, a, p, s: k(i[0], p["weight"], p.get("bias"), a["kind"], a["eps"]))
-_kernel("activation", activation, lambda k, i, a, p, s: k(i[0], a["fn"]))
+_kernel("scores", scores, lambda k, i, a, p, s: k(i[0], i[1], a["scale"]), fresh=True)
+_kernel("mask", mask, lambda k, i, a, p, s: k(i[0], i[1]), fresh=True, in_place=(0,),
+        in_place_call=lambda k, i, a, p, s, j: k(i[0], i[1], out=i[0]))
+_kernel("softmax", softmax, lambda k, i, a, p, s: k(i[0], a["axis"]), fresh=True, in_place=(0,),
+        in_place_call=lambda k, i, a, p, s, j: k(i[0], a["axis"], out=i[0]))
+_kernel("attend", attend, lambda k, i, a, p, s: k(i[0], i[1]), fresh=True)
+_kernel("add", add, lambda k, i, a, p, s: k(i[0], i[1]), fresh=True, in_place=(0, 1),
+        in_place_call=lambda k, i, a, p, s, j: k(i[0], i[1], out=_into(i[j], i[1 - j])))
+_kernel("norm", norm, lambda k, i, a, p, s: k(i[0], p["weight"], p.get("bias"), a["kind"], a["eps"]), fresh=True,
+        in_place=(0,), in_place_call=lambda k, i, a, p, s, j: k(
+            i[0], p["weight"], p.get("bias"), a["kind"], a["eps"], out=i[0]))
+_kernel("activation", activation, lambda k, i, a, p, s: k(i[0], a["fn"]), fresh=True, in_place=(0,),
+        in_place_call=lambda k, i, a, p, s, j: k(i[0], a["fn"], out=i[0]))
 _kernel("padding_mask", padding_mask, lambda k, i, a, p, s: k(i[0], a["pad_id"], a.get("keep_first", False)))
 _kernel("causal_mask", causal_mask, lambda k, i, a, p, s: k(i[0]))
-_kernel("unembed", unembed, lambda k, i, a, p, s: k(i[0], p["weight"], p.get("bias")))
+_kernel("unembed", unembed, lambda k, i, a, p, s: k(i[0], p["weight"], p.get("bias")), fresh=True)
 _kernel("rotary", rotary, lambda k, i, a, p, s: k(i[0], a["theta"], a.get("offset", 0)))
 _kernel("relative_bias", relative_bias, lambda k, i, a, p, s: k(
     i[0], i[1], p["weight"], a["bidirectional"], a["max_distance"], a.get("offset", 0)))
 _kernel("output", identity, lambda k, i, a, p, s: k(i[0]))
 _kernel("reshape", None, lambda k, i, a, p, s: i[0].reshape([size_of(n, s) for n in a["shape"]]))
 _kernel("transpose", None, lambda k, i, a, p, s: np.transpose(i[0], a["perm"]))
-_kernel("matmul", matmul, lambda k, i, a, p, s: k(i[0], i[1]))
+_kernel("matmul", matmul, lambda k, i, a, p, s: k(i[0], i[1]), fresh=True)
 _kernel("einsum", None, lambda k, i, a, p, s: np.einsum(a["equation"], *i))
 _kernel("where", None, lambda k, i, a, p, s: _where(i, a, p))
 _kernel("reduce", None, lambda k, i, a, p, s: _REDUCE[a["fn"]](
     i[0], axis=tuple(a["axis"]), keepdims=a["keepdims"]))
 _kernel("elementwise", None, lambda k, i, a, p, s: elementwise(
-    a["fn"], *i, const=a.get("const"), const_first=a.get("const_first", False)))
+    a["fn"], *i, const=a.get("const"), const_first=a.get("const_first", False)), fresh=True, in_place=(0, 1),
+        in_place_call=lambda k, i, a, p, s, j: elementwise(
+            a["fn"], *i, const=a.get("const"), const_first=a.get("const_first", False), out=i[j]))
 _kernel("concat", None, lambda k, i, a, p, s: _concat(i, a, p))
 _kernel("param", None, lambda k, i, a, p, s: p[""])
 _kernel("fill", None, lambda k, i, a, p, s: np.full(

@@ -53,7 +53,7 @@ def apply(op: str, args: list, *, name: str | None = None, attrs: dict | None = 
         return active.record(op, args, name=name, attrs=attrs, params=params, roles=roles)
     from ..ir.ops import spec
     from ..run import kernels  # noqa: F401 - attaches the kernels to the registry
-    kernel, call = spec(op).kernel
+    kernel, call = spec(op).kernel[:2]
     values = _eager_params(name or op, params, attrs) if (params or attrs.get("tied_to")) else {}
     ctx = current()
     sizes = dict(ctx.dims) if ctx is not None else {}

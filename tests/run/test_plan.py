@@ -1,0 +1,156 @@
+"""The plain forward's plan: the projections of one input stacked into one product, and
+kernels writing into inputs read for the last time. None of it may change a number: every
+run is compared bit for bit with the step-by-step run (``capture=True``), which does none
+of it."""
+
+import math
+
+import numpy as np
+import pytest
+
+import attention_styles
+import qkvflow as qf
+from qkvflow import nn
+from qkvflow.ir.graph import param_path, position_limit, vocabulary_of
+from qkvflow.ir.ops import spec
+from qkvflow.run.plan import STACKED, fast_plan
+
+PRESETS = ["tiny", "bart-tiny", "t5-tiny", "marian-tiny", "gpt2-tiny", "llama-tiny", "bert-tiny", "toy-en-zh"]
+
+
+def feeds_for(g, rows: int = 70, seed: int = 0) -> dict:
+    """Token ids for every input without a default: a different length per sequence dim, a
+    batch making at least ``rows`` tokens (so the projections are stacked), pads at the end."""
+    rng = np.random.default_rng(seed)
+    limit = position_limit(g) or 64
+    lengths = dict(zip(sorted(g.graph["sequences"]), (min(limit, 13), min(limit, 11), min(limit, 9))))
+    batch = math.ceil(rows / min(lengths.values()))
+    feeds = {}
+    for node in g.graph["inputs"]:
+        attrs = g.nodes[node]["attrs"]
+        if "default" in attrs:
+            continue
+        ids = rng.integers(3, vocabulary_of(g, node), size=(batch, lengths[attrs["shape"][-1]]))
+        ids[1, -2:] = attrs.get("pad_id", 0)
+        feeds[attrs["name"]] = ids
+    return feeds
+
+
+def runs_agree(g, dtype: str, feeds: dict) -> qf.Executor:
+    """Step by step, then the plain forward three times (the first stacks the weights), then
+    step by step again on the stacked weights: every output and every value the same bits."""
+    params = qf.init_params(g, seed=1, dtype=dtype)
+    ex = qf.Executor(g, params, dtype=dtype)
+    reference = ex.run(feeds, capture=True)
+    runs = [ex.run(feeds) for _ in range(3)] + [ex.run(feeds, capture=True)]
+    for out in runs:
+        for name, value in out.items():
+            if name != "activations":
+                np.testing.assert_array_equal(value, reference[name], strict=True)
+    for node, value in runs[-1]["activations"].items():
+        np.testing.assert_array_equal(value, reference["activations"][node], strict=True)
+    return ex
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_the_plain_forward_gives_the_step_by_step_numbers_on_every_family(preset, dtype):
+    g = qf.trace(qf.load_model(preset))
+    ex = runs_agree(g, dtype, feeds_for(g))
+    assert ex._stacked
+
+
+@pytest.mark.parametrize("style", ["a_triu", "a_bmm", "a_gqa", "a_cumsum"])
+def test_models_in_other_numpy_styles_give_the_same_numbers(style):
+    g = qf.trace(attention_styles.make(getattr(attention_styles, style)))
+    runs_agree(g, "float32", feeds_for(g))
+
+
+def test_few_tokens_keep_the_weights_as_given():
+    """Under 64 tokens a run is not worth copying the weights for: none are stacked."""
+    g = qf.trace(qf.load_model("tiny"))
+    params = qf.init_params(g, seed=0, dtype="float32")
+    ex = qf.Executor(g, params, dtype="float32")
+    feeds = feeds_for(g, rows=20)
+    for _ in range(3):
+        ex.run(feeds)
+    assert not ex._stacked
+    assert all(ex.params[k] is params[k] for k in params)
+
+
+def test_q_k_v_of_one_input_are_one_product_and_the_members_view_it():
+    g = qf.trace(qf.load_model("tiny"))
+    plan, _, stacks = fast_plan(g, True)
+    ops = {step[0]: step[1] for step in plan}
+    block = "encoder.layers.0.self_attn"
+    assert ops[f"{block}.q_proj{STACKED}"] == "linear"
+    assert [ops[f"{block}.{p}_proj"] for p in "qkv"] == ["slice"] * 3
+    # every decoder layer's cross-attention K and V read the memory: one product for all
+    (memory,) = [st for st in stacks if st.node.startswith("decoder.layers.0.cross_attn.k_proj")]
+    assert [m for m, _, _ in memory.members] == [f"decoder.layers.{i}.cross_attn.{p}_proj"
+                                                 for i in range(2) for p in "kv"]
+    params = qf.init_params(g, seed=0, dtype="float32")
+    ex = qf.Executor(g, params, dtype="float32")
+    feeds = feeds_for(g)
+    ex.run(feeds)
+    ex.run(feeds)
+    stacked = ex.params[param_path(f"{block}.q_proj{STACKED}", "weight")]
+    for p in "qkv":
+        path = f"{block}.{p}_proj.weight"
+        assert np.shares_memory(ex.params[path], stacked)
+        np.testing.assert_array_equal(ex.params[path], params[path])
+    assert stacked.shape == (3 * 21, 21) and stacked.flags.c_contiguous
+
+
+DIMS = {"batch": None, "seq": None, "d_model": 12, "heads": 3, "d_head": 4, "vocab": 29}
+
+
+def _aliased(donor):
+    """A fresh value (a projection) read last by an op that may write into it, while a view
+    of it (a reshape) is read after: writing into it would change the view's numbers."""
+    def build():
+        ids = nn.input("ids", ("batch", "seq"))
+        x = nn.embed(ids)
+        h = nn.linear(x, "d_model", name="proj")
+        B, T, D = h.shape
+        view = h.reshape(B, T, qf.dim("heads"), qf.dim("d_head"))
+        y = donor(h)
+        return {"out": nn.output(nn.add(y, view.reshape(B, T, D)), "out")}
+    return qf.Model("aliased", DIMS, build, sequences={"seq": "bidirectional"})
+
+
+def _relu(h):
+    return np.maximum(h, 0)
+
+
+def _norm(h):
+    c = h - h.mean(axis=-1, keepdims=True)
+    return c / np.sqrt((c * c).mean(axis=-1, keepdims=True) + 1e-5)
+
+
+def _softmax(h):
+    e = np.exp(h - h.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("donor, by_hand", [
+    (lambda h: nn.activation(h, "relu"), _relu), (lambda h: nn.norm(h, name="norm"), _norm),
+    (lambda h: nn.softmax(h), _softmax)], ids=["relu", "norm", "softmax"])
+def test_a_value_still_seen_through_a_view_is_not_written_into(donor, by_hand):
+    g = qf.trace(_aliased(donor))
+    params = qf.init_params(g, seed=0)
+    ids = np.random.default_rng(0).integers(0, 29, (7, 11))
+    ex = qf.Executor(g, params)
+    got = ex.run({"ids": ids})["out"]
+    np.testing.assert_array_equal(got, ex.run({"ids": ids}, capture=True)["out"])
+    h = params["embed.weight"][ids] @ params["proj.weight"].T + params["proj.bias"]
+    np.testing.assert_allclose(got, by_hand(h) + h, rtol=1e-12, atol=1e-12)
+
+
+def test_the_residual_add_writes_into_its_dead_input():
+    """The plan writes in place where it may: the residual add, ReLU, mask, softmax and norm
+    of a Transformer layer allocate nothing new."""
+    g = qf.trace(qf.load_model("tiny"))
+    plan, _, _ = fast_plan(g, False)
+    written = {step[1] for step in plan if step[7] is not spec(step[1]).kernel.call}
+    assert {"add", "activation", "mask", "softmax", "norm"} <= written
