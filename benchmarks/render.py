@@ -1,7 +1,7 @@
 """Rendering to SVG: every preset at layer, block and op level, and 24+24 layers, whole processes.
 
 Each contender is ``qkvflow render MODEL -o x.svg --level L`` in a new process, 3 runs
-interleaved in a rotating order with a 0.2 s pause; the peer in the same run is
+interleaved in a random order per round with a 0.2 s pause; the peer in the same run is
 ``qkvflow presets`` (the start-up every command pays). Prints medians with min-max and
 the CPU share other processes took.
 

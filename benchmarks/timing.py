@@ -1,7 +1,8 @@
-"""What every benchmark here shares: contenders interleaved in a rotating order with a
+"""What every benchmark here shares: contenders interleaved in a random order per round with a
 pause between them, medians with min-max, and the CPU share other processes took."""
 
 import os
+import random
 import statistics
 import subprocess
 import time
@@ -11,14 +12,17 @@ PAUSE = 0.2  # seconds between contenders: a library's threads may still spin af
 
 def interleaved(contenders: dict, repeats: int, *, warm_up: bool = True) -> dict:
     """name -> seconds of each of ``repeats`` calls of that contender. Each round calls every
-    contender once, who goes first rotating round by round."""
+    contender once, in a new seeded random order: no contender always follows the same one
+    (a fixed cyclic order made the one after torch pay for what torch left behind, ~20 %)."""
     if warm_up:
         for fn in contenders.values():
             fn()
     samples = {name: [] for name in contenders}
     names = list(contenders)
-    for round_ in range(repeats):
-        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+    shuffler = random.Random(0)
+    for _ in range(repeats):
+        shuffler.shuffle(names)
+        for name in list(names):
             time.sleep(PAUSE)
             start = time.perf_counter()
             contenders[name]()
