@@ -2,11 +2,11 @@
 
 Peer: the same interpreter importing only numpy and networkx (the floor any
 networkx-based checker pays); also that import followed by ``gc.freeze()``,
-which spares the exit's full collection as qkvflow's CLI does (a stricter floor). Contenders are interleaved in a random order per round
-with a 0.2 s pause; qkvflow's bytecode is compiled first, as an installed
-package's is. Reports medians with min-max, the ratio to the peer, how the
-check scales with depth (6+6 ... 48+48 layers) and the CPU share other
-processes took.
+which spares the exit's full collection as qkvflow's CLI does (a stricter floor).
+Contenders are interleaved in a random order per round with a 0.2 s pause; qkvflow's
+bytecode is compiled first, as an installed package's is. Reports medians with
+min-max, the ratio to the peer, how the check scales with depth (6+6 ... 48+48
+layers) and the CPU share other processes took.
 
     python benchmarks/cold_start.py            # writes benchmarks/results/cold_start.json
 """

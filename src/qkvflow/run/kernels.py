@@ -130,7 +130,8 @@ def attend(p: Float[Array, "*b tq tk"], v: Float[Array, "*b tk d"]) -> Float[Arr
     return p @ v  # (..., tq, tk) @ (..., tk, d) -> (..., tq, d)
 
 
-def add(a: Shaped[Array, "*#a"], b: Shaped[Array, "*#b"], out: Shaped[Array, "*c"] | None = None) -> Shaped[Array, "*c"]:
+def add(a: Shaped[Array, "*#a"], b: Shaped[Array, "*#b"],
+        out: Shaped[Array, "*c"] | None = None) -> Shaped[Array, "*c"]:
     return np.add(a, b, out=out)
 
 

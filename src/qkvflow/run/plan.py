@@ -18,6 +18,7 @@ import weakref
 import networkx as nx
 
 from ..ir.dims import size_of
+from ..ir.errors import ExecutionError
 from ..ir.graph import arg_nodes, check_well_formed, execution_order
 from ..ir.ops import spec
 
@@ -35,7 +36,6 @@ def steps(g: nx.MultiDiGraph) -> list[tuple]:
     plan = _STEPS.get(g)
     if plan is None:
         from . import kernels  # noqa: F401 - attaches the kernels to the registry
-        from ..ir.errors import ExecutionError
         check_well_formed(g)
         plan = []
         for node in execution_order(g):
