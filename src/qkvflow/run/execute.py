@@ -21,7 +21,7 @@ from ..ir.dims import describe_shape, size_of
 from ..ir.dtypes import run_dtype
 from ..ir.errors import ExecutionError, InputError, ParamError, QkvflowError
 from ..ir.graph import expect_graph, param_path, position_limit, vocabulary_of
-from .params import all_finite, check_fits, param_specs, validate_params
+from .params import all_finite, check_fits, validate_params
 from .plan import fast_plan, steps
 
 __all__ = ["Executor", "forward"]
@@ -81,7 +81,7 @@ class Executor:
         # Arrays found finite by an earlier executor are not read again: a run whose
         # outputs are not finite reads them (it names a parameter changed in place since).
         self._reread = None if validate_params(graph, params) else params
-        self.params = {k: np.asarray(params[k], dtype=self.dtype) for k in param_specs(graph)}
+        self.params = {k: np.asarray(v, dtype=self.dtype) for k, v in params.items()}  # validated: the same names
         self.check = check
         self._position_limit = position_limit(graph)
         self.seen: set = _VERIFIED.setdefault(graph, set())

@@ -26,9 +26,17 @@ Array = np.ndarray
 def _into(out: np.ndarray | None, *others) -> np.ndarray | None:
     """``out`` when an elementwise result of it and ``others`` has its shape and dtype (no
     broadcast widens it, no operand promotes it), else None: the kernel then allocates."""
-    if (out is None or np.broadcast_shapes(out.shape, *(np.shape(o) for o in others)) != out.shape
-            or np.result_type(out, *others) != out.dtype):
+    if out is None:
         return None
+    for other in others:
+        if not isinstance(other, np.ndarray):
+            if np.result_type(out, other) != out.dtype:
+                return None
+            continue
+        if other.dtype != out.dtype and np.result_type(out, other) != out.dtype:
+            return None
+        if other.shape != out.shape and np.broadcast_shapes(out.shape, other.shape) != out.shape:
+            return None
     return out
 
 

@@ -111,23 +111,35 @@ def _bytes(n: float) -> str:
 _READ_FINITE: dict[int, weakref.ref] = {}
 
 
+# Per graph: its parameters' named shapes and sizes, by path in sorted order (a forward
+# through qf.forward validates them on every call).
+_EXPECTED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _expected(g: nx.MultiDiGraph) -> tuple[dict, list]:
+    table = _EXPECTED.get(g)
+    if table is None:
+        specs = param_specs(g)
+        table = _EXPECTED[g] = (specs, [(path, shape, _sizes(g, shape)) for path, shape in sorted(specs.items())])
+    return table
+
+
 def validate_params(g: nx.MultiDiGraph, params: dict, *, reread: bool = False) -> bool:
     """Raise ParamError naming the first missing, misshapen or non-finite parameter.
 
     An array found finite before is not read again unless ``reread``; returns
     whether every array was read now."""
     dims = g.graph["dims"]
-    specs = param_specs(g)
+    specs, expected = _expected(g)
     if len(params) != len(specs) or not all(k in specs for k in params):
         _refuse_unknown_names(g, params, specs)
     read_all = True
-    for path, shape in sorted(specs.items()):
+    for path, shape, want in expected:
         if path not in params:
             raise ParamError(f"parameter {path} {describe_shape(shape, dims)} is missing")
         value = params[path]
         if not isinstance(value, np.ndarray):
             raise ParamError(f"parameter {path} is a {type(value).__name__}, expected a NumPy array")
-        want = _sizes(g, shape)
         if tuple(value.shape) != want:
             raise ParamError(
                 f"parameter {path} has shape {tuple(value.shape)}, expected "
