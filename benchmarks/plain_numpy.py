@@ -67,6 +67,23 @@ class PlainNumpyForward:
         x += self.table[:ids.shape[1]]
         return x.reshape(-1, self.cfg.d_model)
 
+    def _self_attention(self, x, pre, keep, batch, seq):
+        """Post-norm: norm(x + attention(x)), Q, K and V one product."""
+        d = self.cfg.d_model
+        qkv = self._linear(x, self.w[pre, "qkv"])
+        a = self._linear(self._attention(qkv[:, :d], qkv[:, d:2 * d], qkv[:, 2 * d:], keep, batch, seq, seq),
+                         self.w[pre, "o"])
+        a += x
+        return a
+
+    def _feed_forward(self, x, pre):
+        """x + W2 relu(W1 x + b1) + b2, before its norm."""
+        f = self._linear(x, self.w[pre, "f1"])
+        np.maximum(f, 0, out=f)
+        f = self._linear(f, self.w[pre, "f2"])
+        f += x
+        return f
+
     def __call__(self, src: np.ndarray, tgt: np.ndarray) -> np.ndarray:
         cfg, w, d = self.cfg, self.w, self.cfg.d_model
         batch, S = src.shape
@@ -76,33 +93,17 @@ class PlainNumpyForward:
         x = self._embed(src)
         for i in range(cfg.encoder_layers):
             pre = f"encoder.layers.{i}"
-            qkv = self._linear(x, w[pre, "qkv"])
-            a = self._linear(self._attention(qkv[:, :d], qkv[:, d:2 * d], qkv[:, 2 * d:], src_keep, batch, S, S),
-                             w[pre, "o"])
-            a += x
-            x = self._norm(a, f"{pre}.norm1")
-            f = self._linear(x, w[pre, "f1"])
-            np.maximum(f, 0, out=f)
-            f = self._linear(f, w[pre, "f2"])
-            f += x
-            x = self._norm(f, f"{pre}.norm2")
-        memory = self._linear(x, self.memory_kv)
+            x = self._norm(self._self_attention(x, pre, src_keep, batch, S), f"{pre}.norm1")
+            x = self._norm(self._feed_forward(x, pre), f"{pre}.norm2")
+        memory = self._linear(x, self.memory_kv)  # every layer's cross-attention K and V
         y = self._embed(tgt)
         for i in range(cfg.decoder_layers):
             pre = f"decoder.layers.{i}"
-            qkv = self._linear(y, w[pre, "qkv"])
-            a = self._linear(self._attention(qkv[:, :d], qkv[:, d:2 * d], qkv[:, 2 * d:], tgt_keep, batch, T, T),
-                             w[pre, "o"])
-            a += y
-            y = self._norm(a, f"{pre}.norm1")
+            y = self._norm(self._self_attention(y, pre, tgt_keep, batch, T), f"{pre}.norm1")
             kv = memory[:, 2 * d * i:2 * d * (i + 1)]
             a = self._linear(self._attention(self._linear(y, w[pre, "cq"]), kv[:, :d], kv[:, d:], src_keep,
                                              batch, T, S), w[pre, "co"])
             a += y
             y = self._norm(a, f"{pre}.norm2")
-            f = self._linear(y, w[pre, "f1"])
-            np.maximum(f, 0, out=f)
-            f = self._linear(f, w[pre, "f2"])
-            f += y
-            y = self._norm(f, f"{pre}.norm3")
+            y = self._norm(self._feed_forward(y, pre), f"{pre}.norm3")
         return (y @ self.embed.T).reshape(batch, T, -1)
