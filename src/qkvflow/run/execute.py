@@ -152,7 +152,13 @@ class Executor:
         stray = next((n for n in initial if n not in self.graph or n in self.graph.graph["inputs"]), None)
         if stray is not None:
             raise InputError(f"initial value for {stray!r}: not a computed node of the graph")
-        plan, freed = self._plan_for(sizes) if not (capture or initial or only is not None) else (self.plan, ())
+        plan, freed, stacks = self._plan_for(sizes, in_place=not (capture or initial or only is not None))
+        skipped = ()
+        if stacks and (only is not None or initial):  # a stack is computed when a member is to be
+            needed = {st.node for st in stacks if any(
+                (only is None or m in only) and m not in initial for m, _, _ in st.members)}
+            only = None if only is None else set(only) | needed
+            skipped = {st.node for st in stacks} - needed
         # A run whose every size was seen before has had every kernel signature verified:
         # its nodes' input shapes are the same (the named shapes are still checked below).
         run_key = ("run", self.dtype.char, only is None, tuple(sorted(
@@ -165,7 +171,7 @@ class Executor:
         if expected is None:
             expected, bound = {}, sum(v is not None for v in sizes.values())
         for i, (node, op, args, attrs, pnames, names, kernel, call, source) in enumerate(plan):
-            if op == "input" or (only is not None and node not in only):
+            if op == "input" or (only is not None and node not in only) or node in skipped:
                 continue
             if node in initial:
                 out = np.asarray(initial[node])
@@ -192,6 +198,8 @@ class Executor:
             self.seen.add(run_key)
         if self.check and run_key not in self.shapes and sum(v is not None for v in sizes.values()) == bound:
             self.shapes[run_key] = expected  # no node bound a dim the inputs left free
+        for st in stacks if capture or only is not None else ():
+            values.pop(st.node, None)  # not a node of the graph
         if only is not None:
             return {"activations": values}
         result = {self.graph.nodes[o]["attrs"]["name"]: values[o] for o in self.graph.graph["outputs"]}
@@ -203,23 +211,29 @@ class Executor:
             result["activations"] = values
         return result
 
-    def _plan_for(self, sizes: dict) -> tuple[list, list]:
-        """The plain forward's plan and frees: with the projections of one input stacked once
-        an input of them holds _STACK_ROWS tokens or more (for fewer, one product is not faster
-        than several, and stacking would copy the weights of a one-off call for nothing)."""
-        plan, freed, stacks = fast_plan(self.graph, True)
-        if not self._stacked:
-            rows = [math.prod(size_of(n, sizes) or 0 for n in st.rows) for st in stacks]
-            if not rows or max(rows) < _STACK_ROWS:
-                return fast_plan(self.graph, False)[:2]
+    def _plan_for(self, sizes: dict, in_place: bool) -> tuple[list, list, list]:
+        """The run's plan, frees and stacks. The projections of one input are stacked when an
+        input of them holds _STACK_ROWS tokens or more: for fewer, one product is not faster
+        than several. This depends on the run's sizes alone, so the same inputs give the same
+        numbers whatever ran before and whatever the run keeps (a stacked product may differ
+        from separate ones in the last bits)."""
+        stacks = fast_plan(self.graph, True, in_place)[2]
+        rows = [math.prod(size_of(n, sizes) or 0 for n in st.rows) for st in stacks]
+        stacked = bool(rows) and max(rows) >= _STACK_ROWS
+        plan, freed, stacks = fast_plan(self.graph, stacked, in_place)
+        if stacked and not self._stacked:
             self._stack(stacks)
-        return plan, freed
+        return plan, freed if in_place else (), stacks
 
     def _stack(self, stacks: list) -> None:
-        """Each stack's weights and biases side by side, once per executor. The members'
-        parameters become views of them, so every plan reads the same numbers and nothing
-        is held twice."""
+        """Each stack's weights and biases side by side, once per executor: a copy, which a
+        parameter changed in place afterwards does not reach (build a new Executor). The
+        members' parameters become views of it (row blocks, as contiguous as before), so
+        nothing is held twice."""
         params = self.params
+        size = sum(params[param_path(m, n)].nbytes for st in stacks for m, _, _ in st.members
+                   for n in (("weight", "bias") if st.bias else ("weight",)))
+        check_fits(size, "stacking the projections' weights would")
         for st in stacks:
             for name in ("weight", "bias") if st.bias else ("weight",):
                 paths = [param_path(m, name) for m, _, _ in st.members]

@@ -23,10 +23,11 @@ __all__ = ["sinusoidal_table"]
 Array = np.ndarray
 
 
-def _into(out: np.ndarray | None, *others) -> np.ndarray | None:
-    """``out`` when an elementwise result of it and ``others`` has its shape and dtype (no
-    broadcast widens it, no operand promotes it), else None: the kernel then allocates."""
-    if out is None:
+def _into(out, *others, floats: bool = False) -> np.ndarray | None:
+    """``out`` when it is a writable array (a ufunc on 0-d values returns a NumPy scalar), of
+    floats if ``floats``, and an elementwise result of it and ``others`` has its shape and
+    dtype (no broadcast widens it, no operand promotes it); else None: the kernel allocates."""
+    if not isinstance(out, np.ndarray) or not out.flags.writeable or (floats and out.dtype.kind != "f"):
         return None
     for other in others:
         if not isinstance(other, np.ndarray):
@@ -115,8 +116,8 @@ def scores(q: Float[Array, "*b tq d"], k: Float[Array, "*b tk d"], scale: float)
 
 def mask(x: Float[Array, "*b tq tk"], keep: Bool[Array, "*#m"],
          out: Float[Array, "*b tq tk"] | None = None) -> Float[Array, "*b tq tk"]:
-    if _into(out, keep) is not None:
-        np.copyto(out, -np.inf, where=~keep)
+    if _into(out, keep, floats=True) is not None:
+        np.copyto(out, -np.inf, where=np.logical_not(keep))  # keep may be 0/1 ints, as np.where takes it
         return out
     return np.where(keep, x, -np.inf).astype(x.dtype, copy=False)
 
@@ -287,8 +288,7 @@ def elementwise(fn: str, *xs, const=None, const_first: bool = False, out: np.nda
     f = _ELEMENTWISE[fn]
     if const is not None:
         xs = (const, *xs) if const_first else (*xs, const)
-    if out is not None and fn in _KEEP_FLOAT and out.dtype.kind == "f" and _into(
-            out, *(x for x in xs if x is not out)) is not None:
+    if fn in _KEEP_FLOAT and _into(out, *(x for x in xs if x is not out), floats=True) is not None:
         return f(*xs, out=out)
     return _float_like(f(*xs), xs)
 
@@ -331,7 +331,7 @@ def _kernel(op: str, fn, call, fresh: bool = False, in_place: tuple = (), in_pla
 _kernel("input", None, None)  # fed by the executor
 _kernel("embed", embed, lambda k, i, a, p, s: k(i[0], p["weight"], a.get("scale", 1.0)), fresh=True)
 _kernel("positional", positional, lambda k, i, a, p, s: _positional(k, i, a, p), fresh=True, in_place=(0,),
-        in_place_call=lambda k, i, a, p, s, j: _positional(k, i, a, p, out=i[0]))
+        in_place_call=lambda k, i, a, p, s, j: _positional(k, i, a, p, out=_into(i[0], floats=True)))
 _kernel("linear", linear, lambda k, i, a, p, s: k(i[0], p["weight"], p.get("bias")), fresh=True)
 _kernel("split_heads", split_heads, lambda k, i, a, p, s: k(i[0], s[a["heads"]]))
 _kernel("merge_heads", merge_heads, lambda k, i, a, p, s: k(i[0]))
@@ -339,15 +339,15 @@ _kernel("scores", scores, lambda k, i, a, p, s: k(i[0], i[1], a["scale"]), fresh
 _kernel("mask", mask, lambda k, i, a, p, s: k(i[0], i[1]), fresh=True, in_place=(0,),
         in_place_call=lambda k, i, a, p, s, j: k(i[0], i[1], out=i[0]))
 _kernel("softmax", softmax, lambda k, i, a, p, s: k(i[0], a["axis"]), fresh=True, in_place=(0,),
-        in_place_call=lambda k, i, a, p, s, j: k(i[0], a["axis"], out=i[0]))
+        in_place_call=lambda k, i, a, p, s, j: k(i[0], a["axis"], out=_into(i[0], floats=True)))
 _kernel("attend", attend, lambda k, i, a, p, s: k(i[0], i[1]), fresh=True)
 _kernel("add", add, lambda k, i, a, p, s: k(i[0], i[1]), fresh=True, in_place=(0, 1),
         in_place_call=lambda k, i, a, p, s, j: k(i[0], i[1], out=_into(i[j], i[1 - j])))
 _kernel("norm", norm, lambda k, i, a, p, s: k(i[0], p["weight"], p.get("bias"), a["kind"], a["eps"]), fresh=True,
         in_place=(0,), in_place_call=lambda k, i, a, p, s, j: k(
-            i[0], p["weight"], p.get("bias"), a["kind"], a["eps"], out=i[0]))
+            i[0], p["weight"], p.get("bias"), a["kind"], a["eps"], out=_into(i[0], floats=True)))
 _kernel("activation", activation, lambda k, i, a, p, s: k(i[0], a["fn"]), fresh=True, in_place=(0,),
-        in_place_call=lambda k, i, a, p, s, j: k(i[0], a["fn"], out=i[0]))
+        in_place_call=lambda k, i, a, p, s, j: k(i[0], a["fn"], out=_into(i[0], floats=True)))
 _kernel("padding_mask", padding_mask, lambda k, i, a, p, s: k(i[0], a["pad_id"], a.get("keep_first", False)))
 _kernel("causal_mask", causal_mask, lambda k, i, a, p, s: k(i[0]))
 _kernel("unembed", unembed, lambda k, i, a, p, s: k(i[0], p["weight"], p.get("bias")), fresh=True)

@@ -1,14 +1,19 @@
 """What the executor walks: the graph's steps in order, when each value can be freed, and
-the plan for a plain forward (no capture, nothing given or left out), which also
+the plan a run follows, which
 
-* stacks the projections of one input (Q, K and V of a self-attention; every layer's
-  cross-attention K and V of the memory) into one product with the weights side by
-  side, then a slice for each: one large GEMM runs nearer BLAS's peak than several;
-* lets a kernel write its result into an input read there for the last time (the
-  residual add, ReLU, the mask, softmax, the norm) instead of allocating a new array.
+* from 64 tokens, stacks the projections of one input (Q, K and V of a self-attention;
+  every layer's cross-attention K and V of the memory) into one product with the weights
+  side by side, then a slice for each: one large GEMM runs nearer BLAS's peak than
+  several;
+* in a plain run (no capture, nothing given or left out), lets a kernel write its result
+  into an input read there for the last time (the residual add, ReLU, the mask, softmax,
+  the norm) instead of allocating a new array.
 
-Both change no number: a GEMM's column does not depend on the columns beside it, and
-an in-place ufunc computes what the allocating one does (tests compare bit for bit).
+Writing in place changes no number: an in-place ufunc computes what the allocating one
+does. A stacked product may differ from separate ones in the last bits (BLAS blocks a
+taller matrix otherwise), so whether a run stacks depends on its size alone, never on
+what it keeps or what ran before (tests compare bit for bit across plans, histories and
+``capture``).
 
 A step is ``(node, op, args, attrs, param names, named shape, kernel, call, source)``.
 """
@@ -87,14 +92,17 @@ class Stack:
         self.node, self.members, self.bias, self.rows = node, members, bias, rows
 
 
-def fast_plan(g: nx.MultiDiGraph, stacked: bool) -> tuple[list, list, list]:
-    """The plain forward's steps, their frees and the stacks (empty unless ``stacked``)."""
+def fast_plan(g: nx.MultiDiGraph, stacked: bool, in_place: bool = True) -> tuple[list, list, list]:
+    """Steps with the projections of one input stacked (or not), kernels writing into inputs
+    read for the last time (or not: a run keeping every value), their frees and the stacks."""
     cache = _FAST.setdefault(g, {})
-    if stacked not in cache:
+    key = (stacked, in_place)
+    if key not in cache:
         plan, stacks = _stack_projections(g, steps(g)) if stacked else (list(steps(g)), [])
-        plan = _write_in_place(g, plan)
-        cache[stacked] = (plan, _frees_of(g, plan), stacks)
-    return cache[stacked]
+        if in_place:
+            plan = _write_in_place(g, plan)
+        cache[key] = (plan, _frees_of(g, plan), stacks)
+    return cache[key]
 
 
 def _stack_projections(g: nx.MultiDiGraph, plan: list) -> tuple[list, list]:
