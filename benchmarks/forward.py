@@ -47,7 +47,7 @@ def memory(g, params, feeds, dtype: str) -> dict:
     step, every value still to be read (the executor's last-use plan)."""
     import tracemalloc
 
-    from qkvflow.run.plan import frees as _frees
+    from qkvflow.run.plan import frees
     ex = qf.Executor(g, params, dtype=dtype)
     owners = {}  # node -> (id, bytes) of the buffer its value lives in (a view shares its base's)
     for n, a in ex.run(feeds, capture=True)["activations"].items():
@@ -57,7 +57,7 @@ def memory(g, params, feeds, dtype: str) -> dict:
         owners[n] = (id(base), base.nbytes)
     alive: dict = {}  # buffer id -> (bytes, how many alive values use it)
     needed = 0
-    for (node, *_), freed in zip(ex.plan, _frees(g, ex.plan)):
+    for (node, *_), freed in zip(ex.plan, frees(g, ex.plan)):
         if node in owners:
             key, size = owners[node]
             alive[key] = (size, alive.get(key, (size, 0))[1] + 1)

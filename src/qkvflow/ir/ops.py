@@ -63,8 +63,7 @@ class Kernel(NamedTuple):
     fn: Callable | None
     call: Callable
     fresh: bool = False  # the result is always a new array, never a view of an input or parameter
-    in_place: tuple = ()  # inputs the result may be written into, when read there for the last time
-    in_place_call: Callable | None = None  # call(fn, inputs, attrs, params, sizes, index of that input)
+    in_place: tuple = ()  # inputs ``call(..., out=input)`` may write into, when read there for the last time
 
 
 @dataclasses.dataclass(eq=False)

@@ -231,11 +231,10 @@ class Executor:
         members' parameters become views of it (row blocks, as contiguous as before), so
         nothing is held twice."""
         params = self.params
-        size = sum(params[param_path(m, n)].nbytes for st in stacks for m, _, _ in st.members
-                   for n in (("weight", "bias") if st.bias else ("weight",)))
+        size = sum(params[param_path(m, n)].nbytes for st in stacks for m, _, _ in st.members for n in st.params)
         check_fits(size, "stacking the projections' weights would")
         for st in stacks:
-            for name in ("weight", "bias") if st.bias else ("weight",):
+            for name in st.params:
                 paths = [param_path(m, name) for m, _, _ in st.members]
                 stacked = params[param_path(st.node, name)] = np.concatenate([params[p] for p in paths])
                 for path, (_, lo, hi) in zip(paths, st.members):

@@ -74,7 +74,7 @@ def positional(x: Float[Array, "*b s d"], table: Float[Array, "p d"], offset: in
     if offset + seq > table.shape[0]:
         raise ValueError(f"position {offset + seq - 1} is beyond the table of {table.shape[0]} positions")
     rows = table[offset:offset + seq]
-    return np.add(x, rows, out=_into(out, rows))
+    return np.add(x, rows, out=_into(out, x, rows, floats=True))
 
 
 _FEW_ROWS = 64  # below it, W @ x.T beat x @ W.T for every projection of vaswani-base measured
@@ -116,7 +116,7 @@ def scores(q: Float[Array, "*b tq d"], k: Float[Array, "*b tk d"], scale: float)
 
 def mask(x: Float[Array, "*b tq tk"], keep: Bool[Array, "*#m"],
          out: Float[Array, "*b tq tk"] | None = None) -> Float[Array, "*b tq tk"]:
-    if _into(out, keep, floats=True) is not None:
+    if out is x and _into(out, keep, floats=True) is not None:  # x is the plan's to overwrite
         np.copyto(out, -np.inf, where=np.logical_not(keep))  # keep may be 0/1 ints, as np.where takes it
         return out
     return np.where(keep, x, -np.inf).astype(x.dtype, copy=False)
@@ -126,7 +126,7 @@ def softmax(x: Float[Array, "*s"], axis: int, out: Float[Array, "*s"] | None = N
     top = np.maximum.reduce(x, axis=axis, keepdims=True)
     dead = np.isneginf(top)  # a fully masked row
     if not dead.any():
-        e = np.subtract(x, top, out=out)
+        e = np.subtract(x, top, out=_into(out, x, floats=True))
         np.exp(e, out=e)
         e /= np.add.reduce(e, axis=axis, keepdims=True)
         return e
@@ -141,7 +141,7 @@ def attend(p: Float[Array, "*b tq tk"], v: Float[Array, "*b tk d"]) -> Float[Arr
 
 def add(a: Shaped[Array, "*#a"], b: Shaped[Array, "*#b"],
         out: Shaped[Array, "*c"] | None = None) -> Shaped[Array, "*c"]:
-    return np.add(a, b, out=out)
+    return np.add(a, b, out=_into(out, a, b))
 
 
 def norm(x: Float[Array, "*b d"], weight: Float[Array, "d"], bias: Float[Array, "d"] | None,
@@ -150,7 +150,7 @@ def norm(x: Float[Array, "*b d"], weight: Float[Array, "d"], bias: Float[Array, 
     if kind == "rms":
         return x / np.sqrt(_mean_last(x * x) + eps) * weight
     # The same operations as written above, in place on the kernel's own arrays.
-    y = np.subtract(x, _mean_last(x), out=out)
+    y = np.subtract(x, _mean_last(x), out=_into(out, x, floats=True))
     y /= np.sqrt(_mean_last(np.square(y)) + eps)
     y *= weight
     if bias is not None:
@@ -181,7 +181,7 @@ def _erf(x: np.ndarray) -> np.ndarray:
 
 def activation(x: Float[Array, "*s"], fn: str, out: Float[Array, "*s"] | None = None) -> Float[Array, "*s"]:
     if fn == "relu":
-        return np.maximum(x, 0, out=out)
+        return np.maximum(x, 0, out=_into(out, x, floats=True))
     if fn == "gelu":
         return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
     if fn == "gelu_tanh":
@@ -288,7 +288,7 @@ def elementwise(fn: str, *xs, const=None, const_first: bool = False, out: np.nda
     f = _ELEMENTWISE[fn]
     if const is not None:
         xs = (const, *xs) if const_first else (*xs, const)
-    if fn in _KEEP_FLOAT and _into(out, *(x for x in xs if x is not out), floats=True) is not None:
+    if fn in _KEEP_FLOAT and _into(out, *xs, floats=True) is not None:
         return f(*xs, out=out)
     return _float_like(f(*xs), xs)
 
@@ -322,32 +322,29 @@ def _prefix(x: np.ndarray, axis: int, length: int) -> np.ndarray:
 
 
 # Each op's kernel and the adapter ``call(fn, inputs, attrs, params, sizes)``
-# that unpacks a node for it, attached to the op's registry entry.
+# that unpacks a node for it, attached to the op's registry entry. An op that may write
+# into an input (``in_place``) takes ``out=`` that input; its kernel checks it can.
 
-def _kernel(op: str, fn, call, fresh: bool = False, in_place: tuple = (), in_place_call=None) -> None:
-    implement("kernel", op)(Kernel(fn, call, fresh, in_place, in_place_call))
+def _kernel(op: str, fn, call, fresh: bool = False, in_place: tuple = ()) -> None:
+    implement("kernel", op)(Kernel(fn, call, fresh, in_place))
 
 
 _kernel("input", None, None)  # fed by the executor
 _kernel("embed", embed, lambda k, i, a, p, s: k(i[0], p["weight"], a.get("scale", 1.0)), fresh=True)
-_kernel("positional", positional, lambda k, i, a, p, s: _positional(k, i, a, p), fresh=True, in_place=(0,),
-        in_place_call=lambda k, i, a, p, s, j: _positional(k, i, a, p, out=_into(i[0], floats=True)))
+_kernel("positional", positional, lambda k, i, a, p, s, out=None: _positional(k, i, a, p, out), fresh=True,
+        in_place=(0,))
 _kernel("linear", linear, lambda k, i, a, p, s: k(i[0], p["weight"], p.get("bias")), fresh=True)
 _kernel("split_heads", split_heads, lambda k, i, a, p, s: k(i[0], s[a["heads"]]))
 _kernel("merge_heads", merge_heads, lambda k, i, a, p, s: k(i[0]))
 _kernel("scores", scores, lambda k, i, a, p, s: k(i[0], i[1], a["scale"]), fresh=True)
-_kernel("mask", mask, lambda k, i, a, p, s: k(i[0], i[1]), fresh=True, in_place=(0,),
-        in_place_call=lambda k, i, a, p, s, j: k(i[0], i[1], out=i[0]))
-_kernel("softmax", softmax, lambda k, i, a, p, s: k(i[0], a["axis"]), fresh=True, in_place=(0,),
-        in_place_call=lambda k, i, a, p, s, j: k(i[0], a["axis"], out=_into(i[0], floats=True)))
+_kernel("mask", mask, lambda k, i, a, p, s, out=None: k(i[0], i[1], out), fresh=True, in_place=(0,))
+_kernel("softmax", softmax, lambda k, i, a, p, s, out=None: k(i[0], a["axis"], out), fresh=True, in_place=(0,))
 _kernel("attend", attend, lambda k, i, a, p, s: k(i[0], i[1]), fresh=True)
-_kernel("add", add, lambda k, i, a, p, s: k(i[0], i[1]), fresh=True, in_place=(0, 1),
-        in_place_call=lambda k, i, a, p, s, j: k(i[0], i[1], out=_into(i[j], i[1 - j])))
-_kernel("norm", norm, lambda k, i, a, p, s: k(i[0], p["weight"], p.get("bias"), a["kind"], a["eps"]), fresh=True,
-        in_place=(0,), in_place_call=lambda k, i, a, p, s, j: k(
-            i[0], p["weight"], p.get("bias"), a["kind"], a["eps"], out=_into(i[0], floats=True)))
-_kernel("activation", activation, lambda k, i, a, p, s: k(i[0], a["fn"]), fresh=True, in_place=(0,),
-        in_place_call=lambda k, i, a, p, s, j: k(i[0], a["fn"], out=_into(i[0], floats=True)))
+_kernel("add", add, lambda k, i, a, p, s, out=None: k(i[0], i[1], out), fresh=True, in_place=(0, 1))
+_kernel("norm", norm, lambda k, i, a, p, s, out=None: k(i[0], p["weight"], p.get("bias"), a["kind"], a["eps"], out),
+        fresh=True, in_place=(0,))
+_kernel("activation", activation, lambda k, i, a, p, s, out=None: k(i[0], a["fn"], out), fresh=True,
+        in_place=(0,))
 _kernel("padding_mask", padding_mask, lambda k, i, a, p, s: k(i[0], a["pad_id"], a.get("keep_first", False)))
 _kernel("causal_mask", causal_mask, lambda k, i, a, p, s: k(i[0]))
 _kernel("unembed", unembed, lambda k, i, a, p, s: k(i[0], p["weight"], p.get("bias")), fresh=True)
@@ -362,10 +359,9 @@ _kernel("einsum", None, lambda k, i, a, p, s: np.einsum(a["equation"], *i))
 _kernel("where", None, lambda k, i, a, p, s: _where(i, a, p))
 _kernel("reduce", None, lambda k, i, a, p, s: _REDUCE[a["fn"]](
     i[0], axis=tuple(a["axis"]), keepdims=a["keepdims"]))
-_kernel("elementwise", None, lambda k, i, a, p, s: elementwise(
-    a["fn"], *i, const=a.get("const"), const_first=a.get("const_first", False)), fresh=True, in_place=(0, 1),
-        in_place_call=lambda k, i, a, p, s, j: elementwise(
-            a["fn"], *i, const=a.get("const"), const_first=a.get("const_first", False), out=i[j]))
+_kernel("elementwise", None, lambda k, i, a, p, s, out=None: elementwise(
+    a["fn"], *i, const=a.get("const"), const_first=a.get("const_first", False), out=out), fresh=True,
+        in_place=(0, 1))
 _kernel("concat", None, lambda k, i, a, p, s: _concat(i, a, p))
 _kernel("param", None, lambda k, i, a, p, s: p[""])
 _kernel("fill", None, lambda k, i, a, p, s: np.full(

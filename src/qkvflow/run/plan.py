@@ -30,7 +30,6 @@ from ..ir.ops import spec
 __all__ = ["Stack", "fast_plan", "frees", "steps"]
 
 _STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_FREES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _FAST: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 STACKED = "+stacked"  # suffix of a stacked projection's step (no traced path holds "+")
@@ -62,19 +61,9 @@ def _last_uses(plan: list) -> dict:
     return last
 
 
-def frees(g: nx.MultiDiGraph, plan: list | None = None) -> list[tuple]:
-    """For each step of ``plan`` (the graph's steps by default), the values read there
-    for the last time (outputs kept): freed right after it, so a forward holds only what
-    is still to be read."""
-    if plan is None:
-        cached = _FREES.get(g)
-        if cached is None:
-            cached = _FREES[g] = _frees_of(g, steps(g))
-        return cached
-    return _frees_of(g, plan)
-
-
-def _frees_of(g: nx.MultiDiGraph, plan: list) -> list[tuple]:
+def frees(g: nx.MultiDiGraph, plan: list) -> list[tuple]:
+    """For each step of ``plan``, the values read there for the last time (outputs kept):
+    freed right after it, so a forward holds only what is still to be read."""
     keep = set(g.graph["outputs"])
     out = [[] for _ in plan]
     for u, i in _last_uses(plan).items():
@@ -85,11 +74,11 @@ def _frees_of(g: nx.MultiDiGraph, plan: list) -> list[tuple]:
 
 class Stack:
     """A stacked projection: ``node`` computes the products of ``members`` (node, lo, hi) at
-    once, each member being its columns ``lo:hi``. ``rows``: the named dims of the input's
-    tokens."""
+    once, each member being its columns ``lo:hi``. ``params``: the names stacked (weight, and
+    bias if the members have one). ``rows``: the named dims of the input's tokens."""
 
-    def __init__(self, node: str, members: list[tuple[str, int, int]], bias: bool, rows: tuple):
-        self.node, self.members, self.bias, self.rows = node, members, bias, rows
+    def __init__(self, node: str, members: list[tuple[str, int, int]], params: tuple, rows: tuple):
+        self.node, self.members, self.params, self.rows = node, members, params, rows
 
 
 def fast_plan(g: nx.MultiDiGraph, stacked: bool, in_place: bool = True) -> tuple[list, list, list]:
@@ -101,7 +90,7 @@ def fast_plan(g: nx.MultiDiGraph, stacked: bool, in_place: bool = True) -> tuple
         plan, stacks = _stack_projections(g, steps(g)) if stacked else (list(steps(g)), [])
         if in_place:
             plan = _write_in_place(g, plan)
-        cache[key] = (plan, _frees_of(g, plan), stacks)
+        cache[key] = (plan, frees(g, plan), stacks)
     return cache[key]
 
 
@@ -110,10 +99,10 @@ def _stack_projections(g: nx.MultiDiGraph, plan: list) -> tuple[list, list]:
     for i, (node, op, args, attrs, pnames, names, *_rest) in enumerate(plan):
         shape = g.nodes[node]["params"].get("weight")
         if op == "linear" and len(args) == 1 and shape is not None and len(shape) == 2 and "tied_to" not in attrs:
-            groups.setdefault((args[0], shape[1], "bias" in pnames), []).append(i)
+            groups.setdefault((args[0], shape[1], pnames), []).append(i)
     dims = g.graph["dims"]
     replace, stacks = {}, []
-    for (source, _, bias), members in groups.items():
+    for (source, _, pnames), members in groups.items():
         rows = [size_of(g.nodes[plan[i][0]]["params"]["weight"][0], dims) for i in members]
         name = plan[members[0]][0] + STACKED
         if len(members) < 2 or None in rows or name in g:
@@ -125,9 +114,9 @@ def _stack_projections(g: nx.MultiDiGraph, plan: list) -> tuple[list, list]:
             parts.append((node, "slice", (name,), {"axis": len(names) - 1, "start": lo, "stop": lo + n}, (),
                           names, None, spec("slice").kernel.call, src))
             lo += n
-        replace[members[0]] = [(name, "linear", first[2], {}, first[4], None) + first[6:]] + parts
+        replace[members[0]] = [(name, "linear", first[2], {}, pnames, None) + first[6:]] + parts
         replace.update({i: [] for i in members[1:]})
-        stacks.append(Stack(name, [(p[0], p[3]["start"], p[3]["stop"]) for p in parts], bias,
+        stacks.append(Stack(name, [(p[0], p[3]["start"], p[3]["stop"]) for p in parts], pnames,
                             tuple(g.nodes[source]["shape"][:-1])))
     return [s for i, step in enumerate(plan) for s in replace.get(i, [step])], stacks
 
@@ -153,8 +142,8 @@ def _write_in_place(g: nx.MultiDiGraph, plan: list) -> list:
         target = next((j for j in kernel.in_place if j < len(args) and _donatable(
             args[j], i, args, bases, views, last, outputs)), None)
         if target is not None:
-            call = kernel.in_place_call
-            step = step[:7] + ((lambda fn, ins, a, p, s, call=call, j=target: call(fn, ins, a, p, s, j)),) + step[8:]
+            step = step[:7] + ((lambda fn, ins, a, p, s, call=kernel.call, j=target: call(
+                fn, ins, a, p, s, out=ins[j])),) + step[8:]
         out.append(step)
     return out
 
