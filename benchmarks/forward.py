@@ -8,9 +8,13 @@ libraries; checked and unchecked runs are interleaved too. A second peer at floa
 batch 8: the same model written by hand in plain NumPy as lean as NumPy allows
 (``plain_numpy.py``), the floor for an executor in NumPy. Also: the share of NumPy's
 sgemm peak the batch-8 forward's GEMMs reach, the peak being a 2048^3 product timed
-interleaved with the forwards (median over median, and best over best); a forward's
+interleaved with the forwards (median over median, and best over best), and the same
+share of the forward's matrix products alone on the operands a run gives them (the
+ceiling for any NumPy forward of the model: its non-GEMM work takes the rest); a forward's
 peak memory against the largest set of values it must keep at once; the CPU share
-other processes took. Prints medians with min-max, writes benchmarks/results/forward.json.
+other processes took. Ratios to torch and runtime checks' cost are also given paired:
+the median over rounds of one contender's sample over the other's in the same round.
+Prints medians with min-max, writes benchmarks/results/forward.json.
 
     python benchmarks/forward.py      # needs torch (pip install torch==2.13.0)
 """
@@ -24,7 +28,7 @@ import numpy as np
 
 import qkvflow as qf
 from plain_numpy import PlainNumpyForward
-from timing import OthersCpu, interleaved, stats
+from timing import OthersCpu, interleaved, paired, stats
 
 HERE = Path(__file__).resolve().parent
 
@@ -39,6 +43,31 @@ def gemm_flops(cfg, batch: int, src: int, tgt: int) -> float:
 
 
 PEAK_N = 2048  # the sgemm peak: one (PEAK_N, PEAK_N) x (PEAK_N, PEAK_N) product
+
+
+def products_only(g, ex, feeds):
+    """The forward's matrix products alone, nothing else: each projection (stacked as a run of
+    this size stacks them) and each attention product, on the operands the run gives them
+    (its captured values, in their layouts). What a forward of this model in NumPy takes at
+    the least, its non-GEMM work aside: the ceiling of its share of the sgemm peak."""
+    from qkvflow.ir.graph import param_path
+    from qkvflow.run.plan import fast_plan
+    acts = ex.run(feeds, capture=True)["activations"]  # stacks the weights as a run of this size does
+    pairs = []
+    for node, op, args, attrs, *_ in fast_plan(g, stacked=True)[0]:
+        if op in ("linear", "unembed"):
+            x = acts[args[0]]
+            w = ex.params[attrs["tied_to"] if "tied_to" in attrs else param_path(node, "weight")]
+            pairs.append((x.reshape(-1, x.shape[-1]), w.T))  # as the kernel multiplies: x @ W.T
+        elif op in ("scores", "attend"):
+            a, b = acts[args[0]], acts[args[1]]
+            pairs.append((a, np.swapaxes(b, -1, -2) if op == "scores" else b))
+    del acts
+
+    def run():
+        for a, b in pairs:
+            a @ b
+    return run
 
 
 def memory(g, params, feeds, dtype: str) -> dict:
@@ -105,13 +134,16 @@ def main() -> None:
             plain = PlainNumpyForward(cfg, params)
             entry["max_abs_diff_vs_plain_numpy"] = float(np.abs(got - plain(src, tgt)).max())
             a = rng.random((PEAK_N, PEAK_N), dtype=np.float32)
-            contenders.update({"plain_numpy": lambda: plain(src, tgt), "sgemm_2048": lambda: a @ a})
+            contenders.update({"plain_numpy": lambda: plain(src, tgt), "sgemm_2048": lambda: a @ a,
+                               "products_only": products_only(g, unchecked, feeds)})
         runs = interleaved(contenders, repeats)
         q, t = statistics.median(runs["qkvflow"]), statistics.median(runs["torch"])
         entry.update({name: stats(xs) for name, xs in runs.items()})
         entry.update({"ratio_qkvflow_over_torch": round(q / t, 3),
                       "ratio_qkvflow_over_torch_best_over_best": round(min(runs["qkvflow"]) / min(runs["torch"]), 3),
-                      "check_overhead_median": round(q / statistics.median(runs["qkvflow_unchecked"]) - 1, 4)})
+                      "ratio_qkvflow_over_torch_paired": paired(runs["qkvflow"], runs["torch"]),
+                      "check_overhead_median": round(q / statistics.median(runs["qkvflow_unchecked"]) - 1, 4),
+                      "check_overhead_paired": round(paired(runs["qkvflow"], runs["qkvflow_unchecked"]) - 1, 3)})
         if dtype == "float32":
             flops, peak_flops = gemm_flops(cfg, 8, 64, 64), 2 * PEAK_N ** 3
             peak, best_peak = peak_flops / statistics.median(runs["sgemm_2048"]), peak_flops / min(runs["sgemm_2048"])
@@ -119,10 +151,13 @@ def main() -> None:
             entry["ratio_qkvflow_over_plain_numpy"] = round(q / statistics.median(runs["plain_numpy"]), 3)
             entry["ratio_qkvflow_over_plain_numpy_best_over_best"] = round(
                 min(runs["qkvflow"]) / min(runs["plain_numpy"]), 3)
-            for name in ("qkvflow", "torch", "plain_numpy"):
+            for name in ("qkvflow", "torch", "plain_numpy", "products_only"):
                 entry[f"share_of_sgemm_peak_{name}"] = {
                     "median_over_median": round(flops / statistics.median(runs[name]) / peak, 3),
                     "best_over_best": round(flops / min(runs[name]) / best_peak, 3)}
+            entry["products_share_of_qkvflow_time"] = {  # the rest is the forward's non-GEMM work
+                "median_over_median": round(statistics.median(runs["products_only"]) / q, 3),
+                "best_over_best": round(min(runs["products_only"]) / min(runs["qkvflow"]), 3)}
         entry["memory"] = memory(g, params, feeds, dtype)
 
     for name in ("tiny", "vaswani-base"):
@@ -132,7 +167,7 @@ def main() -> None:
         src, tgt = rng.integers(3, cfg1.vocab, (1, 16)), rng.integers(3, cfg1.vocab, (1, 16))
         fwd = to_torch(cfg1, params)
         ts, tt = torch.from_numpy(src), torch.from_numpy(tgt)
-        calls = 20 if name == "tiny" else 1  # a few ms a call: one sample is 20 calls back to back
+        calls = 50 if name == "tiny" else 5  # one sample is this many calls back to back (~0.1 s)
 
         def repeated(fn, n=calls):
             def run():
@@ -143,12 +178,14 @@ def main() -> None:
             "qf.forward": repeated(lambda: qf.forward(g1, params, src, tgt, dtype="float32")),
             "torch": repeated(lambda: fwd(ts, tt)),
             "qf.forward_unchecked": repeated(lambda: qf.forward(g1, params, src, tgt, dtype="float32",
-                                                                  check=False))}, 15)
+                                                                  check=False))}, 21)
         runs = {k: [x / calls for x in v] for k, v in runs.items()}  # seconds per call
         q, t = statistics.median(runs["qf.forward"]), statistics.median(runs["torch"])
         results[f"{name} b1 16+16 float32 (qf.forward)"] = {
             **{k: stats(v) for k, v in runs.items()}, "ratio_qkvflow_over_torch": round(q / t, 3),
-            "check_overhead_median": round(q / statistics.median(runs["qf.forward_unchecked"]) - 1, 4)}
+            "ratio_qkvflow_over_torch_paired": paired(runs["qf.forward"], runs["torch"]),
+            "check_overhead_median": round(q / statistics.median(runs["qf.forward_unchecked"]) - 1, 4),
+            "check_overhead_paired": round(paired(runs["qf.forward"], runs["qf.forward_unchecked"]) - 1, 3)}
 
     results["others_cpu_share"] = others.share()
     results["command"] = "python benchmarks/forward.py"

@@ -44,6 +44,12 @@ def ratio(a: list, b: list) -> float:
     return round(statistics.median(a) / statistics.median(b), 3)
 
 
+def paired(a: list, b: list) -> float:
+    """Median over rounds of a's sample over b's of the same round (from :func:`interleaved`):
+    a slow spell of the machine slows both, so this ratio drifts less than one of medians."""
+    return round(statistics.median(x / y for x, y in zip(a, b, strict=True)), 3)
+
+
 class OthersCpu:
     """The CPU share every other process took from creation to :meth:`share`, as a fraction
     of the machine (this process and its children excluded)."""
