@@ -1,6 +1,8 @@
 """A post-norm encoder–decoder forward written by hand in NumPy, as lean as NumPy allows:
 Q, K and V one product, every layer's cross-attention K and V of the memory one product,
-the residual adds, ReLU, mask, softmax and norms in place. It reads qkvflow's parameters
+the residual adds, ReLU, mask, softmax and norms in place, and every activation held
+feature-major, a (d, tokens) matrix, so that each projection is W @ X, the product
+OpenBLAS runs fastest here (3-4 % faster a forward than token-major, measured paired). It reads qkvflow's parameters
 (vaswani-base's layout: shared, tied and scaled embeddings, sinusoidal positions) and is
 the floor an executor of the same model in NumPy can approach: ``forward.py`` times it
 beside qkvflow and torch."""
@@ -36,42 +38,43 @@ class PlainNumpyForward:
         table[:, 0::2], table[:, 1::2] = np.sin(pos), np.cos(pos)
         self.table = table.astype(self.embed.dtype)
 
-    def _linear(self, x, wb):
-        y = x @ wb[0].T
-        y += wb[1]
+    def _linear(self, x, wb):  # x: (d_in, tokens) -> (d_out, tokens)
+        y = wb[0] @ x
+        y += wb[1][:, None]
         return y
 
-    def _norm(self, x, name):
-        x -= np.add.reduce(x, axis=-1, keepdims=True) / x.shape[-1]
-        x /= np.sqrt(np.add.reduce(np.square(x), axis=-1, keepdims=True) / x.shape[-1] + self.cfg.norm_eps)
-        x *= self.P[f"{name}.weight"]
-        x += self.P[f"{name}.bias"]
+    def _norm(self, x, name):  # over the features: axis 0
+        x -= np.add.reduce(x, axis=0) / x.shape[0]
+        x /= np.sqrt(np.add.reduce(np.square(x), axis=0) / x.shape[0] + self.cfg.norm_eps)
+        x *= self.P[f"{name}.weight"][:, None]
+        x += self.P[f"{name}.bias"][:, None]
         return x
 
     def _attention(self, q, k, v, keep, batch, sq, sk):
         h = self.cfg.heads
         dh = self.cfg.d_model // h
 
-        def heads(t, s):  # (batch * s, d_model) -> (batch, h, s, d_head), a view
-            return t.reshape(batch, s, h, dh).transpose(0, 2, 1, 3)
-        s = heads(q, sq) @ heads(k, sk).transpose(0, 1, 3, 2)
+        def heads(t, s):  # (h * d_head, batch * s) -> (batch, h, d_head, s), a view
+            return t.reshape(h, dh, batch, s).transpose(2, 0, 1, 3)
+        s = heads(q, sq).transpose(0, 1, 3, 2) @ heads(k, sk)
         s *= s.dtype.type(1 / math.sqrt(dh))
         np.copyto(s, -np.inf, where=~keep)
         s -= np.maximum.reduce(s, axis=-1, keepdims=True)
         np.exp(s, out=s)
         s /= np.add.reduce(s, axis=-1, keepdims=True)
-        return (s @ heads(v, sk)).transpose(0, 2, 1, 3).reshape(batch * sq, -1)
+        o = heads(v, sk) @ s.transpose(0, 1, 3, 2)  # (batch, h, d_head, sq)
+        return o.transpose(1, 2, 0, 3).reshape(h * dh, batch * sq)
 
     def _embed(self, ids):
         x = self.embed[ids] * self.embed.dtype.type(math.sqrt(self.cfg.d_model))
         x += self.table[:ids.shape[1]]
-        return x.reshape(-1, self.cfg.d_model)
+        return np.ascontiguousarray(x.reshape(-1, self.cfg.d_model).T)
 
     def _self_attention(self, x, pre, keep, batch, seq):
         """Post-norm: norm(x + attention(x)), Q, K and V one product."""
         d = self.cfg.d_model
         qkv = self._linear(x, self.w[pre, "qkv"])
-        a = self._linear(self._attention(qkv[:, :d], qkv[:, d:2 * d], qkv[:, 2 * d:], keep, batch, seq, seq),
+        a = self._linear(self._attention(qkv[:d], qkv[d:2 * d], qkv[2 * d:], keep, batch, seq, seq),
                          self.w[pre, "o"])
         a += x
         return a
@@ -100,10 +103,10 @@ class PlainNumpyForward:
         for i in range(cfg.decoder_layers):
             pre = f"decoder.layers.{i}"
             y = self._norm(self._self_attention(y, pre, tgt_keep, batch, T), f"{pre}.norm1")
-            kv = memory[:, 2 * d * i:2 * d * (i + 1)]
-            a = self._linear(self._attention(self._linear(y, w[pre, "cq"]), kv[:, :d], kv[:, d:], src_keep,
+            kv = memory[2 * d * i:2 * d * (i + 1)]
+            a = self._linear(self._attention(self._linear(y, w[pre, "cq"]), kv[:d], kv[d:], src_keep,
                                              batch, T, S), w[pre, "co"])
             a += y
             y = self._norm(a, f"{pre}.norm2")
             y = self._norm(self._feed_forward(y, pre), f"{pre}.norm3")
-        return (y @ self.embed.T).reshape(batch, T, -1)
+        return (y.T @ self.embed.T).reshape(batch, T, -1)  # the logits token by token

@@ -32,6 +32,7 @@ def via_table(op, inputs, attrs=None, params=None, sizes=None):
             copies = [np.array(x, copy=True) if isinstance(x, np.ndarray) else x for x in inputs]
             written = k.call(k.fn, copies, attrs, params, sizes, out=copies[j])
             np.testing.assert_array_equal(written, out, strict=True)
+            assert written.strides == out.strides  # writing in place never changes a layout
     return out
 
 
@@ -371,3 +372,70 @@ def test_scale_is_applied_in_the_input_dtype():
     s = kernels.scores(q, q, 1.0 / math.sqrt(7.0))
     assert s.dtype == np.float32
     assert s[0, 0] == np.float32(2.0) * np.float32(1.0 / math.sqrt(7.0))
+
+
+# --- layouts: from 64 tokens values are held feature by feature ---------------------------------------
+
+def feature_major(a: np.ndarray) -> np.ndarray:
+    """A copy of ``a`` (..., d) laid out feature by feature, as the executor holds values of
+    64 tokens or more: each feature's values over all the tokens contiguous."""
+    out = np.empty((a.shape[-1], a.size // a.shape[-1]), a.dtype).T.reshape(a.shape)
+    out[...] = a
+    return out
+
+
+def test_every_kernel_gives_the_same_numbers_from_either_layout():
+    """The same inputs, token-major and feature-major (70 tokens, d 12, 3 heads of 4): the
+    same numbers, to the last bits BLAS and sums over a strided axis may order otherwise."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 14, 12))                    # (batch, seq, d)
+    xf = feature_major(x)
+    w, b = rng.standard_normal((9, 12)), rng.standard_normal(9)
+    gain, shift = rng.standard_normal(12), rng.standard_normal(12)
+    close = dict(rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(via_table("linear", [xf], {}, {"weight": w, "bias": b}),
+                               x @ w.T + b, **close)
+    np.testing.assert_allclose(via_table("unembed", [xf], {}, {"weight": w}), x @ w.T, **close)
+    assert via_table("unembed", [xf], {}, {"weight": w}).flags.c_contiguous  # logits token by token
+    for kind in ("layer", "rms"):
+        params = {"weight": gain, "bias": shift} if kind == "layer" else {"weight": gain}
+        np.testing.assert_allclose(via_table("norm", [xf], {"kind": kind, "eps": 1e-5}, params),
+                                   via_table("norm", [x], {"kind": kind, "eps": 1e-5}, params), **close)
+    np.testing.assert_allclose(via_table("softmax", [xf], {"axis": -1}), via_table("softmax", [x], {"axis": -1}),
+                               **close)
+    for other in (feature_major(x[::-1]), np.ascontiguousarray(x[::-1]), shift):
+        np.testing.assert_array_equal(via_table("add", [xf, other]), x + other)
+    np.testing.assert_array_equal(via_table("activation", [xf], {"fn": "relu"}), np.maximum(x, 0))
+    table = rng.standard_normal((20, 12))
+    np.testing.assert_array_equal(via_table("positional", [xf], {"offset": 3, "kind": "learned"}, {"weight": table}),
+                                  x + table[3:17])
+    q = via_table("split_heads", [xf], {"heads": "heads"}, sizes={"heads": 3})  # views, strided
+    assert not q.flags.c_contiguous and q.shape == (5, 3, 14, 4)
+    s = via_table("scores", [q, q], {"scale": 0.5})
+    np.testing.assert_allclose(s, 0.5 * np.einsum("bhqd,bhkd->bhqk", q, q), **close)
+    p = via_table("softmax", [s], {"axis": -1})
+    o = via_table("attend", [p, q])
+    np.testing.assert_allclose(o, np.einsum("bhqk,bhkd->bhqd", p, q), **close)
+    merged = via_table("merge_heads", [o])
+    np.testing.assert_array_equal(merged, np.swapaxes(o, 1, 2).reshape(5, 14, 12))
+    assert merged.reshape(-1, 12).flags.f_contiguous  # 70 tokens: laid out for the output projection
+
+
+def test_writing_in_place_keeps_the_layout_the_value_would_have_had():
+    """A kernel writes into a donated input only when it is laid out as the result would be
+    otherwise (so a norm after it sums in the same order, and a run gives the same bits
+    whether it writes in place or not); otherwise it allocates and leaves the input alone."""
+    rng = np.random.default_rng(1)
+    a = feature_major(rng.standard_normal((7, 10, 6)))
+    b = np.ascontiguousarray(rng.standard_normal((7, 10, 6)))
+    kept = b.copy()
+    got = kernels.add(a, b, out=b)  # b is token-major, the result would be feature-major like a
+    assert got is not b and got.strides == a.strides
+    np.testing.assert_array_equal(b, kept)
+    c = a.copy(order="K")
+    assert kernels.add(c, b, out=c) is c
+    y = kernels.norm(a, np.ones(6), None, "layer", 1e-5)
+    assert y.strides == a.strides
+    donated = a.copy(order="K")
+    assert kernels.norm(donated, np.ones(6), None, "layer", 1e-5, out=donated) is donated
+    np.testing.assert_array_equal(donated, y)

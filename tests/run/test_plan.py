@@ -220,3 +220,23 @@ def test_a_mask_of_zeros_and_ones_is_taken_as_np_where_takes_it():
     out = ex.run({"ids": np.array([[5, 6, 0]])})["out"]
     np.testing.assert_array_equal(out, ex.run({"ids": np.array([[5, 6, 0]])}, capture=True)["out"])
     assert np.isneginf(out[0, :, 2]).all() and np.isfinite(out[0, :, :2]).all()
+
+
+def _feature_major(a: np.ndarray) -> bool:
+    return a.reshape(-1, a.shape[-1]).flags.f_contiguous and not a.flags.c_contiguous
+
+
+@pytest.mark.parametrize("rows, feature_major", [(70, True), (20, False)])
+def test_from_64_tokens_values_are_feature_major_and_the_outputs_token_major(rows, feature_major):
+    """From 64 tokens the residual stream, the projections and the merged heads are held
+    feature by feature (what OpenBLAS multiplies fastest); below, token by token. The logits
+    a caller gets are token-major either way."""
+    g = qf.trace(qf.load_model("tiny"))
+    ex = qf.Executor(g, qf.init_params(g, seed=0, dtype="float32"), dtype="float32")
+    out = ex.run(feeds_for(g, rows=rows), capture=True)
+    acts = out["activations"]
+    ops = {n: g.nodes[n]["op"] for n in acts if n in g}
+    for op in ("embed", "linear", "merge_heads", "norm", "add"):
+        values = [acts[n] for n, o in ops.items() if o == op]
+        assert values and all(_feature_major(v) == feature_major for v in values), op
+    assert out["logits"].flags.c_contiguous

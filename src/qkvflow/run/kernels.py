@@ -23,27 +23,70 @@ __all__ = ["sinusoidal_table"]
 Array = np.ndarray
 
 
-def _into(out, *others, floats: bool = False) -> np.ndarray | None:
-    """``out`` when it is a writable array (a ufunc on 0-d values returns a NumPy scalar), of
-    floats if ``floats``, and an elementwise result of it and ``others`` has its shape and
-    dtype (no broadcast widens it, no operand promotes it); else None: the kernel allocates."""
-    if not isinstance(out, np.ndarray) or not out.flags.writeable or (floats and out.dtype.kind != "f"):
+def _into(out, *operands, floats: bool = False) -> np.ndarray | None:
+    """The array an elementwise kernel of ``operands`` writes its result into: ``out`` when
+    the plan gave one it may overwrite (a writable array the result fits: no operand widens
+    its shape or promotes its dtype) laid out as the first operand of the result's shape is;
+    else a new array laid out like that operand. None when no operand has the result's shape
+    (a broadcast widens them all) or, with ``floats``, the result is not of floats: NumPy
+    allocates. So a value's layout, and the order a reduction over it sums in, never depend
+    on whether the plan let a kernel write in place: a run gives the same bits either way."""
+    ref = operands[0]
+    if _alike(ref, operands):
+        dtype = ref.dtype
+    else:
+        shape = np.broadcast_shapes(*(np.shape(x) for x in operands))
+        ref = next((x for x in operands if isinstance(x, np.ndarray) and x.shape == shape), None)
+        if ref is None:
+            return None
+        dtype = np.result_type(*operands)
+    if floats and dtype.kind != "f":
         return None
-    for other in others:
-        if not isinstance(other, np.ndarray):
-            if np.result_type(out, other) != out.dtype:
-                return None
-            continue
-        if other.dtype != out.dtype and np.result_type(out, other) != out.dtype:
-            return None
-        if other.shape != out.shape and np.broadcast_shapes(out.shape, other.shape) != out.shape:
-            return None
-    return out
+    if (isinstance(out, np.ndarray) and out.flags.writeable and out.shape == ref.shape and out.dtype == dtype
+            and out.strides == ref.strides):
+        return out
+    return np.empty_like(ref, dtype=dtype)
+
+
+def _alike(ref, operands: tuple) -> bool:
+    """The common case, decided without NumPy's promotion rules: ``ref`` an array, the other
+    operands arrays of its dtype and shape (or its last axes' shape: a bias, a positions
+    table) or Python numbers with floats (which keep their dtype)."""
+    if not isinstance(ref, np.ndarray):
+        return False
+    for x in operands[1:]:
+        if isinstance(x, np.ndarray):
+            if x.dtype != ref.dtype or x.ndim > ref.ndim or x.shape != ref.shape[ref.ndim - x.ndim:]:
+                return False
+        elif type(x) not in (int, float) or ref.dtype.kind != "f":
+            return False
+    return True
+
+
+_FEW_ROWS = 64  # tokens: below it values stay token-major (C order), the layout small arrays run fastest in
+
+
+def _feature_major(shape: tuple, dtype) -> np.ndarray:
+    """An uninitialised array of ``shape``, from _FEW_ROWS tokens laid out feature by feature:
+    each feature's values over every token contiguous (an F-ordered (tokens, features)
+    matrix), the layout :func:`linear` returns and reads fastest. Every kernel takes
+    either layout; which one a value has depends on the run's sizes alone."""
+    *lead, d = shape
+    tokens = math.prod(lead)
+    if tokens < _FEW_ROWS:
+        return np.empty(shape, dtype)
+    return np.empty((d, tokens), dtype).T.reshape(shape)
 
 
 def embed(ids: Integer[Array, "*b s"], weight: Float[Array, "vocab d"], scale: float) -> Float[Array, "*b s d"]:
-    out = weight[ids]
-    return out * weight.dtype.type(scale) if scale != 1.0 else out
+    rows = weight[ids]
+    if rows.size < _FEW_ROWS * rows.shape[-1]:
+        return rows * weight.dtype.type(scale) if scale != 1.0 else rows
+    out = _feature_major(rows.shape, weight.dtype)  # the residual stream's layout from its start
+    if scale != 1.0:
+        return np.multiply(rows, weight.dtype.type(scale), out=out)
+    out[...] = rows
+    return out
 
 
 def sinusoidal_table(positions: int, d: int, kind: str, dtype, start: int = 0) -> np.ndarray:
@@ -77,15 +120,26 @@ def positional(x: Float[Array, "*b s d"], table: Float[Array, "p d"], offset: in
     return np.add(x, rows, out=_into(out, x, rows, floats=True))
 
 
-_FEW_ROWS = 64  # below it, W @ x.T beat x @ W.T for every projection of vaswani-base measured
-
-
 def linear(x: Float[Array, "*b i"], weight: Float[Array, "o i"], bias: Float[Array, "o"] | None) -> Float[Array, "*b o"]:
-    # One (tokens, d_in) x (d_in, d_out) GEMM instead of one per leading index.
+    # One GEMM for every token: W @ x.T, whose result transposed is y feature by feature
+    # (see _feature_major). OpenBLAS runs W @ x.T faster than x @ W.T from either layout
+    # of x, fastest when x is feature-major itself, and 2-3x faster for a few tokens,
+    # where the product is bound by streaming the weight.
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] < _FEW_ROWS and weight.flags.c_contiguous:
-        # Few tokens: the product is bound by reading the weight, which BLAS streams
-        # faster as the left operand when it is row-major (2-3x for 4-32 tokens here).
+    y = (weight @ x2.T).T
+    if x2.shape[0] < _FEW_ROWS:
+        y = np.ascontiguousarray(y)  # token-major, as small arrays run fastest
+    y = y.reshape(*x.shape[:-1], weight.shape[0])
+    if bias is not None:
+        y += bias
+    return y
+
+
+def unembed(x: Float[Array, "*b d"], weight: Float[Array, "vocab d"],
+            bias: Float[Array, "vocab"] | None) -> Float[Array, "*b vocab"]:
+    """The logits, token by token (C order), as a caller expects them."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] < _FEW_ROWS:  # bound by streaming the weight: see linear
         y = np.ascontiguousarray((weight @ x2.T).T)
     else:
         y = x2 @ weight.T
@@ -103,8 +157,13 @@ def split_heads(x: Float[Array, "*b s hd"], heads: int) -> Float[Array, "*b h s 
 
 def merge_heads(x: Float[Array, "*b h s d"]) -> Float[Array, "*b s hd"]:
     *lead, h, seq, d = x.shape
-    # (..., h, s, d) -> (..., s, h, d) -> (..., s, h*d)
-    return np.swapaxes(x, -2, -3).reshape(*lead, seq, h * d)
+    # (..., h, s, d) -> (..., s, h, d) -> (..., s, h*d), a copy laid out for the output
+    # projection (from attend's feature-major layout, runs of tokens copy to runs of tokens)
+    if math.prod(lead) * seq < _FEW_ROWS:
+        return np.swapaxes(x, -2, -3).reshape(*lead, seq, h * d)
+    out = _feature_major((*lead, seq, h * d), x.dtype)
+    out.reshape(*lead, seq, h, d)[...] = np.swapaxes(x, -2, -3)
+    return out
 
 
 def scores(q: Float[Array, "*b tq d"], k: Float[Array, "*b tk d"], scale: float) -> Float[Array, "*b tq tk"]:
@@ -116,9 +175,10 @@ def scores(q: Float[Array, "*b tq d"], k: Float[Array, "*b tk d"], scale: float)
 
 def mask(x: Float[Array, "*b tq tk"], keep: Bool[Array, "*#m"],
          out: Float[Array, "*b tq tk"] | None = None) -> Float[Array, "*b tq tk"]:
-    if out is x and _into(out, keep, floats=True) is not None:  # x is the plan's to overwrite
-        np.copyto(out, -np.inf, where=np.logical_not(keep))  # keep may be 0/1 ints, as np.where takes it
-        return out
+    if x.dtype.kind == "f" and (keep.shape == x.shape or np.broadcast_shapes(x.shape, keep.shape) == x.shape):
+        y = x if out is x and x.flags.writeable else x.copy(order="K")  # x the plan's to overwrite, or a copy
+        np.copyto(y, -np.inf, where=np.logical_not(keep))  # keep may be 0/1 ints, as np.where takes it
+        return y
     return np.where(keep, x, -np.inf).astype(x.dtype, copy=False)
 
 
@@ -136,7 +196,11 @@ def softmax(x: Float[Array, "*s"], axis: int, out: Float[Array, "*s"] | None = N
 
 
 def attend(p: Float[Array, "*b tq tk"], v: Float[Array, "*b tk d"]) -> Float[Array, "*b tq d"]:
-    return p @ v  # (..., tq, tk) @ (..., tk, d) -> (..., tq, d)
+    # (..., tq, tk) @ (..., tk, d) -> (..., tq, d). From _FEW_ROWS queries as (v.T @ p.T).T:
+    # from feature-major values each head's v.T is a row-major matrix; 1.5-2x faster here
+    if p.shape[-2] < _FEW_ROWS:
+        return p @ v
+    return np.swapaxes(np.swapaxes(v, -1, -2) @ np.swapaxes(p, -1, -2), -1, -2)
 
 
 def add(a: Shaped[Array, "*#a"], b: Shaped[Array, "*#b"],
@@ -201,11 +265,6 @@ def padding_mask(ids: Integer[Array, "*b s"], pad_id: int, keep_first: bool = Fa
 def causal_mask(ids: Shaped[Array, "*b s"]) -> Bool[Array, "s s"]:
     seq = ids.shape[-1]
     return np.tril(np.ones((seq, seq), dtype=bool))
-
-
-def unembed(x: Float[Array, "*b d"], weight: Float[Array, "vocab d"],
-            bias: Float[Array, "vocab"] | None) -> Float[Array, "*b vocab"]:
-    return linear(x, weight, bias)
 
 
 def rotary(x: Float[Array, "*b s d"], theta: float, offset: int) -> Float[Array, "*b s d"]:
@@ -288,8 +347,9 @@ def elementwise(fn: str, *xs, const=None, const_first: bool = False, out: np.nda
     f = _ELEMENTWISE[fn]
     if const is not None:
         xs = (const, *xs) if const_first else (*xs, const)
-    if fn in _KEEP_FLOAT and _into(out, *xs, floats=True) is not None:
-        return f(*xs, out=out)
+    target = _into(out, *xs, floats=True) if fn in _KEEP_FLOAT else None
+    if target is not None:
+        return f(*xs, out=target)
     return _float_like(f(*xs), xs)
 
 
