@@ -196,9 +196,9 @@ def softmax(x: Float[Array, "*s"], axis: int, out: Float[Array, "*s"] | None = N
 
 
 def attend(p: Float[Array, "*b tq tk"], v: Float[Array, "*b tk d"]) -> Float[Array, "*b tq d"]:
-    # (..., tq, tk) @ (..., tk, d) -> (..., tq, d). From _FEW_ROWS queries as (v.T @ p.T).T:
-    # from feature-major values each head's v.T is a row-major matrix; 1.5-2x faster here
-    if p.shape[-2] < _FEW_ROWS:
+    # (..., tq, tk) @ (..., tk, d) -> (..., tq, d). With v held feature by feature (its tokens
+    # axis the denser), as (v.T @ p.T).T: each head's v.T is then row-major; 1.5-2x faster here
+    if v.ndim < 2 or v.strides[-2] >= v.strides[-1]:
         return p @ v
     return np.swapaxes(np.swapaxes(v, -1, -2) @ np.swapaxes(p, -1, -2), -1, -2)
 
