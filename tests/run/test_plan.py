@@ -240,3 +240,21 @@ def test_from_64_tokens_values_are_feature_major_and_the_outputs_token_major(row
         values = [acts[n] for n, o in ops.items() if o == op]
         assert values and all(_feature_major(v) == feature_major for v in values), op
     assert out["logits"].flags.c_contiguous
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_values_given_in_another_layout_give_the_same_bits(dtype):
+    """Values given to a run (``initial``) as a file would give them back, token-major, where
+    the run itself holds them feature by feature: the norms copy them into the run's layout
+    first, so their sums add in the same order and the logits are the same bit for bit."""
+    g = qf.trace(qf.load_model("bart-tiny"))
+    ex = qf.Executor(g, qf.init_params(g, seed=1, dtype=dtype), dtype=dtype)
+    feeds = feeds_for(g, rows=70)
+    ref = ex.run(feeds, capture=True)
+    given = {n: np.ascontiguousarray(v) for n, v in ref["activations"].items()
+             if n in g and g.nodes[n]["op"] in ("embed", "positional", "add", "norm")}
+    assert any(not v.flags.c_contiguous for n, v in ref["activations"].items() if n in given)
+    _same(ex.run(feeds, initial=given), _outputs(ref))
+    first = {n: v for n, v in given.items() if n.startswith("encoder.") and g.nodes[n]["op"] == "positional"}
+    assert first
+    _same(ex.run(feeds, initial=first), _outputs(ref))

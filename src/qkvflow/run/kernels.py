@@ -28,8 +28,8 @@ def _into(out, *operands, floats: bool = False) -> np.ndarray | None:
     the plan gave one it may overwrite (a writable array the result fits: no operand widens
     its shape or promotes its dtype) laid out as the first operand of the result's shape is;
     else a new array laid out like that operand. None when no operand has the result's shape
-    (a broadcast widens them all) or, with ``floats``, the result is not of floats: NumPy
-    allocates. So a value's layout, and the order a reduction over it sums in, never depend
+    (a broadcast widens them all), an operand promotes the dtype or, with ``floats``, the
+    result is not of floats: the kernel allocates as NumPy does. So a value's layout, and the order a reduction over it sums in, never depend
     on whether the plan let a kernel write in place: a run gives the same bits either way."""
     ref = operands[0]
     if _alike(ref, operands):
@@ -40,6 +40,8 @@ def _into(out, *operands, floats: bool = False) -> np.ndarray | None:
         if ref is None:
             return None
         dtype = np.result_type(*operands)
+        if dtype != ref.dtype:  # promoted: the kernel's own rule for the dtype applies
+            return None
     if floats and dtype.kind != "f":
         return None
     if (isinstance(out, np.ndarray) and out.flags.writeable and out.shape == ref.shape and out.dtype == dtype
@@ -76,6 +78,25 @@ def _feature_major(shape: tuple, dtype) -> np.ndarray:
     if tokens < _FEW_ROWS:
         return np.empty(shape, dtype)
     return np.empty((d, tokens), dtype).T.reshape(shape)
+
+
+def _canonical(x: np.ndarray) -> np.ndarray:
+    """``x``, or a copy of it laid out as the executor lays out a value of its size (see
+    _feature_major) when it came otherwise (a value given to a run, read back from a file):
+    a sum over its features then adds in one order, and the same numbers give the same bits."""
+    *lead, d = x.shape
+    tokens = math.prod(lead)
+    if tokens < _FEW_ROWS:
+        return x if x.flags.c_contiguous else np.ascontiguousarray(x)
+    step, want = x.itemsize, []  # feature-major strides: the tokens in C order, then the features
+    for n in reversed(lead):
+        want.append(step)
+        step *= n
+    if all(n == 1 or have == w for n, have, w in zip(x.shape, x.strides, [*reversed(want), step])):
+        return x
+    out = _feature_major(x.shape, x.dtype)
+    out[...] = x
+    return out
 
 
 def embed(ids: Integer[Array, "*b s"], weight: Float[Array, "vocab d"], scale: float) -> Float[Array, "*b s d"]:
@@ -211,6 +232,7 @@ def add(a: Shaped[Array, "*#a"], b: Shaped[Array, "*#b"],
 def norm(x: Float[Array, "*b d"], weight: Float[Array, "d"], bias: Float[Array, "d"] | None,
          kind: str, eps: float, out: Float[Array, "*b d"] | None = None) -> Float[Array, "*b d"]:
     """``layer``: (x - mean) / sqrt(var + eps) * w + b; ``rms``: x / sqrt(mean(x^2) + eps) * w."""
+    x = _canonical(x)  # a copy only for a value laid out otherwise than the run's own: out is then not x
     if kind == "rms":
         return x / np.sqrt(_mean_last(x * x) + eps) * weight
     # The same operations as written above, in place on the kernel's own arrays.
