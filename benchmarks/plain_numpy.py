@@ -2,10 +2,10 @@
 Q, K and V one product, every layer's cross-attention K and V of the memory one product,
 the residual adds, ReLU, mask, softmax and norms in place, and every activation held
 feature-major, a (d, tokens) matrix, so that each projection is W @ X, the product
-OpenBLAS runs fastest here (3-4 % faster a forward than token-major, measured paired). It reads qkvflow's parameters
-(vaswani-base's layout: shared, tied and scaled embeddings, sinusoidal positions) and is
-the floor an executor of the same model in NumPy can approach: ``forward.py`` times it
-beside qkvflow and torch."""
+OpenBLAS runs fastest here (3-4 % faster a forward than token-major, measured paired).
+It reads qkvflow's parameters (vaswani-base's layout: shared, tied and scaled embeddings,
+sinusoidal positions) and is the floor an executor of the same model in NumPy can
+approach: ``forward.py`` times it beside qkvflow and torch."""
 
 import math
 

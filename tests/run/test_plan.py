@@ -222,7 +222,7 @@ def test_a_mask_of_zeros_and_ones_is_taken_as_np_where_takes_it():
     assert np.isneginf(out[0, :, 2]).all() and np.isfinite(out[0, :, :2]).all()
 
 
-def _feature_major(a: np.ndarray) -> bool:
+def _held_feature_major(a: np.ndarray) -> bool:
     return a.reshape(-1, a.shape[-1]).flags.f_contiguous and not a.flags.c_contiguous
 
 
@@ -238,7 +238,7 @@ def test_from_64_tokens_values_are_feature_major_and_the_outputs_token_major(row
     ops = {n: g.nodes[n]["op"] for n in acts if n in g}
     for op in ("embed", "linear", "merge_heads", "norm", "add"):
         values = [acts[n] for n, o in ops.items() if o == op]
-        assert values and all(_feature_major(v) == feature_major for v in values), op
+        assert values and all(_held_feature_major(v) == feature_major for v in values), op
     assert out["logits"].flags.c_contiguous
 
 

@@ -29,8 +29,9 @@ def _into(out, *operands, floats: bool = False) -> np.ndarray | None:
     its shape or promotes its dtype) laid out as the first operand of the result's shape is;
     else a new array laid out like that operand. None when no operand has the result's shape
     (a broadcast widens them all), an operand promotes the dtype or, with ``floats``, the
-    result is not of floats: the kernel allocates as NumPy does. So a value's layout, and the order a reduction over it sums in, never depend
-    on whether the plan let a kernel write in place: a run gives the same bits either way."""
+    result is not of floats: the kernel allocates as NumPy does. So a value's layout, and the
+    order a reduction over it sums in, never depend on whether the plan let a kernel write in
+    place: a run gives the same bits either way."""
     ref = operands[0]
     if _alike(ref, operands):
         dtype = ref.dtype
@@ -68,28 +69,29 @@ def _alike(ref, operands: tuple) -> bool:
 _FEW_ROWS = 64  # tokens: below it values stay token-major (C order), the layout small arrays run fastest in
 
 
+def _few_tokens(shape: tuple) -> bool:
+    """A (..., d) value of fewer than _FEW_ROWS tokens (all its leading axes together)."""
+    return math.prod(shape[:-1]) < _FEW_ROWS
+
+
 def _feature_major(shape: tuple, dtype) -> np.ndarray:
     """An uninitialised array of ``shape``, from _FEW_ROWS tokens laid out feature by feature:
     each feature's values over every token contiguous (an F-ordered (tokens, features)
     matrix), the layout :func:`linear` returns and reads fastest. Every kernel takes
     either layout; which one a value has depends on the run's sizes alone."""
-    *lead, d = shape
-    tokens = math.prod(lead)
-    if tokens < _FEW_ROWS:
+    if _few_tokens(shape):
         return np.empty(shape, dtype)
-    return np.empty((d, tokens), dtype).T.reshape(shape)
+    return np.empty((shape[-1], math.prod(shape[:-1])), dtype).T.reshape(shape)
 
 
 def _canonical(x: np.ndarray) -> np.ndarray:
     """``x``, or a copy of it laid out as the executor lays out a value of its size (see
     _feature_major) when it came otherwise (a value given to a run, read back from a file):
     a sum over its features then adds in one order, and the same numbers give the same bits."""
-    *lead, d = x.shape
-    tokens = math.prod(lead)
-    if tokens < _FEW_ROWS:
+    if _few_tokens(x.shape):
         return x if x.flags.c_contiguous else np.ascontiguousarray(x)
     step, want = x.itemsize, []  # feature-major strides: the tokens in C order, then the features
-    for n in reversed(lead):
+    for n in reversed(x.shape[:-1]):
         want.append(step)
         step *= n
     if all(n == 1 or have == w for n, have, w in zip(x.shape, x.strides, [*reversed(want), step])):
@@ -101,7 +103,7 @@ def _canonical(x: np.ndarray) -> np.ndarray:
 
 def embed(ids: Integer[Array, "*b s"], weight: Float[Array, "vocab d"], scale: float) -> Float[Array, "*b s d"]:
     rows = weight[ids]
-    if rows.size < _FEW_ROWS * rows.shape[-1]:
+    if _few_tokens(rows.shape):
         return rows * weight.dtype.type(scale) if scale != 1.0 else rows
     out = _feature_major(rows.shape, weight.dtype)  # the residual stream's layout from its start
     if scale != 1.0:
@@ -148,7 +150,7 @@ def linear(x: Float[Array, "*b i"], weight: Float[Array, "o i"], bias: Float[Arr
     # where the product is bound by streaming the weight.
     x2 = x.reshape(-1, x.shape[-1])
     y = (weight @ x2.T).T
-    if x2.shape[0] < _FEW_ROWS:
+    if _few_tokens(x.shape):
         y = np.ascontiguousarray(y)  # token-major, as small arrays run fastest
     y = y.reshape(*x.shape[:-1], weight.shape[0])
     if bias is not None:
@@ -160,7 +162,7 @@ def unembed(x: Float[Array, "*b d"], weight: Float[Array, "vocab d"],
             bias: Float[Array, "vocab"] | None) -> Float[Array, "*b vocab"]:
     """The logits, token by token (C order), as a caller expects them."""
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] < _FEW_ROWS:  # bound by streaming the weight: see linear
+    if _few_tokens(x.shape):  # bound by streaming the weight: see linear
         y = np.ascontiguousarray((weight @ x2.T).T)
     else:
         y = x2 @ weight.T
@@ -180,9 +182,10 @@ def merge_heads(x: Float[Array, "*b h s d"]) -> Float[Array, "*b s hd"]:
     *lead, h, seq, d = x.shape
     # (..., h, s, d) -> (..., s, h, d) -> (..., s, h*d), a copy laid out for the output
     # projection (from attend's feature-major layout, runs of tokens copy to runs of tokens)
-    if math.prod(lead) * seq < _FEW_ROWS:
-        return np.swapaxes(x, -2, -3).reshape(*lead, seq, h * d)
-    out = _feature_major((*lead, seq, h * d), x.dtype)
+    merged = (*lead, seq, h * d)
+    if _few_tokens(merged):
+        return np.swapaxes(x, -2, -3).reshape(merged)
+    out = _feature_major(merged, x.dtype)
     out.reshape(*lead, seq, h, d)[...] = np.swapaxes(x, -2, -3)
     return out
 
