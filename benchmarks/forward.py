@@ -5,8 +5,8 @@ through the public ``qf.forward`` (a new executor per call, as users call it) on
 vaswani-base. Peer: torch.nn.TransformerEncoder/Decoder layers carrying the same weights
 (``qkvflow.interop.torch_export``). Contenders are interleaved with a 0.2 s pause between
 libraries; checked and unchecked runs are interleaved too, one executor with its checks
-turned on and off (two executors of the same weights, both unchecked, differed by up to
-3 % here, measured A/A). A second peer at float32
+turned on and off (two executors of the same weights differed by up to 5 % here,
+measured A/A in one process). A second peer at float32
 batch 8: the same model written by hand in plain NumPy as lean as NumPy allows
 (``plain_numpy.py``), the floor for an executor in NumPy. Also: the share of NumPy's
 sgemm peak the batch-8 forward's GEMMs reach, the peak being a 2048^3 product timed
@@ -15,7 +15,9 @@ share of the forward's matrix products alone on the operands a run gives them (t
 ceiling for any NumPy forward of the model: its non-GEMM work takes the rest); a forward's
 peak memory against the largest set of values it must keep at once; the CPU share
 other processes took. Ratios to torch and runtime checks' cost are also given paired:
-the median over rounds of one contender's sample over the other's in the same round.
+the median over rounds of one contender's sample over the other's in the same round; the
+checks' cost also timed alone (``shape_checks_ms``) over the checked run's median, which
+the machine's drift barely moves.
 Prints medians with min-max, writes benchmarks/results/forward.json.
 
     python benchmarks/forward.py      # needs torch (pip install torch==2.13.0)
@@ -24,6 +26,7 @@ Prints medians with min-max, writes benchmarks/results/forward.json.
 import json
 import os
 import statistics
+import time
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +73,29 @@ def products_only(g, ex, feeds):
         for a, b in pairs:
             a @ b
     return run
+
+
+def shape_checks_ms(ex, feeds) -> float:
+    """Milliseconds a checked run of ``ex`` spends checking the named shapes of what it
+    produces, the work checks add to a run once every kernel signature has been verified:
+    the checks one run makes are recorded, then timed alone (median of 50). Microseconds
+    timed back to back, which the machine's drift barely moves, to set beside the run."""
+    from qkvflow.run.execute import Executor
+    made = []
+    check = Executor._check_shape
+    Executor._check_shape = staticmethod(lambda *args: made.append(args) or check(*args))
+    try:
+        ex.check = True
+        ex.run(feeds)
+    finally:
+        Executor._check_shape = staticmethod(check)
+    times = []
+    for _ in range(50):
+        start = time.perf_counter()
+        for args in made:
+            check(*args)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def memory(g, params, feeds, dtype: str) -> dict:
@@ -149,7 +175,8 @@ def main() -> None:
                       "ratio_qkvflow_over_torch_best_over_best": round(min(runs["qkvflow"]) / min(runs["torch"]), 3),
                       "ratio_qkvflow_over_torch_paired": paired(runs["qkvflow"], runs["torch"]),
                       "check_overhead_median": round(q / statistics.median(runs["qkvflow_unchecked"]) - 1, 4),
-                      "check_overhead_paired": round(paired(runs["qkvflow"], runs["qkvflow_unchecked"]) - 1, 3)})
+                      "check_overhead_paired": round(paired(runs["qkvflow"], runs["qkvflow_unchecked"]) - 1, 3),
+                      "check_overhead_timed_alone": round(shape_checks_ms(ex, feeds) / 1e3 / q, 5)})
         if dtype == "float32":
             flops, peak_flops = gemm_flops(cfg, 8, 64, 64), 2 * PEAK_N ** 3
             peak, best_peak = peak_flops / statistics.median(runs["sgemm_2048"]), peak_flops / min(runs["sgemm_2048"])
@@ -191,7 +218,9 @@ def main() -> None:
             **{k: stats(v) for k, v in runs.items()}, "ratio_qkvflow_over_torch": round(q / t, 3),
             "ratio_qkvflow_over_torch_paired": paired(runs["qf.forward"], runs["torch"]),
             "check_overhead_median": round(q / statistics.median(runs["qf.forward_unchecked"]) - 1, 4),
-            "check_overhead_paired": round(paired(runs["qf.forward"], runs["qf.forward_unchecked"]) - 1, 3)}
+            "check_overhead_paired": round(paired(runs["qf.forward"], runs["qf.forward_unchecked"]) - 1, 3),
+            "check_overhead_timed_alone": round(
+                shape_checks_ms(qf.Executor(g1, params, dtype="float32"), {"src_ids": src, "tgt_ids": tgt}) / 1e3 / q, 5)}
 
     results["others_cpu_share"] = others.share()
     results["command"] = "python benchmarks/forward.py"
