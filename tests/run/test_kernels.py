@@ -275,6 +275,21 @@ def test_positional_adds_the_table_from_the_offset():
     np.testing.assert_array_equal(got[0], [[8, 9, 10, 11], [12, 13, 14, 15]])
 
 
+def test_sinusoidal_rows_are_built_once_and_the_kept_table_cannot_be_written():
+    """A run's sinusoidal rows are kept for the next run of that size (read-only, so no run can
+    change another's), and a feature-major value of 70 tokens adds the same rows."""
+    x = np.random.default_rng(3).standard_normal((5, 14, 6))  # 70 tokens, d 6
+    attrs = {"kind": "sinusoidal", "offset": 2}
+    want = x + kernels.sinusoidal_table(16, 6, "sinusoidal", np.float64)[2:]
+    first = via_table("positional", [x], attrs)
+    np.testing.assert_array_equal(first, want)
+    np.testing.assert_array_equal(via_table("positional", [feature_major(x)], attrs), want)
+    table = kernels._table(16, 6, "sinusoidal", x.dtype.str, 2)
+    assert table is kernels._table(16, 6, "sinusoidal", x.dtype.str, 2)
+    with pytest.raises(ValueError, match="read-only"):
+        table[0, 0] = 1.0
+
+
 def test_positional_beyond_the_table_is_an_error():
     with pytest.raises(ValueError, match="position 5 is beyond the table of 5 positions"):
         kernels.positional(np.zeros((1, 3, 4)), np.zeros((5, 4)), 3)

@@ -399,10 +399,10 @@ def _positional(kernel, ins, attrs, params, out=None):
     return kernel(x, table, attrs["offset"], out)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=8)
 def _table(positions: int, d: int, kind: str, dtype: str, start: int) -> np.ndarray:
-    """sinusoidal_table, built once per size and start (a forward reads the same rows each run;
-    generation steps read one row each), read-only."""
+    """sinusoidal_table, read-only, kept for the last 8 sizes and starts asked for: a forward
+    reads the same rows each run (generation steps read one row each, built anew)."""
     table = sinusoidal_table(positions, d, kind, np.dtype(dtype), start)
     table.flags.writeable = False
     return table
