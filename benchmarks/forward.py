@@ -53,20 +53,29 @@ PEAK_N = 2048  # the sgemm peak: one (PEAK_N, PEAK_N) x (PEAK_N, PEAK_N) product
 def products_only(g, ex, feeds):
     """The forward's matrix products alone, nothing else: each projection (stacked as a run of
     this size stacks them) and each attention product, on the operands the run gives them
-    (its captured values, in their layouts). What a forward of this model in NumPy takes at
+    (its captured values, in their layouts), each in the form its kernel multiplies it. What a
+    forward of this model in NumPy takes at
     the least, its non-GEMM work aside: the ceiling of its share of the sgemm peak."""
     from qkvflow.ir.graph import param_path
     from qkvflow.run.plan import fast_plan
     acts = ex.run(feeds, capture=True)["activations"]  # stacks the weights as a run of this size does
     pairs = []
     for node, op, args, attrs, *_ in fast_plan(g, stacked=True)[0]:
+        # each product in the form its kernel computes it at 64+ tokens (kernels.py)
         if op in ("linear", "unembed"):
             x = acts[args[0]]
+            x = x.reshape(-1, x.shape[-1])
             w = ex.params[attrs["tied_to"] if "tied_to" in attrs else param_path(node, "weight")]
-            pairs.append((x.reshape(-1, x.shape[-1]), w.T))  # as the kernel multiplies: x @ W.T
-        elif op in ("scores", "attend"):
-            a, b = acts[args[0]], acts[args[1]]
-            pairs.append((a, np.swapaxes(b, -1, -2) if op == "scores" else b))
+            pairs.append((w, x.T) if op == "linear" else (x, w.T))  # W @ x.T; the logits x @ W.T
+        elif op == "scores":
+            q, k = acts[args[0]], acts[args[1]]
+            pairs.append((q, np.swapaxes(k, -1, -2)))
+        elif op == "attend":
+            p, v = acts[args[0]], acts[args[1]]
+            if v.strides[-2] >= v.strides[-1]:
+                pairs.append((p, v))
+            else:  # v feature by feature: (v.T @ p.T).T
+                pairs.append((np.swapaxes(v, -1, -2), np.swapaxes(p, -1, -2)))
     del acts
 
     def run():
