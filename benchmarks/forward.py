@@ -53,9 +53,9 @@ PEAK_N = 2048  # the sgemm peak: one (PEAK_N, PEAK_N) x (PEAK_N, PEAK_N) product
 def products_only(g, ex, feeds):
     """The forward's matrix products alone, nothing else: each projection (stacked as a run of
     this size stacks them) and each attention product, on the operands the run gives them
-    (its captured values, in their layouts), each in the form its kernel multiplies it. What a
-    forward of this model in NumPy takes at
-    the least, its non-GEMM work aside: the ceiling of its share of the sgemm peak."""
+    (its captured values, in their layouts), each in the form its kernel multiplies it. What
+    a forward of this model in NumPy takes at the least, its non-GEMM work aside: the ceiling
+    of its share of the sgemm peak."""
     from qkvflow.ir.graph import param_path
     from qkvflow.run.plan import fast_plan
     acts = ex.run(feeds, capture=True)["activations"]  # stacks the weights as a run of this size does
