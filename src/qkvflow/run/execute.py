@@ -11,6 +11,7 @@ It never re-runs model-building code. Checking has two layers:
   cost of checking small (measured in ``benchmarks/``).
 """
 
+import functools
 import math
 import weakref
 
@@ -20,7 +21,9 @@ import numpy as np
 from ..ir.dims import describe_shape, size_of
 from ..ir.dtypes import run_dtype
 from ..ir.errors import ExecutionError, InputError, ParamError, QkvflowError
-from ..ir.graph import expect_graph, param_path, position_limit, vocabulary_of
+from ..ir.graph import arg_nodes, expect_graph, param_path, position_limit, vocabulary_of
+from ..ir.ops import spec
+from .parallel import batch_parts, blas_threads, keeps_batch_apart, run_parts, usable_cores
 from .params import all_finite, check_fits, validate_params
 from .plan import fast_plan, steps
 
@@ -68,10 +71,18 @@ class Executor:
     params : path -> array (see :func:`qkvflow.init_params`).
     dtype : "float64" (default, a reference) or "float32".
     check : verify named shapes and kernel signatures (default True).
+    workers : cores a plain run of a batch may take, a part of the batch on each (see
+        :mod:`qkvflow.run.parallel`; the same numbers as one run); None (default): as
+        many as BLAS would take for a product, at most the usable cores; 1: one part.
     """
 
-    def __init__(self, graph: nx.MultiDiGraph, params: dict, *, dtype="float64", check: bool = True):
+    def __init__(self, graph: nx.MultiDiGraph, params: dict, *, dtype="float64", check: bool = True,
+                 workers: int | None = None):
         expect_graph(graph)
+        if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
+            raise InputError(f"workers must be a whole number of cores, 1 or more, got {workers!r}")
+        self.workers = workers
+        self._split: dict = {}  # run sizes -> the parts of its batch
         self.dtype = run_dtype(dtype)
         if not isinstance(params, dict):
             raise ParamError(f"params must be a dict of parameter path -> array, got {type(params).__name__}")
@@ -147,11 +158,33 @@ class Executor:
         not returned, only the activations (``capture``).
         """
         values, sizes = self._bind_inputs(feeds)
-        params = self.params
         initial = initial or {}
         stray = next((n for n in initial if n not in self.graph or n in self.graph.graph["inputs"]), None)
         if stray is not None:
             raise InputError(f"initial value for {stray!r}: not a computed node of the graph")
+        plain = not (capture or initial or only is not None)
+        parts = self._parts(sizes) if plain else ()
+        if len(parts) > 1:
+            result = self._run_parts(values, sizes, parts)
+        else:
+            values = self._execute(values, sizes, capture, initial, only)
+            if only is not None:
+                return {"activations": values}
+            result = {self.graph.nodes[o]["attrs"]["name"]: values[o] for o in self.graph.graph["outputs"]}
+        if self._reread is not None and not all(all_finite(v) for v in result.values() if v.dtype.kind == "f"):
+            validate_params(self.graph, self._reread, reread=True)
+        if capture and "activations" in result:
+            raise InputError("the model has an output named 'activations'; run it without capture=True")
+        if capture:
+            result["activations"] = values
+        return result
+
+    def _execute(self, values: dict, sizes: dict, capture: bool, initial: dict, only: set | None,
+                 into: dict | None = None) -> dict:
+        """The plan's steps on the bound inputs ``values``: every value kept (``capture``,
+        ``initial``, ``only``) or each freed after its last read. ``into``: node -> the array
+        its kernel writes its result into (a part of a split run's output)."""
+        params = self.params
         plan, freed, stacks = self._plan_for(sizes, in_place=not (capture or initial or only is not None))
         skipped = ()
         if stacks and (only is not None or initial):  # a stack is computed when a member is to be
@@ -161,12 +194,9 @@ class Executor:
             skipped = {st.node for st in stacks} - needed
         # A run whose every size was seen before has had every kernel signature verified:
         # its nodes' input shapes are the same (the named shapes are still checked below).
-        run_key = ("run", self.dtype.char, only is None, tuple(sorted(
-            (k, v) for k, v in sizes.items() if isinstance(v, int))))
+        run_key = self._run_key(sizes, only is None)
         verify = self.check and run_key not in self.seen
-        if ("fits",) + run_key not in self.seen:
-            self._check_fits(sizes)
-            self.seen.add(("fits",) + run_key)
+        self._fits_once(sizes, run_key)
         expected = self.shapes.get(run_key)
         if expected is None:
             expected, bound = {}, sum(v is not None for v in sizes.values())
@@ -188,6 +218,8 @@ class Executor:
                     if signature not in self.seen:
                         self.seen.add(signature)
                         fn = _checked(op, kernel)
+                if into and node in into:
+                    call = functools.partial(call, out=into[node])
                 out = run_kernel(node, op, source, fn, call, ins, attrs, p, sizes, self.dtype)
                 if self.check and names is not None:  # a stacked projection has none: its slices do
                     self._check_shape(node, names, out, sizes, source, expected)
@@ -200,16 +232,45 @@ class Executor:
             self.shapes[run_key] = expected  # no node bound a dim the inputs left free
         for st in stacks if capture or only is not None else ():
             values.pop(st.node, None)  # not a node of the graph
-        if only is not None:
-            return {"activations": values}
-        result = {self.graph.nodes[o]["attrs"]["name"]: values[o] for o in self.graph.graph["outputs"]}
-        if self._reread is not None and not all(all_finite(v) for v in result.values() if v.dtype.kind == "f"):
-            validate_params(self.graph, self._reread, reread=True)
-        if capture and "activations" in result:
-            raise InputError("the model has an output named 'activations'; run it without capture=True")
-        if capture:
-            result["activations"] = values
-        return result
+        return values
+
+    def _parts(self, sizes: dict) -> list:
+        """The rows of ``batch`` each part of a run of ``sizes`` takes (see parallel.py)."""
+        if not isinstance(sizes.get("batch"), int) or sizes["batch"] < 2 or self.workers == 1:
+            return ()
+        if not keeps_batch_apart(self.graph):
+            return ()
+        workers = self.workers or min(blas_threads(), usable_cores())
+        key = (workers, tuple(sorted((k, v) for k, v in sizes.items() if isinstance(v, int))))
+        parts = self._split.get(key)
+        if parts is None:
+            parts = self._split[key] = batch_parts(self.plan, sizes, workers)
+        return parts
+
+    def _run_parts(self, values: dict, sizes: dict, parts: list) -> dict:
+        """A plain run as parts of its batch at once, each on its own core: the same numbers
+        as one run of it, each output made in one array (an output whose kernel writes into
+        a given array is written there part by part, the others are joined)."""
+        g = self.graph
+        self._fits_once(sizes, self._run_key(sizes, True))  # the whole batch's outputs are made here
+        self._plan_for(sizes, in_place=True)  # stacks the weights, once, before the parts read them
+        made, into = {}, {}
+        for o in g.graph["outputs"]:
+            producer = arg_nodes(g, o)[0]
+            shape = [size_of(n, sizes) for n in g.nodes[o]["shape"]]
+            if spec(g.nodes[producer]["op"]).kernel.into and None not in shape and producer not in made:
+                made[o] = into[producer] = np.empty(shape, self.dtype)
+        shapes = {n: g.nodes[n]["shape"] for n in values}
+
+        def run_part(rows: tuple) -> dict:
+            lo, hi = rows
+            part = {n: v[lo:hi] if shapes[n][:1] == ("batch",) else v for n, v in values.items()}
+            return self._execute(part, dict(sizes, batch=hi - lo), False, {}, None,
+                                 {p: out[lo:hi] for p, out in into.items()})
+        done = run_parts(run_part, list(parts))
+        return {g.nodes[o]["attrs"]["name"]: made[o] if o in made and all(
+            np.shares_memory(r[o], made[o]) for r in done) else np.concatenate([r[o] for r in done])
+            for o in g.graph["outputs"]}
 
     def _plan_for(self, sizes: dict, in_place: bool) -> tuple[list, list, list]:
         """The run's plan, frees and stacks. The projections of one input are stacked when an
@@ -240,6 +301,14 @@ class Executor:
                 for path, (_, lo, hi) in zip(paths, st.members):
                     params[path] = stacked[lo:hi]
         self._stacked = True
+
+    def _run_key(self, sizes: dict, whole: bool) -> tuple:
+        return ("run", self.dtype.char, whole, tuple(sorted((k, v) for k, v in sizes.items() if isinstance(v, int))))
+
+    def _fits_once(self, sizes: dict, run_key: tuple) -> None:
+        if ("fits",) + run_key not in self.seen:
+            self._check_fits(sizes)
+            self.seen.add(("fits",) + run_key)
 
     def _check_fits(self, sizes: dict) -> None:
         """Before anything is computed: the largest value of this run fits in memory."""

@@ -1,0 +1,263 @@
+"""A batched run as parts of its batch, one part per core: the numbers of one run, bit for
+bit, for every family and for ported NumPy models; never for a graph whose rows meet; BLAS's
+thread count put back whatever happens; a part's error told as one run tells it."""
+
+import importlib.util
+import multiprocessing
+import threading
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import qkvflow as qf
+from qkvflow.ir.errors import ExecutionError, InputError
+from qkvflow.ir.graph import vocabulary_of
+from qkvflow.run import kernels, parallel
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.fixture
+def splits(monkeypatch) -> list:
+    """Every split run's parts, with no least size for a part (a tiny model splits too)."""
+    seen = []
+    run_parts = parallel.run_parts
+
+    def spy(fn, parts):
+        seen.append(list(parts))
+        return run_parts(fn, parts)
+    monkeypatch.setattr(parallel, "MIN_PART_ELEMENTS", 0)
+    monkeypatch.setattr("qkvflow.run.execute.run_parts", spy)
+    return seen
+
+
+def feeds_for(g, batch: int, lengths: dict, seed: int) -> dict:
+    """Token ids for every input, each sequence its own length, a few pads in each row."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for node in g.graph["inputs"]:
+        attrs = g.nodes[node]["attrs"]
+        if "default" in attrs:
+            continue
+        ids = rng.integers(3, vocabulary_of(g, node), (batch, lengths[attrs["shape"][1]]))
+        ids[1::2, -2:] = 0  # padding at the end of every other row
+        feeds[attrs["name"]] = ids
+    return feeds
+
+
+def runs_alike(g, params, feeds, dtype="float64", workers=(2, 3)) -> np.ndarray:
+    """Split runs give one run's numbers: in the same layouts, through the same kernels, to
+    the last bits BLAS may round otherwise for another count of columns (as it does for
+    another batch size)."""
+    one = qf.Executor(g, params, dtype=dtype, workers=1).run(feeds)
+    for n in workers:
+        split = qf.Executor(g, params, dtype=dtype, workers=n).run(feeds)
+        assert split.keys() == one.keys()
+        for name in one:
+            np.testing.assert_allclose(split[name], one[name], rtol=1e-13, atol=1e-13,
+                                       err_msg=f"{name} with {n} workers")
+            assert split[name].flags.c_contiguous and split[name].dtype == one[name].dtype
+    return one["logits"]
+
+
+FAMILIES = ["tiny", "bart-tiny", "t5-tiny", "gpt2-tiny", "llama-tiny", "bert-tiny", "marian-tiny"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("batch, lengths", [(3, (4, 3)), (9, (33, 29))])  # few tokens; 64+ (feature-major)
+def test_a_split_run_gives_the_numbers_of_one_run(splits, name, batch, lengths):
+    g = qf.trace(qf.load_model(name))
+    sequences = sorted(g.graph["sequences"])
+    feeds = feeds_for(g, batch, dict(zip(sequences, lengths)), seed=len(name))
+    logits = runs_alike(g, qf.init_params(g, seed=3), feeds)
+    assert [len(p) for p in splits] == [2, 3]  # both executors split: 2 and 3 parts
+    assert splits[0][-1][1] == batch and logits.shape[0] == batch
+
+
+@pytest.mark.parametrize("example, inputs", [("gpt2_qkvflow", {"ids": (5, 9)}),
+                                             ("transformer_qkvflow", {"src_ids": (5, 8), "tgt_ids": (5, 6)}),
+                                             ("custom_attention", {"src_ids": (5, 8), "tgt_ids": (5, 6)})])
+def test_ported_numpy_models_split_alike(splits, example, inputs):
+    """A model written in plain NumPy (matmul, reduce, transpose, einsum): its rows stay apart too."""
+    g = qf.trace(_load(EXAMPLES / f"{example}.py").model())
+    rng = np.random.default_rng(4)
+    feeds = {k: rng.integers(1, 29 if example != "custom_attention" else 41, shape) for k, shape in inputs.items()}
+    runs_alike(g, qf.init_params(g, seed=5), feeds, workers=(2,))
+    assert splits
+
+
+def _load(path: Path, replace: tuple = ()):
+    source = path.read_text()
+    for old, new in replace:
+        assert old in source, old
+        source = source.replace(old, new)
+    spec = importlib.util.spec_from_loader(f"variant_{abs(hash(source))}", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    exec(compile(source, str(path), "exec"), module.__dict__)
+    return module
+
+
+MIXING = {  # one line of the GPT-2 port changed so that a batch's rows meet
+    "softmax over the batch": [("x.max(axis=-1, keepdims=True)", "x.max(axis=0, keepdims=True)"),
+                               ("e.sum(axis=-1, keepdims=True)", "e.sum(axis=0, keepdims=True)")],
+    "norm over batch and features": [("mean = x.mean(axis=-1, keepdims=True)",
+                                      "mean = x.mean(axis=(0, -1), keepdims=True)")],
+    "embeddings summed down the batch": [("x = wte[ids] + wpe[:T]", "x = np.cumsum(wte[ids] + wpe[:T], axis=0)")],
+}
+
+
+@pytest.mark.parametrize("change", MIXING)
+def test_a_model_whose_rows_meet_is_never_split(splits, change):
+    g = qf.trace(_load(EXAMPLES / "gpt2_qkvflow.py", MIXING[change]).model())
+    assert not parallel.keeps_batch_apart(g)
+    params = qf.init_params(g, seed=6)
+    ids = np.random.default_rng(8).integers(1, 29, (6, 9))
+    one = qf.Executor(g, params, workers=1).run({"ids": ids})["logits"]
+    halves = [qf.Executor(g, params, workers=1).run({"ids": part})["logits"] for part in (ids[:3], ids[3:])]
+    assert not np.allclose(np.concatenate(halves), one)  # run apart, the rows would give other numbers
+    np.testing.assert_array_equal(qf.Executor(g, params, workers=2).run({"ids": ids})["logits"], one)
+    assert splits == []
+
+
+@pytest.mark.parametrize("equation, batched, apart", [
+    ("bhtd,bhsd->bhts", [True, True], True), ("btd,de->bte", [True, False], True),
+    ("bd,bd->d", [True, True], False), ("btd,ctd->bc", [True, True], False),
+    ("btd,bd->tb", [True, True], False), ("...d,de->...e", [True, False], False),
+    ("btd,be->bte", [True, False], False)])
+def test_einsum_keeps_the_batch_apart_only_when_its_letter_leads_every_batched_term(equation, batched, apart):
+    assert parallel._einsum_keeps_batch(equation, batched) is apart
+
+
+def test_small_runs_stay_one_part_and_large_ones_split_by_default():
+    tiny = qf.trace(qf.load_model("tiny"))
+    assert parallel.batch_parts(_plan(tiny), dict(tiny.graph["dims"], batch=8, src=16, tgt=16), 2) == [(0, 8)]
+    big = qf.trace(qf.load_model("vaswani-base"))
+    sizes = dict(big.graph["dims"], batch=8, src=64, tgt=64)
+    assert parallel.batch_parts(_plan(big), sizes, 2) == [(0, 4), (4, 8)]
+    assert parallel.batch_parts(_plan(big), dict(sizes, batch=4), 2) == [(0, 4)]  # 2 x 64 a part: too little
+    assert parallel.batch_parts(_plan(big), dict(sizes, batch=11), 3) == [(0, 4), (4, 8), (8, 11)]
+    assert parallel.batch_parts(_plan(big), dict(sizes, batch=1), 2) == [(0, 1)]
+    assert parallel.batch_parts(_plan(big), sizes, 1) == [(0, 8)]
+
+
+def _plan(g):
+    from qkvflow.run.plan import steps
+    return steps(g)
+
+
+def test_a_split_keeps_every_value_in_its_layout(splits):
+    """6 x 11 tokens are laid out feature by feature (64+), a part of 3 x 11 would not be:
+    the run stays whole rather than give other bits."""
+    g = qf.trace(qf.load_model("tiny"))
+    ex = qf.Executor(g, qf.init_params(g, seed=0), workers=2)
+    ex.run(feeds_for(g, 6, {"src": 11, "tgt": 12}, seed=1))
+    assert splits == []
+    ex.run(feeds_for(g, 6, {"src": 22, "tgt": 22}, seed=1))
+    assert splits == [[(0, 3), (3, 6)]]
+
+
+def _vaswani_float32():
+    cfg = qf.preset("vaswani-base")
+    g = qf.trace(qf.load_model(cfg))
+    rng = np.random.default_rng(0)
+    feeds = {"src_ids": rng.integers(3, cfg.vocab, (8, 64)), "tgt_ids": rng.integers(3, cfg.vocab, (8, 64))}
+    return g, qf.init_params(g, seed=0, dtype="float32"), feeds
+
+
+def test_vaswani_base_at_the_benchmarks_size_splits_alike_and_writes_the_logits_once(monkeypatch):
+    seen = []
+    run_parts = parallel.run_parts
+    monkeypatch.setattr("qkvflow.run.execute.run_parts", lambda fn, parts: seen.append(parts) or run_parts(fn, parts))
+    g, params, feeds = _vaswani_float32()
+    one = qf.Executor(g, params, dtype="float32", workers=1).run(feeds)["logits"]
+    ex = qf.Executor(g, params, dtype="float32", workers=2)
+    ex.run(feeds)  # the first run stacks the weights
+    tracemalloc.start()
+    split = ex.run(feeds)["logits"]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert seen == [[(0, 4), (4, 8)]] * 2
+    np.testing.assert_array_equal(split, one)
+    # each part's logits are written into the whole batch's array: not a second copy joined
+    assert peak < 1.3 * split.nbytes, (peak, split.nbytes)
+
+
+def _blas_threads() -> int:
+    return parallel.blas_threads()
+
+
+def test_blas_threads_come_back_after_split_runs_failing_parts_and_runs_from_two_threads(splits):
+    from threadpoolctl import threadpool_limits
+    g = qf.trace(qf.load_model("tiny"))
+    params = qf.init_params(g, seed=0)
+    feeds = feeds_for(g, 6, {"src": 9, "tgt": 7}, seed=2)
+    with threadpool_limits(2, user_api="blas"):
+        before = _blas_threads()
+        ex = qf.Executor(g, params, workers=2)
+        ex.run(feeds)
+        assert _blas_threads() == before == 2
+        errors = []
+
+        def user_thread():
+            try:
+                for _ in range(5):
+                    qf.Executor(g, params, workers=2).run(feeds)
+            except Exception as err:  # pragma: no cover - reported below
+                errors.append(err)
+        threads = [threading.Thread(target=user_thread) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == [] and _blas_threads() == 2
+        broken = qf.Executor(g, params, workers=2)
+        broken.params["decoder.layers.0.linear1.weight"] = broken.params["decoder.layers.0.linear1.weight"][:, :5]
+        with pytest.raises(ExecutionError) as split_error:
+            broken.run(feeds)
+        assert _blas_threads() == 2
+    broken.workers = 1
+    with pytest.raises(ExecutionError) as one_error:
+        broken.run(feeds)
+    assert str(split_error.value).split(":")[0] == str(one_error.value).split(":")[0]
+    assert "decoder.layers.0.linear1" in str(split_error.value)
+
+
+def _split_run_in_child(queue) -> None:
+    g = qf.trace(qf.load_model("tiny"))
+    parallel.MIN_PART_ELEMENTS = 0
+    out = qf.Executor(g, qf.init_params(g, seed=0), workers=2).run(feeds_for(g, 4, {"src": 5, "tgt": 4}, 0))
+    queue.put(out["logits"].shape)
+
+
+def test_a_forked_child_runs_split_runs_of_its_own(splits):
+    g = qf.trace(qf.load_model("tiny"))
+    qf.Executor(g, qf.init_params(g, seed=0), workers=2).run(feeds_for(g, 4, {"src": 5, "tgt": 4}, 0))
+    assert splits  # the parent's pool has threads a forked child does not
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_split_run_in_child, args=(queue,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) == (4, 4, 41)
+
+
+@pytest.mark.parametrize("bad", [0, -2, True, 1.5, "2"])
+def test_workers_must_be_a_whole_number_of_cores(bad):
+    g = qf.trace(qf.load_model("tiny"))
+    with pytest.raises(InputError, match=f"workers must be a whole number of cores, 1 or more, got {bad!r}"):
+        qf.Executor(g, qf.init_params(g, seed=0), workers=bad)
+
+
+@pytest.mark.parametrize("tokens", [(2, 3), (4, 20)])  # few tokens: linear's path; 64+: one product into out
+def test_unembed_writes_the_logits_into_the_array_it_is_given(tokens):
+    x = np.arange(np.prod(tokens) * 2, dtype=np.float64).reshape(*tokens, 2) / 10
+    weight = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, -1.0]])
+    bias = np.array([0.5, 0.0, -0.5])
+    out = np.full((*tokens, 3), np.nan)
+    got = kernels.unembed(x, weight, bias, out)
+    assert got is out
+    np.testing.assert_array_equal(out[0, 1], [x[0, 1, 0] + 0.5, x[0, 1, 1], x[0, 1, 0] - x[0, 1, 1] - 0.5])
+    np.testing.assert_array_equal(out, kernels.unembed(x, weight, bias))
