@@ -6,13 +6,15 @@ vaswani-base. Peer: torch.nn.TransformerEncoder/Decoder layers carrying the same
 (``qkvflow.interop.torch_export``). Contenders are interleaved with a 0.2 s pause between
 libraries; checked and unchecked runs are interleaved too, one executor with its checks
 turned on and off (two executors of the same weights differed by up to 5 % here,
-measured A/A in one process). A second peer at float32
-batch 8: the same model written by hand in plain NumPy as lean as NumPy allows
-(``plain_numpy.py``), the floor for an executor in NumPy. Also: the share of NumPy's
-sgemm peak the batch-8 forward's GEMMs reach, the peak being a 2048^3 product timed
-interleaved with the forwards (median over median, and best over best), and the same
-share of the forward's matrix products alone on the operands a run gives them (the
-ceiling for any NumPy forward of the model: its non-GEMM work takes the rest); a forward's
+measured A/A in one process), and so is the same executor running the batch as one part
+(``workers=1``) where by default it runs a part on each core (run/parallel.py). A second
+peer at float32 batch 8: the same model written by hand in plain NumPy as lean as NumPy
+allows (``plain_numpy.py``), the floor for a forward in NumPy run as one stream. Also: the
+share of NumPy's sgemm peak the batch-8 forward's GEMMs reach, the peak being a 2048^3
+product timed interleaved with the forwards (median over median, and best over best),
+and the same share of the forward's matrix products alone, one after the other, on the
+operands a run gives them (the ceiling for a forward run as one stream: its non-GEMM
+work takes the rest); a forward's
 peak memory against the largest set of values it must keep at once; the CPU share
 other processes took. Ratios to torch and runtime checks' cost are also given paired:
 the median over rounds of one contender's sample over the other's in the same round; the
@@ -163,12 +165,13 @@ def main() -> None:
         ts, tt = torch.from_numpy(src), torch.from_numpy(tgt)
         got = ex.run(feeds)["logits"]
 
-        def qkvflow(check: bool):
+        def qkvflow(check: bool, workers=None):
             def run():
-                ex.check = check
+                ex.check, ex.workers = check, workers
                 ex.run(feeds)
             return run
-        contenders = {"qkvflow": qkvflow(True), "torch": lambda: fwd(ts, tt), "qkvflow_unchecked": qkvflow(False)}
+        contenders = {"qkvflow": qkvflow(True), "torch": lambda: fwd(ts, tt), "qkvflow_unchecked": qkvflow(False),
+                      "qkvflow_one_part": qkvflow(True, workers=1)}
         entry = results[f"vaswani-base b8 64+64 {dtype}"] = {
             "max_abs_diff_vs_torch": float(np.abs(got - fwd(ts, tt)).max())}
         if dtype == "float32":
@@ -185,7 +188,9 @@ def main() -> None:
                       "ratio_qkvflow_over_torch_paired": paired(runs["qkvflow"], runs["torch"]),
                       "check_overhead_median": round(q / statistics.median(runs["qkvflow_unchecked"]) - 1, 4),
                       "check_overhead_paired": round(paired(runs["qkvflow"], runs["qkvflow_unchecked"]) - 1, 3),
-                      "check_overhead_timed_alone": round(shape_checks_ms(ex, feeds) / 1e3 / q, 5)})
+                      "check_overhead_timed_alone": round(shape_checks_ms(ex, feeds) / 1e3 / q, 5),
+                      "parts": [list(p) for p in ex._parts(dict(g.graph["dims"], batch=8, src=64, tgt=64))],
+                      "ratio_parts_over_one_part_paired": paired(runs["qkvflow"], runs["qkvflow_one_part"])})
         if dtype == "float32":
             flops, peak_flops = gemm_flops(cfg, 8, 64, 64), 2 * PEAK_N ** 3
             peak, best_peak = peak_flops / statistics.median(runs["sgemm_2048"]), peak_flops / min(runs["sgemm_2048"])
@@ -193,7 +198,7 @@ def main() -> None:
             entry["ratio_qkvflow_over_plain_numpy"] = round(q / statistics.median(runs["plain_numpy"]), 3)
             entry["ratio_qkvflow_over_plain_numpy_best_over_best"] = round(
                 min(runs["qkvflow"]) / min(runs["plain_numpy"]), 3)
-            for name in ("qkvflow", "torch", "plain_numpy", "products_only"):
+            for name in ("qkvflow", "qkvflow_one_part", "torch", "plain_numpy", "products_only"):
                 entry[f"share_of_sgemm_peak_{name}"] = {
                     "median_over_median": round(flops / statistics.median(runs[name]) / peak, 3),
                     "best_over_best": round(flops / min(runs[name]) / best_peak, 3)}
