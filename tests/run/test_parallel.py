@@ -105,6 +105,8 @@ MIXING = {  # one line of the GPT-2 port changed so that a batch's rows meet
     "norm over batch and features": [("mean = x.mean(axis=-1, keepdims=True)",
                                       "mean = x.mean(axis=(0, -1), keepdims=True)")],
     "embeddings summed down the batch": [("x = wte[ids] + wpe[:T]", "x = np.cumsum(wte[ids] + wpe[:T], axis=0)")],
+    "a triangle over batch and positions": [("T = ids.shape[-1]", "T = ids.shape[-1]; ids = np.tril(ids)")],
+    "the batch's rows summed into one": [("x = wte[ids] + wpe[:T]", "x = wte[ids] + wpe[:T] + wte[ids].sum(axis=0)")],
 }
 
 
@@ -249,3 +251,8 @@ def test_workers_must_be_a_whole_number_of_cores(bad):
     g = qf.trace(qf.load_model("tiny"))
     with pytest.raises(InputError, match=f"workers must be a whole number of cores, 1 or more, got {bad!r}"):
         qf.Executor(g, qf.init_params(g, seed=0), workers=bad)
+
+
+def test_the_split_keeps_to_the_kernels_and_executors_own_threshold():
+    from qkvflow.run import execute, kernels
+    assert parallel.THRESHOLD == kernels._FEW_ROWS == execute._STACK_ROWS

@@ -21,7 +21,7 @@ from ..ir.dims import describe_shape, size_of
 from ..ir.dtypes import run_dtype
 from ..ir.errors import ExecutionError, InputError, ParamError, QkvflowError
 from ..ir.graph import arg_nodes, expect_graph, param_path, position_limit, vocabulary_of
-from .parallel import batch_parts, blas_threads, keeps_batch_apart, run_parts, usable_cores
+from .parallel import batch_parts, blas_threads, keeps_batch_apart, leads_with_batch, run_parts, usable_cores
 from .params import all_finite, check_fits, validate_params
 from .plan import fast_plan, steps
 
@@ -254,7 +254,7 @@ class Executor:
         self._plan_for(sizes, in_place=True)  # stacks the weights, once, before the parts read them
         made = {arg_nodes(g, o)[0] for o in g.graph["outputs"]}
         whole = {n for n in made if g.nodes[n]["op"] in WHOLE_BATCH} | set(g.graph["outputs"])
-        batched = {n for n in g if g.nodes[n]["shape"][:1] == ("batch",)}
+        batched = {n for n in g if leads_with_batch(g.nodes[n]["shape"])}
 
         def run_part(rows: tuple) -> dict:
             lo, hi = rows

@@ -11,25 +11,28 @@ forward uses every core.
   alone, read off the named shapes of its values (``batch`` leads each value it is in)
   and the axes its ops work along;
 * :func:`batch_parts` — the parts a run of these sizes is split into: none unless
-  each part keeps every value on the same side of the kernels' layout and stacking
-  thresholds, so a split run gives the numbers of an unsplit one, bit for bit;
+  each part is work enough, and keeps every value on the side of the kernels' layout
+  and stacking threshold its unsplit run has it on, so the parts take the kernels' paths
+  of one run (the numbers are one run's, to the last bits BLAS may round otherwise for
+  another count of columns, as it does for another batch size);
 * :func:`run_parts` — the parts on a thread pool, BLAS on one thread meanwhile.
+
+The executor then makes the outputs that are products (the logits) on the whole batch,
+BLAS on every core (``execute.Executor._run_parts``).
 """
 
 import math
 import os
 import threading
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 
 import networkx as nx
 
 from ..ir.dims import factors, size_of
 from ..ir.graph import arg_nodes
 from ..ir.ops import spec
-from .kernels import _FEW_ROWS, LAYOUT_BY_TOKENS
 
-__all__ = ["batch_parts", "blas_threads", "keeps_batch_apart", "run_parts", "usable_cores"]
+__all__ = ["batch_parts", "blas_threads", "keeps_batch_apart", "leads_with_batch", "run_parts", "usable_cores"]
 
 BATCH = "batch"
 # The mean size (elements) of the values a part's computing steps make, from which a run
@@ -38,10 +41,10 @@ BATCH = "batch"
 # over unsplit, checks on: vaswani-base parts of 4 x 64 tokens (a mean of 198k) 0.91x;
 # 2 x 64 (99k) 1.06x; 4 x 32 (90k) 1.03x; 1 x 128 (117k) 0.97x; tiny 16 x 64 (69k) 1.07x.
 MIN_PART_ELEMENTS = 2 ** 17
-# The token counts at which the kernels change layout and the executor stacks projections
+# The token count at which the kernels change layout and the executor stacks projections
 # (kernels._FEW_ROWS, execute._STACK_ROWS): a split keeps the values of those kernels on
-# the side of each its unsplit run has them on.
-THRESHOLDS = (_FEW_ROWS,)
+# the side of it its unsplit run has them on.
+THRESHOLD = 64
 
 _APART: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 # Ops whose every input and result carries ``batch`` first, each result row computed
@@ -49,6 +52,7 @@ _APART: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _AXIS_OPS = {"softmax", "slice", "pick", "reverse", "cumsum", "roll", "prefix", "repeat", "split_part", "concat",
              "reduce"}
 _BROADCASTING = {"elementwise", "add", "mask", "where", "matmul"}
+_SHAPE_ONLY = {"causal_mask", "relative_bias"}  # read only the lengths of batched inputs
 _NO_AXIS_OPS = {"input", "output", "embed", "positional", "linear", "split_heads", "merge_heads", "scores",
                 "mask", "attend", "add", "norm", "activation", "padding_mask", "causal_mask", "unembed",
                 "rotary", "relative_bias", "elementwise", "where", "reshape", "transpose", "tril", "triu",
@@ -59,7 +63,7 @@ def _has_batch(names: tuple) -> bool:
     return any(BATCH in factors(n) for n in names)
 
 
-def _leads(names: tuple) -> bool:
+def leads_with_batch(names: tuple) -> bool:
     """``batch`` is the leading axis, alone or as the outer factor of a flattened one."""
     return bool(names) and factors(names[0])[:1] == (BATCH,)
 
@@ -79,9 +83,11 @@ def _row_wise(g: nx.MultiDiGraph) -> bool:
     shapes = {n: tuple(d.get("shape") or ()) for n, d in g.nodes(data=True)}
     if not all(shapes[o][:1] == (BATCH,) for o in g.graph["outputs"]):
         return False
+    if any(_has_batch(shapes[n]) and shapes[n][:1] != (BATCH,) for n in g.graph["inputs"]):
+        return False  # an input is cut into parts along its first axis
     for node, d in g.nodes(data=True):
         names, op, attrs = shapes[node], d["op"], d["attrs"]
-        if _has_batch(names) and not _leads(names):
+        if _has_batch(names) and not leads_with_batch(names):
             return False
         if op == "arange" and _has_batch(names):
             return False  # 0..batch-1 in every part, not the part's own rows
@@ -89,6 +95,10 @@ def _row_wise(g: nx.MultiDiGraph) -> bool:
         batched = [x for x in ins if _has_batch(x)]
         if not batched:
             continue
+        if not _has_batch(names) and op not in _SHAPE_ONLY:
+            return False  # the rows made into a value of no batch: summed, or cut to a fixed size
+        if op in ("tril", "triu") and len(batched[0]) < 3:
+            return False  # the batch is one of the two axes the triangle is taken over
         if op in _BROADCASTING and any(len(x) != len(names) for x in batched):
             return False  # a lower-rank operand would broadcast its batch along another axis
         if op in _AXIS_OPS:
@@ -178,7 +188,7 @@ class _OneBlasThread:
                 _limiter = None
 
 
-_pool: ThreadPoolExecutor | None = None
+_pool = None  # a concurrent.futures.ThreadPoolExecutor
 _pool_lock = threading.Lock()
 
 
@@ -192,10 +202,13 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_in_child)
 
 
-def _workers_pool(n: int) -> ThreadPoolExecutor:
+def _workers_pool(n: int):
+    from concurrent.futures import ThreadPoolExecutor
     global _pool
     with _pool_lock:
         if _pool is None or _pool._max_workers < n:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
             _pool = ThreadPoolExecutor(n, thread_name_prefix="qkvflow-part")
         return _pool
 
@@ -204,7 +217,7 @@ def batch_parts(plan: list, sizes: dict, workers: int) -> list[tuple[int, int]]:
     """The rows ``(lo, hi)`` of ``batch`` each part of a run of ``sizes`` takes: one part
     (no split) unless ``workers`` > 1, the values each part computes average
     MIN_PART_ELEMENTS, and every value of ``plan`` (the run's steps) laid out by its count
-    of tokens has it on the same side of each of THRESHOLDS in every part as in the whole
+    of tokens has it on the same side of THRESHOLD in every part as in the whole
     run: the parts take the same kernels' paths, and the stacked products, as one run."""
     batch = sizes.get(BATCH)
     if not isinstance(batch, int) or workers < 2 or batch < 2:
@@ -236,6 +249,7 @@ def _enough_work(plan: list, part: dict) -> bool:
 
 
 def _same_sides(plan: list, whole: dict, part: dict) -> bool:
+    from .kernels import LAYOUT_BY_TOKENS
     for step in plan:
         names = step[5]
         if step[1] not in LAYOUT_BY_TOKENS or not names or not _has_batch(names):
@@ -243,7 +257,7 @@ def _same_sides(plan: list, whole: dict, part: dict) -> bool:
         a, b = _tokens(names, whole), _tokens(names, part)
         if a is None or b is None:
             return False  # a dim the run binds as it goes: not known beforehand
-        if any((a >= t) != (b >= t) for t in THRESHOLDS):
+        if (a >= THRESHOLD) != (b >= THRESHOLD):
             return False
     return True
 
