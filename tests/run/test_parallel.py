@@ -1,6 +1,8 @@
-"""A batched run as parts of its batch, one part per core: the numbers of one run, bit for
-bit, for every family and for ported NumPy models; never for a graph whose rows meet; BLAS's
-thread count put back whatever happens; a part's error told as one run tells it."""
+"""A batched run as parts of its batch, one part per core: one run's numbers for every
+family, ported NumPy models and models of several outputs (bit for bit where each part's
+products have whole blocks of columns, as at the benchmark's size); never for a graph whose
+rows meet; BLAS's thread count put back whatever happens; a part's error told as one run
+tells it."""
 
 import importlib.util
 import multiprocessing
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 
 import qkvflow as qf
+from qkvflow import nn
 from qkvflow.ir.errors import ExecutionError, InputError
 from qkvflow.ir.graph import vocabulary_of
 from qkvflow.run import parallel
@@ -21,7 +24,8 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 @pytest.fixture
 def splits(monkeypatch) -> list:
-    """Every split run's parts, with no least size for a part (a tiny model splits too)."""
+    """Every split run's parts, with no least size for a part (a tiny model splits too) and
+    4 cores to split over (parts beyond the pool's threads wait their turn)."""
     seen = []
     run_parts = parallel.run_parts
 
@@ -30,6 +34,7 @@ def splits(monkeypatch) -> list:
         return run_parts(fn, parts)
     monkeypatch.setattr(parallel, "MIN_PART_ELEMENTS", 0)
     monkeypatch.setattr("qkvflow.run.execute.run_parts", spy)
+    monkeypatch.setattr("qkvflow.run.execute.usable_cores", lambda: 4)  # 3 parts on any machine
     return seen
 
 
@@ -222,15 +227,42 @@ def test_blas_threads_come_back_after_split_runs_failing_parts_and_runs_from_two
     broken.workers = 1
     with pytest.raises(ExecutionError) as one_error:
         broken.run(feeds)
-    assert str(split_error.value).split(":")[0] == str(one_error.value).split(":")[0]
+    assert str(split_error.value) == str(one_error.value)  # told of the whole batch, not of a part
     assert "decoder.layers.0.linear1" in str(split_error.value)
+    assert len(splits) == 1 + 10 + 1
+
+
+def test_an_error_in_one_part_alone_is_raised_and_the_other_part_awaited(splits, monkeypatch):
+    """The pool thread's part (rows 0-2 of 5) fails, the caller's part (3-4) does not."""
+    from qkvflow.run import execute
+    g = qf.trace(qf.load_model("tiny"))
+    feeds = feeds_for(g, 5, {"src": 4, "tgt": 3}, seed=3)
+    run_kernel = execute.run_kernel
+    ended = []
+
+    def failing(node, op, source, fn, call, ins, *rest, **kw):
+        if op == "softmax" and ins[0].shape[0] == 3 and threading.current_thread() is not threading.main_thread():
+            raise ExecutionError(f"node {node} failed in the first part")
+        out = run_kernel(node, op, source, fn, call, ins, *rest, **kw)
+        if op == "unembed" or (op == "softmax" and ins[0].shape[0] == 2):
+            ended.append(ins[0].shape[0])
+        return out
+    monkeypatch.setattr(execute, "run_kernel", failing)
+    before = _blas_threads()
+    with pytest.raises(ExecutionError, match="failed in the first part"):
+        qf.Executor(g, qf.init_params(g, seed=0), workers=2).run(feeds)
+    assert splits == [[(0, 3), (3, 5)]]
+    assert 2 in ended  # the caller's part ran on; the whole batch then ran without the failure
+    assert _blas_threads() == before
 
 
 def _split_run_in_child(queue) -> None:
+    from qkvflow.run import execute
     g = qf.trace(qf.load_model("tiny"))
-    parallel.MIN_PART_ELEMENTS = 0
+    split = []
+    execute.run_parts = lambda fn, parts: split.append(parts) or parallel.run_parts(fn, parts)
     out = qf.Executor(g, qf.init_params(g, seed=0), workers=2).run(feeds_for(g, 4, {"src": 5, "tgt": 4}, 0))
-    queue.put(out["logits"].shape)
+    queue.put((out["logits"].shape, split, parallel.blas_threads()))
 
 
 def test_a_forked_child_runs_split_runs_of_its_own(splits):
@@ -243,7 +275,7 @@ def test_a_forked_child_runs_split_runs_of_its_own(splits):
     child.start()
     child.join(60)
     assert child.exitcode == 0
-    assert queue.get(timeout=5) == (4, 4, 41)
+    assert queue.get(timeout=5) == ((4, 4, 41), [[(0, 2), (2, 4)]], parallel.blas_threads())
 
 
 @pytest.mark.parametrize("bad", [0, -2, True, 1.5, "2"])
@@ -256,3 +288,87 @@ def test_workers_must_be_a_whole_number_of_cores(bad):
 def test_the_split_keeps_to_the_kernels_and_executors_own_threshold():
     from qkvflow.run import execute, kernels
     assert parallel.THRESHOLD == kernels._FEW_ROWS == execute._STACK_ROWS
+
+
+def _lm(kind: str) -> qf.Model:
+    """An embedding, a norm and the logits, with a second output of the kinds a split run's
+    tail (the logits made on the whole batch) must not break."""
+    dims = {"batch": None, "seq": None, "d_model": 6, "vocab": 11, "max_positions": 9}
+
+    def build():
+        ids = nn.input("ids", ("batch", "seq"))
+        with qf.scope("lm", stream="lm"):
+            x = nn.norm(nn.embed(ids), name="norm")
+        logits = nn.unembed(x)
+        second = {"relu of what the logits read": lambda: {"feats": nn.activation(x, "relu")},
+                  "softmax of the logits": lambda: {"probs": nn.softmax(logits)},
+                  "what the logits read": lambda: {"hidden": x},
+                  "none": dict}[kind]()
+        return {"logits": logits, **second}
+    return qf.Model(f"lm-{kind}", dims, build, sequences={"seq": "causal"}, streams=("lm",))
+
+
+@pytest.mark.parametrize("kind, tail", [("none", {"unembed"}), ("relu of what the logits read", set()),
+                                        ("softmax of the logits", set()), ("what the logits read", set())])
+def test_models_of_several_outputs_split_alike(splits, kind, tail):
+    g = qf.trace(_lm(kind))
+    assert {n.rsplit(".", 1)[-1] for n in parallel.tail_products(g)} == tail
+    ids = np.random.default_rng(1).integers(1, 11, (6, 7))
+    one = qf.Executor(g, qf.init_params(g, seed=2), workers=1).run({"ids": ids})
+    split = qf.Executor(g, qf.init_params(g, seed=2), workers=2).run({"ids": ids})
+    assert splits and split.keys() == one.keys()
+    for name in one:
+        np.testing.assert_allclose(split[name], one[name], rtol=1e-13, atol=1e-13, err_msg=name)
+
+
+def test_attention_across_the_batch_keeps_a_graph_whole():
+    """Pooled vectors (batch, d) attending to each other: scores (batch, batch)."""
+    dims = {"batch": None, "seq": None, "d_model": 6, "vocab": 11, "max_positions": 9}
+
+    def build():
+        ids = nn.input("ids", ("batch", "seq"))
+        with qf.scope("lm", stream="lm"):
+            x = nn.norm(nn.embed(ids), name="norm")
+            pooled = x.mean(axis=1)
+            mixed = nn.attend(nn.softmax(nn.scores(pooled, pooled, 1.0)), pooled)
+        return {"logits": nn.unembed(x + mixed[:, None, :])}
+    g = qf.trace(qf.Model("pooled", dims, build, sequences={"seq": "bidirectional"}, streams=("lm",)))
+    assert not parallel.keeps_batch_apart(g)
+
+
+@pytest.mark.skipif(parallel.usable_cores() < 2, reason="one usable core: nothing to split over")
+def test_by_default_a_run_takes_as_many_cores_as_blas_would():
+    from threadpoolctl import threadpool_limits
+    big = qf.trace(qf.load_model("vaswani-base"))
+    sizes = dict(big.graph["dims"], batch=8, src=64, tgt=64)
+
+    class Bare(qf.Executor):
+        def __init__(self, g):  # the split's decision alone: no weights
+            self.graph, self.plan, self.workers, self._split = g, _plan(g), None, {}
+    with threadpool_limits(2, user_api="blas"):
+        assert Bare(big)._parts(sizes) == [(0, 4), (4, 8)]
+    with threadpool_limits(1, user_api="blas"):  # NumPy held to one thread: so is the run
+        assert Bare(big)._parts(sizes) == [(0, 8)]
+
+
+def test_two_threads_splitting_runs_with_other_worker_counts_at_once(splits):
+    g = qf.trace(qf.load_model("tiny"))
+    params = qf.init_params(g, seed=0)
+    feeds = feeds_for(g, 6, {"src": 9, "tgt": 7}, seed=4)
+    want = qf.Executor(g, params, workers=1).run(feeds)["logits"]
+    got, errors = {}, []
+
+    def user(n):
+        try:
+            for i in range(4):
+                got[n, i] = qf.Executor(g, params, workers=n).run(feeds)["logits"]
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+    threads = [threading.Thread(target=user, args=(n,)) for n in (2, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(got) == 8
+    for logits in got.values():
+        np.testing.assert_allclose(logits, want, rtol=1e-13, atol=1e-13)

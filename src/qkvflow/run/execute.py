@@ -21,7 +21,8 @@ from ..ir.dims import describe_shape, size_of
 from ..ir.dtypes import run_dtype
 from ..ir.errors import ExecutionError, InputError, ParamError, QkvflowError
 from ..ir.graph import arg_nodes, expect_graph, param_path, position_limit, vocabulary_of
-from .parallel import batch_parts, blas_threads, keeps_batch_apart, leads_with_batch, run_parts, usable_cores
+from .parallel import (batch_parts, blas_threads, keeps_batch_apart, leads_with_batch, run_parts,
+                       tail_products, usable_cores)
 from .params import all_finite, check_fits, validate_params
 from .plan import fast_plan, steps
 
@@ -35,7 +36,6 @@ _CHECKED: dict = {}
 # dim (so a later run with the same input sizes must produce exactly these).
 _SHAPES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _STACK_ROWS = 64  # tokens from which the projections of one input are computed as one product
-WHOLE_BATCH = {"unembed", "linear"}  # making an output, run on the whole batch after its parts (_run_parts)
 
 
 def run_kernel(node: str, op: str, source: str, fn, call, ins: list, attrs: dict, params: dict, sizes: dict,
@@ -164,7 +164,11 @@ class Executor:
         plain = not (capture or initial or only is not None)
         parts = self._parts(sizes) if plain else ()
         if len(parts) > 1:
-            result = self._run_parts(values, sizes, parts)
+            try:
+                result = self._run_parts(values, sizes, parts)
+            except QkvflowError:  # told of the whole batch, as one run tells it
+                self._execute(values, sizes, False, {}, None)
+                raise
         else:
             values = self._execute(values, sizes, capture, initial, only)
             if only is not None:
@@ -179,10 +183,11 @@ class Executor:
         return result
 
     def _execute(self, values: dict, sizes: dict, capture: bool, initial: dict, only: set | None,
-                 skip: set = frozenset()) -> dict:
+                 skip: set = frozenset(), record: bool = True) -> dict:
         """The plan's steps on the bound inputs ``values``: every value kept (``capture``,
         ``initial``, ``only``) or each freed after its last read. ``skip``: nodes not computed
-        (what they read is then kept)."""
+        (a split run's tail: see _run_parts). ``record``: remember a run of these sizes as
+        verified (not for a tail, whose few steps leave the others unverified)."""
         params = self.params
         plan, freed, stacks = self._plan_for(sizes, in_place=not (capture or initial or only is not None))
         skipped = ()
@@ -223,9 +228,10 @@ class Executor:
             values[node] = out
             for u in freed[i] if freed else ():
                 del values[u]  # read for the last time: its memory goes back now
-        if verify and not initial:
+        if verify and not initial and not skip and record:
             self.seen.add(run_key)
-        if self.check and run_key not in self.shapes and sum(v is not None for v in sizes.values()) == bound:
+        if (self.check and not skip and record and run_key not in self.shapes
+                and sum(v is not None for v in sizes.values()) == bound):
             self.shapes[run_key] = expected  # no node bound a dim the inputs left free
         for st in stacks if capture or only is not None else ():
             values.pop(st.node, None)  # not a node of the graph
@@ -237,7 +243,7 @@ class Executor:
             return ()
         if not keeps_batch_apart(self.graph):
             return ()
-        workers = self.workers or min(blas_threads(), usable_cores())
+        workers = min(self.workers or blas_threads(), usable_cores())
         key = (workers, tuple(sorted((k, v) for k, v in sizes.items() if isinstance(v, int))))
         parts = self._split.get(key)
         if parts is None:
@@ -246,25 +252,28 @@ class Executor:
 
     def _run_parts(self, values: dict, sizes: dict, parts: list) -> dict:
         """A plain run as parts of its batch at once, each on its own core, then the products
-        that make outputs (the logits) on the whole batch: one product over every token with
-        BLAS on every core is faster than a part's on one (measured: 144 against 128 GFLOP/s
-        here for vaswani-base's), and makes the output in one array, not parts to join."""
+        that make outputs alone (the logits: ``tail_products``) on the whole batch: one
+        product over every token with BLAS on every core is faster than a part's on one
+        (144 against 128 GFLOP/s here for vaswani-base's) and makes the output in one array.
+        Other outputs are the parts' joined."""
         g = self.graph
         self._fits_once(sizes, self._run_key(sizes, True))
         self._plan_for(sizes, in_place=True)  # stacks the weights, once, before the parts read them
-        made = {arg_nodes(g, o)[0] for o in g.graph["outputs"]}
-        whole = {n for n in made if g.nodes[n]["op"] in WHOLE_BATCH} | set(g.graph["outputs"])
+        outputs = g.graph["outputs"]
+        tail = tail_products(g)
+        tail |= {o for o in outputs if arg_nodes(g, o)[0] in tail}
         batched = {n for n in g if leads_with_batch(g.nodes[n]["shape"])}
 
         def run_part(rows: tuple) -> dict:
             lo, hi = rows
             part = {n: v[lo:hi] if n in batched else v for n, v in values.items()}
-            return self._execute(part, dict(sizes, batch=hi - lo), False, {}, None, skip=whole)
+            return self._execute(part, dict(sizes, batch=hi - lo), False, {}, None, skip=tail)
         done = run_parts(run_part, list(parts))
-        joined = {n: np.concatenate([d[n] for d in done]) if n in batched else done[0][n]
-                  for n in {u for n in whole for u in arg_nodes(g, n)} - whole}
-        out = self._execute(joined, dict(sizes), False, {}, whole)
-        return {g.nodes[o]["attrs"]["name"]: out[o] for o in g.graph["outputs"]}
+        read = {u for n in tail for u in arg_nodes(g, n)} - tail  # what the tail reads: the parts' rows
+        made = self._execute({u: np.concatenate([d[u] for d in done]) for u in read}, dict(sizes), False, {},
+                             tail, record=False) if tail else {}
+        return {g.nodes[o]["attrs"]["name"]: made[o] if o in tail else np.concatenate([d[o] for d in done])
+                for o in outputs}
 
     def _plan_for(self, sizes: dict, in_place: bool) -> tuple[list, list, list]:
         """The run's plan, frees and stacks. The projections of one input are stacked when an

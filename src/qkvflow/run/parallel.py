@@ -32,7 +32,8 @@ from ..ir.dims import factors, size_of
 from ..ir.graph import arg_nodes
 from ..ir.ops import spec
 
-__all__ = ["batch_parts", "blas_threads", "keeps_batch_apart", "leads_with_batch", "run_parts", "usable_cores"]
+__all__ = ["batch_parts", "blas_threads", "keeps_batch_apart", "leads_with_batch", "run_parts", "tail_products",
+           "usable_cores"]
 
 BATCH = "batch"
 # The mean size (elements) of the values a part's computing steps make, from which a run
@@ -68,6 +69,17 @@ def leads_with_batch(names: tuple) -> bool:
     return bool(names) and factors(names[0])[:1] == (BATCH,)
 
 
+def _batch_first_only(names: tuple) -> bool:
+    """``batch`` leads ``names`` and appears nowhere else in them."""
+    return leads_with_batch(names) and sum(f == BATCH for n in names for f in factors(n)) == 1
+
+
+# Ops that act on their input's last axes (so many of them: a row of scores, one
+# sequence): the batch must lead a batched input of more axes, unflattened if they are 2+.
+_CORE_AXES = {"norm": 1, "softmax": 1, "scores": 2, "attend": 2, "mask": 2, "positional": 2, "rotary": 2,
+              "split_heads": 2, "merge_heads": 3}
+
+
 def keeps_batch_apart(g: nx.MultiDiGraph) -> bool:
     """Whether each row of ``batch`` is computed from that row alone, cached per graph:
     ``batch`` leads every value it is in (inputs and outputs included, and each output
@@ -87,8 +99,8 @@ def _row_wise(g: nx.MultiDiGraph) -> bool:
         return False  # an input is cut into parts along its first axis
     for node, d in g.nodes(data=True):
         names, op, attrs = shapes[node], d["op"], d["attrs"]
-        if _has_batch(names) and not leads_with_batch(names):
-            return False
+        if _has_batch(names) and not _batch_first_only(names):
+            return False  # e.g. (batch, batch) scores of pooled vectors: rows that meet
         if op == "arange" and _has_batch(names):
             return False  # 0..batch-1 in every part, not the part's own rows
         ins = [shapes[u] for u in arg_nodes(g, node)]
@@ -99,6 +111,9 @@ def _row_wise(g: nx.MultiDiGraph) -> bool:
             return False  # the rows made into a value of no batch: summed, or cut to a fixed size
         if op in ("tril", "triu") and len(batched[0]) < 3:
             return False  # the batch is one of the two axes the triangle is taken over
+        core = _CORE_AXES.get(op, 0)
+        if any(len(x) <= core or (core > 1 and x[0] != BATCH) for x in batched):
+            return False  # the batch (or batch*seq flattened) among the axes the op works on
         if op in _BROADCASTING and any(len(x) != len(names) for x in batched):
             return False  # a lower-rank operand would broadcast its batch along another axis
         if op in _AXIS_OPS:
@@ -121,6 +136,29 @@ def _row_wise(g: nx.MultiDiGraph) -> bool:
         elif op not in _NO_AXIS_OPS:
             return False  # ops the registry gains later: not known to keep rows apart
     return True
+
+
+_TAIL: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_TAIL_OPS = {"unembed", "linear"}
+
+
+def tail_products(g: nx.MultiDiGraph) -> set:
+    """The products a split run makes on the whole batch once its parts have ended: a
+    projection (the logits) whose result only outputs read and whose input only it reads
+    and owns (made fresh, not a view), so that no part frees, overwrites or needs either."""
+    known = _TAIL.get(g)
+    if known is None:
+        from . import kernels  # noqa: F401 - attaches the kernels (fresh or not) to the registry
+        outputs, known = set(g.graph["outputs"]), set()
+        for node, d in g.nodes(data=True):
+            if d["op"] not in _TAIL_OPS or not set(g.successors(node)) or not set(g.successors(node)) <= outputs:
+                continue
+            ins = arg_nodes(g, node)
+            if all(set(g.successors(u)) == {node} and u not in g.graph["inputs"]
+                   and spec(g.nodes[u]["op"]).kernel.fresh for u in ins):
+                known.add(node)
+        _TAIL[g] = frozenset(known)
+    return set(known)
 
 
 def _einsum_keeps_batch(equation: str, batched: list) -> bool:
@@ -193,8 +231,11 @@ _pool_lock = threading.Lock()
 
 
 def _forget_in_child() -> None:
-    """A forked child has none of its parent's threads: it starts its own pool and limit."""
+    """A forked child has none of its parent's threads: BLAS gets its threads back (a
+    split run of another thread may have been under way) and a pool starts anew."""
     global _pool, _pool_lock, _limit_lock, _limit_users, _limiter
+    if _limiter is not None:
+        _limiter.restore_original_limits()
     _pool, _pool_lock, _limit_lock, _limit_users, _limiter = None, threading.Lock(), threading.Lock(), 0, None
 
 
@@ -202,14 +243,13 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_in_child)
 
 
-def _workers_pool(n: int):
+def _workers_pool():
+    """One pool for the process, a thread for each usable core but the caller's."""
     from concurrent.futures import ThreadPoolExecutor
     global _pool
     with _pool_lock:
-        if _pool is None or _pool._max_workers < n:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(n, thread_name_prefix="qkvflow-part")
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max(usable_cores() - 1, 1), thread_name_prefix="qkvflow-part")
         return _pool
 
 
@@ -267,9 +307,10 @@ def run_parts(fn, parts: list) -> list:
     last on this one, BLAS on one thread meanwhile. The results in order, or the error a
     part raised, once every part has ended."""
     with _OneBlasThread():
-        pool = _workers_pool(len(parts) - 1)
-        futures = [pool.submit(fn, p) for p in parts[:-1]]
+        pool, futures = _workers_pool(), []
         try:
+            for p in parts[:-1]:
+                futures.append(pool.submit(fn, p))
             last = fn(parts[-1])
         finally:
             done = [f.exception() for f in futures]  # waits for every part: none outlives the run
