@@ -305,7 +305,8 @@ def _same_sides(plan: list, whole: dict, part: dict) -> bool:
 def run_parts(fn, parts: list) -> list:
     """``fn(part)`` for each part, all at once: the first parts on the pool's threads, the
     last on this one, BLAS on one thread meanwhile. The results in order, or the error a
-    part raised, once every part has ended."""
+    part raised, once every part has ended (an interrupt, Ctrl-C, stops this thread's part
+    and is raised when the others have ended: a thread of the pool cannot be stopped)."""
     with _OneBlasThread():
         pool, futures = _workers_pool(), []
         try:
