@@ -345,6 +345,7 @@ def test_by_default_a_run_takes_as_many_cores_as_blas_would():
     class Bare(qf.Executor):
         def __init__(self, g):  # the split's decision alone: no weights
             self.graph, self.plan, self.workers, self._split = g, _plan(g), None, {}
+            self.dtype = np.dtype("float32")
     with threadpool_limits(2, user_api="blas"):
         assert Bare(big)._parts(sizes) == [(0, 4), (4, 8)]
     with threadpool_limits(1, user_api="blas"):  # NumPy held to one thread: so is the run

@@ -187,7 +187,7 @@ class Executor:
         """The plan's steps on the bound inputs ``values``: every value kept (``capture``,
         ``initial``, ``only``) or each freed after its last read. ``skip``: nodes not computed
         (a split run's tail: see _run_parts). ``record``: remember a run of these sizes as
-        verified (not for a tail, whose few steps leave the others unverified)."""
+        verified (not for a part or a tail of a split run, which leave steps unverified)."""
         params = self.params
         plan, freed, stacks = self._plan_for(sizes, in_place=not (capture or initial or only is not None))
         skipped = ()
@@ -228,9 +228,9 @@ class Executor:
             values[node] = out
             for u in freed[i] if freed else ():
                 del values[u]  # read for the last time: its memory goes back now
-        if verify and not initial and not skip and record:
+        if verify and not initial and record:
             self.seen.add(run_key)
-        if (self.check and not skip and record and run_key not in self.shapes
+        if (self.check and record and run_key not in self.shapes
                 and sum(v is not None for v in sizes.values()) == bound):
             self.shapes[run_key] = expected  # no node bound a dim the inputs left free
         for st in stacks if capture or only is not None else ():
@@ -244,7 +244,7 @@ class Executor:
         if not keeps_batch_apart(self.graph):
             return ()
         workers = min(self.workers or blas_threads(), usable_cores())
-        key = (workers, tuple(sorted((k, v) for k, v in sizes.items() if isinstance(v, int))))
+        key = (workers, self._run_key(sizes, True))
         parts = self._split.get(key)
         if parts is None:
             parts = self._split[key] = batch_parts(self.plan, sizes, workers)
@@ -262,12 +262,12 @@ class Executor:
         outputs = g.graph["outputs"]
         tail = tail_products(g)
         tail |= {o for o in outputs if arg_nodes(g, o)[0] in tail}
-        batched = {n for n in g if leads_with_batch(g.nodes[n]["shape"])}
+        batched = {n for n in values if leads_with_batch(g.nodes[n]["shape"])}  # the inputs cut into parts
 
         def run_part(rows: tuple) -> dict:
             lo, hi = rows
             part = {n: v[lo:hi] if n in batched else v for n, v in values.items()}
-            return self._execute(part, dict(sizes, batch=hi - lo), False, {}, None, skip=tail)
+            return self._execute(part, dict(sizes, batch=hi - lo), False, {}, None, skip=tail, record=False)
         done = run_parts(run_part, list(parts))
         read = {u for n in tail for u in arg_nodes(g, n)} - tail  # what the tail reads: the parts' rows
         made = self._execute({u: np.concatenate([d[u] for d in done]) for u in read}, dict(sizes), False, {},
