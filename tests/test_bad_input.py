@@ -154,6 +154,15 @@ def test_no_check_runs_such_a_model_anyway(toml):
     assert "logits: shape (1, 1, 41)" in proc.stdout
 
 
+def test_an_odd_rotary_head_size_is_refused_by_check_and_named_by_the_kernel_under_no_check(toml):
+    model = toml('preset = "llama-tiny"\nd_head = 3\n')
+    proc = shell("run", model, "--ids", "5 6 7")
+    refused(proc, "error finding(s)", "--no-check")
+    assert "QKV201" in proc.stderr and "d_head (3) is odd" in proc.stderr
+    last = refused(shell("run", model, "--ids", "5 6 7", "--no-check"), "q_rotary (rotary,")
+    assert last.endswith("rotary positions turn pairs of features, but the last axis has 3, an odd count"), last
+
+
 # --- parameters ----------------------------------------------------------------------------
 
 def test_a_misspelled_parameter_is_named_with_the_closest_real_one(tmp_path):
