@@ -17,7 +17,7 @@ import qkvflow as qf
 from qkvflow import nn
 from qkvflow.ir.errors import ExecutionError, InputError
 from qkvflow.ir.graph import vocabulary_of
-from qkvflow.run import parallel
+from qkvflow.run import kernels, parallel
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -29,9 +29,9 @@ def splits(monkeypatch) -> list:
     seen = []
     run_parts = parallel.run_parts
 
-    def spy(fn, parts):
+    def spy(fn, parts, then=None):
         seen.append(list(parts))
-        return run_parts(fn, parts)
+        return run_parts(fn, parts, then)
     monkeypatch.setattr(parallel, "MIN_PART_ELEMENTS", 0)
     monkeypatch.setattr("qkvflow.run.execute.run_parts", spy)
     monkeypatch.setattr("qkvflow.run.execute.usable_cores", lambda: 4)  # 3 parts on any machine
@@ -176,7 +176,7 @@ def _vaswani_float32():
 def test_vaswani_base_at_the_benchmarks_size_splits_alike_and_makes_the_logits_once(monkeypatch):
     seen = []
     run_parts = parallel.run_parts
-    monkeypatch.setattr("qkvflow.run.execute.run_parts", lambda fn, parts: seen.append(parts) or run_parts(fn, parts))
+    monkeypatch.setattr("qkvflow.run.execute.run_parts", lambda fn, parts, then=None: seen.append(parts) or run_parts(fn, parts, then))
     g, params, feeds = _vaswani_float32()
     one = qf.Executor(g, params, dtype="float32", workers=1).run(feeds)["logits"]
     ex = qf.Executor(g, params, dtype="float32", workers=2)
@@ -187,7 +187,7 @@ def test_vaswani_base_at_the_benchmarks_size_splits_alike_and_makes_the_logits_o
     tracemalloc.stop()
     assert seen == [[(0, 4), (4, 8)]] * 2
     np.testing.assert_array_equal(split, one)
-    # the logits are one product over the whole batch once the parts have ended: no parts to join
+    # once the parts have ended, each part's logits are written into the whole batch's array
     assert peak < 1.3 * split.nbytes, (peak, split.nbytes)
 
 
@@ -260,7 +260,7 @@ def _split_run_in_child(queue) -> None:
     from qkvflow.run import execute
     g = qf.trace(qf.load_model("tiny"))
     split = []
-    execute.run_parts = lambda fn, parts: split.append(parts) or parallel.run_parts(fn, parts)
+    execute.run_parts = lambda fn, parts, then=None: split.append(parts) or parallel.run_parts(fn, parts, then)
     out = qf.Executor(g, qf.init_params(g, seed=0), workers=2).run(feeds_for(g, 4, {"src": 5, "tgt": 4}, 0))
     queue.put((out["logits"].shape, split, parallel.blas_threads()))
 
@@ -292,7 +292,7 @@ def test_the_split_keeps_to_the_kernels_and_executors_own_threshold():
 
 def _lm(kind: str) -> qf.Model:
     """An embedding, a norm and the logits, with a second output of the kinds a split run's
-    tail (the logits made on the whole batch) must not break."""
+    tail (the logits, each part's rows written into one array) must not break."""
     dims = {"batch": None, "seq": None, "d_model": 6, "vocab": 11, "max_positions": 9}
 
     def build():
@@ -373,3 +373,15 @@ def test_two_threads_splitting_runs_with_other_worker_counts_at_once(splits):
     assert errors == [] and len(got) == 8
     for logits in got.values():
         np.testing.assert_allclose(logits, want, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("tokens", [(2, 3), (4, 20)])  # few tokens: linear's path; 64+: one product into out
+def test_unembed_writes_the_logits_into_the_array_it_is_given(tokens):
+    x = np.arange(np.prod(tokens) * 2, dtype=np.float64).reshape(*tokens, 2) / 10
+    weight = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, -1.0]])
+    bias = np.array([0.5, 0.0, -0.5])
+    out = np.full((*tokens, 3), np.nan)
+    got = kernels.unembed(x, weight, bias, out)
+    assert got is out
+    np.testing.assert_array_equal(out[0, 1], [x[0, 1, 0] + 0.5, x[0, 1, 1], x[0, 1, 0] - x[0, 1, 1] - 0.5])
+    np.testing.assert_array_equal(out, kernels.unembed(x, weight, bias))

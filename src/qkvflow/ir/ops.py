@@ -64,6 +64,7 @@ class Kernel(NamedTuple):
     call: Callable
     fresh: bool = False  # the result is always a new array, never a view of an input or parameter
     in_place: tuple = ()  # inputs ``call(..., out=input)`` may write into, when read there for the last time
+    into: bool = False  # ``call(..., out=array)`` writes its result into a C-ordered array of the result's shape
 
 
 @dataclasses.dataclass(eq=False)

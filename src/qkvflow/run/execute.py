@@ -11,6 +11,7 @@ It never re-runs model-building code. Checking has two layers:
   cost of checking small (measured in ``benchmarks/``).
 """
 
+import functools
 import math
 import weakref
 
@@ -183,11 +184,13 @@ class Executor:
         return result
 
     def _execute(self, values: dict, sizes: dict, capture: bool, initial: dict, only: set | None,
-                 skip: set = frozenset(), record: bool = True) -> dict:
+                 skip: set = frozenset(), into: dict | None = None, record: bool = True) -> dict:
         """The plan's steps on the bound inputs ``values``: every value kept (``capture``,
         ``initial``, ``only``) or each freed after its last read. ``skip``: nodes not computed
-        (a split run's tail: see _run_parts). ``record``: remember a run of these sizes as
-        verified (not for a part or a tail of a split run, which leave steps unverified)."""
+        (what they read is then kept). ``into``: node -> the array its kernel writes its
+        result into (a part's rows of a split run's output). ``record``: remember a run of
+        these sizes as verified (not for a part of a split run, which leaves the whole
+        batch's steps unverified)."""
         params = self.params
         plan, freed, stacks = self._plan_for(sizes, in_place=not (capture or initial or only is not None))
         skipped = ()
@@ -222,6 +225,8 @@ class Executor:
                     if signature not in self.seen:
                         self.seen.add(signature)
                         fn = _checked(op, kernel)
+                if into and node in into:
+                    call = functools.partial(call, out=into[node])
                 out = run_kernel(node, op, source, fn, call, ins, attrs, p, sizes, self.dtype)
                 if self.check and names is not None:  # a stacked projection has none: its slices do
                     self._check_shape(node, names, out, sizes, source, expected)
@@ -251,13 +256,15 @@ class Executor:
         return parts
 
     def _run_parts(self, values: dict, sizes: dict, parts: list) -> dict:
-        """A plain run as parts of its batch at once, each on its own core, then the products
-        that make outputs alone (the logits: ``tail_products``) on the whole batch: one
-        product over every token with BLAS on every core is faster than a part's on one
-        (vaswani-base's logits: 154 GFLOP/s against two parts' 2 x 69, best of each) and
-        makes the output in one array. Other outputs are the parts' joined."""
+        """A plain run as parts of its batch at once, each on its own core, BLAS on one
+        thread; then the products that make outputs alone (the logits: ``tail_products``),
+        each part's rows written into one array of the whole batch, again a part a core.
+        Other outputs are the parts' joined. No product of a split run takes BLAS's threads:
+        after one, OpenBLAS's threads spin on a core for a while, which the next run's parts
+        then share (vaswani-base back to back: one part ended 33 ms after the other, of a
+        358 ms run). The logits wait for the parts to end, so their values are freed first."""
         g = self.graph
-        self._fits_once(sizes, self._run_key(sizes, True))
+        self._fits_once(sizes, self._run_key(sizes, True))  # the whole batch's outputs are made here
         self._plan_for(sizes, in_place=True)  # stacks the weights, once, before the parts read them
         outputs = g.graph["outputs"]
         tail = tail_products(g)
@@ -268,12 +275,17 @@ class Executor:
             lo, hi = rows
             part = {n: v[lo:hi] if n in batched else v for n, v in values.items()}
             return self._execute(part, dict(sizes, batch=hi - lo), False, {}, None, skip=tail, record=False)
-        done = run_parts(run_part, list(parts))
-        read = {u for n in tail for u in arg_nodes(g, n)} - tail  # what the tail reads: the parts' rows
-        made = self._execute({u: np.concatenate([d[u] for d in done]) for u in read}, dict(sizes), False, {},
-                             tail, record=False) if tail else {}
-        return {g.nodes[o]["attrs"]["name"]: made[o] if o in tail else np.concatenate([d[o] for d in done])
-                for o in outputs}
+        made = {n: np.empty([size_of(d, sizes) for d in g.nodes[n]["shape"]], self.dtype)
+                for n in tail if g.nodes[n]["op"] != "output"}
+        read = {u for n in made for u in arg_nodes(g, n)}  # the part's rows the products read
+
+        def tail_part(rows: tuple, done: dict) -> None:
+            lo, hi = rows
+            self._execute({u: done.pop(u) for u in read}, dict(sizes, batch=hi - lo), False, {}, tail,
+                          into={n: out[lo:hi] for n, out in made.items()}, record=False)
+        done = run_parts(run_part, list(parts), then=tail_part if made else None)
+        return {g.nodes[o]["attrs"]["name"]: made[arg_nodes(g, o)[0]] if o in tail
+                else np.concatenate([d[o] for d in done]) for o in outputs}
 
     def _plan_for(self, sizes: dict, in_place: bool) -> tuple[list, list, list]:
         """The run's plan, frees and stacks. The projections of one input are stacked when an

@@ -169,12 +169,19 @@ def linear(x: Float[Array, "*b i"], weight: Float[Array, "o i"], bias: Float[Arr
     return y
 
 
-def unembed(x: Float[Array, "*b d"], weight: Float[Array, "vocab d"],
-            bias: Float[Array, "vocab"] | None) -> Float[Array, "*b vocab"]:
-    """The logits, token by token (C order), as a caller expects them."""
+def unembed(x: Float[Array, "*b d"], weight: Float[Array, "vocab d"], bias: Float[Array, "vocab"] | None,
+            out: Float[Array, "*b vocab"] | None = None) -> Float[Array, "*b vocab"]:
+    """The logits, token by token (C order), as a caller expects them; into ``out`` (a
+    C-ordered array of their shape: a part's rows of a batch's logits) when given."""
     if _few_tokens(x.shape):  # bound by streaming the weight: linear's product
-        return linear(x, weight, bias)
-    y = (x.reshape(-1, x.shape[-1]) @ weight.T).reshape(*x.shape[:-1], weight.shape[0])
+        y = linear(x, weight, bias)
+        if out is None:
+            return y
+        out[...] = y
+        return out
+    rows = (math.prod(x.shape[:-1]), weight.shape[0])
+    y = np.matmul(x.reshape(-1, x.shape[-1]), weight.T, out=None if out is None else out.reshape(rows))
+    y = y.reshape(*x.shape[:-1], weight.shape[0]) if out is None else out
     if bias is not None:
         y += bias
     return y
@@ -427,10 +434,12 @@ def _prefix(x: np.ndarray, axis: int, length: int) -> np.ndarray:
 
 # Each op's kernel and the adapter ``call(fn, inputs, attrs, params, sizes)``
 # that unpacks a node for it, attached to the op's registry entry. An op that may write
-# into an input (``in_place``) takes ``out=`` that input; its kernel checks it can.
+# into an input (``in_place``) takes ``out=`` that input; its kernel checks it can. One
+# that writes ``into`` a given array takes ``out=`` that array: a part's rows of a split
+# run's output (parallel.py).
 
-def _kernel(op: str, fn, call, fresh: bool = False, in_place: tuple = ()) -> None:
-    implement("kernel", op)(Kernel(fn, call, fresh, in_place))
+def _kernel(op: str, fn, call, fresh: bool = False, in_place: tuple = (), into: bool = False) -> None:
+    implement("kernel", op)(Kernel(fn, call, fresh, in_place, into))
 
 
 _kernel("input", None, None)  # fed by the executor
@@ -451,7 +460,8 @@ _kernel("activation", activation, lambda k, i, a, p, s, out=None: k(i[0], a["fn"
         in_place=(0,))
 _kernel("padding_mask", padding_mask, lambda k, i, a, p, s: k(i[0], a["pad_id"], a.get("keep_first", False)))
 _kernel("causal_mask", causal_mask, lambda k, i, a, p, s: k(i[0]))
-_kernel("unembed", unembed, lambda k, i, a, p, s: k(i[0], p["weight"], p.get("bias")), fresh=True)
+_kernel("unembed", unembed, lambda k, i, a, p, s, out=None: k(i[0], p["weight"], p.get("bias"), out), fresh=True,
+        into=True)
 _kernel("rotary", rotary, lambda k, i, a, p, s: k(i[0], a["theta"], a.get("offset", 0)))
 _kernel("relative_bias", relative_bias, lambda k, i, a, p, s: k(
     i[0], i[1], p["weight"], a["bidirectional"], a["max_distance"], a.get("offset", 0)))

@@ -17,8 +17,9 @@ forward uses every core.
   another count of columns, as it does for another batch size);
 * :func:`run_parts` — the parts on a thread pool, BLAS on one thread meanwhile.
 
-The executor then makes the outputs that are products (the logits) on the whole batch,
-BLAS on every core (``execute.Executor._run_parts``).
+Once the parts have ended, each writes its rows of the logits into one array of the whole
+batch, again one part a core (``execute.Executor._run_parts``): a split run's products
+never take BLAS's threads, which spin on a core after a product.
 """
 
 import math
@@ -139,19 +140,19 @@ def _row_wise(g: nx.MultiDiGraph) -> bool:
 
 
 _TAIL: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_TAIL_OPS = {"unembed", "linear"}
 
 
 def tail_products(g: nx.MultiDiGraph) -> set:
-    """The products a split run makes on the whole batch once its parts have ended: a
-    projection (the logits) whose result only outputs read and whose input only it reads
-    and owns (made fresh, not a view), so that no part frees, overwrites or needs either."""
+    """The products a split run makes once its parts have ended, each part's rows into
+    one array of the whole batch: a product whose kernel writes ``into`` a given array
+    (the logits), whose result only outputs read and whose input only it reads and owns
+    (made fresh, not a view), so that no part frees, overwrites or needs either."""
     known = _TAIL.get(g)
     if known is None:
         from . import kernels  # noqa: F401 - attaches the kernels (fresh or not) to the registry
         outputs, known = set(g.graph["outputs"]), set()
         for node, d in g.nodes(data=True):
-            if d["op"] not in _TAIL_OPS or not set(g.successors(node)) or not set(g.successors(node)) <= outputs:
+            if not spec(d["op"]).kernel.into or not set(g.successors(node)) or not set(g.successors(node)) <= outputs:
                 continue
             ins = arg_nodes(g, node)
             if all(set(g.successors(u)) == {node} and u not in g.graph["inputs"]
@@ -302,20 +303,30 @@ def _same_sides(plan: list, whole: dict, part: dict) -> bool:
     return True
 
 
-def run_parts(fn, parts: list) -> list:
+def run_parts(fn, parts: list, then=None) -> list:
     """``fn(part)`` for each part, all at once: the first parts on the pool's threads, the
-    last on this one, BLAS on one thread meanwhile. The results in order, or the error a
-    part raised, once every part has ended (an interrupt, Ctrl-C, stops this thread's part
-    and is raised when the others have ended: a thread of the pool cannot be stopped)."""
+    last on this one, BLAS on one thread meanwhile. Once every part has ended, ``then(part,
+    its result)`` for each part, all at once alike (the products a split run makes last).
+    The results of ``fn`` in order, or the error a part raised, once every part has ended
+    (an interrupt, Ctrl-C, stops this thread's part and is raised when the others have
+    ended: a thread of the pool cannot be stopped)."""
     with _OneBlasThread():
-        pool, futures = _workers_pool(), []
-        try:
-            for p in parts[:-1]:
-                futures.append(pool.submit(fn, p))
-            last = fn(parts[-1])
-        finally:
-            done = [f.exception() for f in futures]  # waits for every part: none outlives the run
-        for f, err in zip(futures, done):
-            if err is not None:
-                raise err
-        return [f.result() for f in futures] + [last]
+        results = _all_at_once(fn, parts)
+        if then is not None:
+            _all_at_once(lambda i: then(parts[i], results[i]), range(len(parts)))
+        return results
+
+
+def _all_at_once(fn, items) -> list:
+    items = list(items)
+    pool, futures = _workers_pool(), []
+    try:
+        for item in items[:-1]:
+            futures.append(pool.submit(fn, item))
+        last = fn(items[-1])
+    finally:
+        done = [f.exception() for f in futures]  # waits for every part: none outlives the run
+    for f, err in zip(futures, done):
+        if err is not None:
+            raise err
+    return [f.result() for f in futures] + [last]
