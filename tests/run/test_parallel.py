@@ -188,7 +188,7 @@ def test_vaswani_base_at_the_benchmarks_size_splits_alike_and_makes_the_logits_o
     assert seen == [[(0, 4), (4, 8)]] * 2
     np.testing.assert_array_equal(split, one)
     # once the parts have ended, each part's logits are written into the whole batch's array
-    assert peak < 1.3 * split.nbytes, (peak, split.nbytes)
+    assert peak < 1.1 * split.nbytes, (peak, split.nbytes)  # the parts' values freed before the logits are made
 
 
 def _blas_threads() -> int:

@@ -275,15 +275,19 @@ class Executor:
             lo, hi = rows
             part = {n: v[lo:hi] if n in batched else v for n, v in values.items()}
             return self._execute(part, dict(sizes, batch=hi - lo), False, {}, None, skip=tail, record=False)
-        made = {n: np.empty([size_of(d, sizes) for d in g.nodes[n]["shape"]], self.dtype)
-                for n in tail if g.nodes[n]["op"] != "output"}
-        read = {u for n in made for u in arg_nodes(g, n)}  # the part's rows the products read
+        products = [n for n in tail if g.nodes[n]["op"] != "output"]
+        read = {u for n in products for u in arg_nodes(g, n)}  # the part's rows the products read
+        made = {}
 
-        def tail_part(rows: tuple, done: dict) -> None:
-            lo, hi = rows
-            self._execute({u: done.pop(u) for u in read}, dict(sizes, batch=hi - lo), False, {}, tail,
-                          into={n: out[lo:hi] for n, out in made.items()}, record=False)
-        done = run_parts(run_part, list(parts), then=tail_part if made else None)
+        def tail_parts():  # once the parts have ended (and freed their values)
+            made.update({n: np.empty([size_of(d, sizes) for d in g.nodes[n]["shape"]], self.dtype) for n in products})
+
+            def tail_part(rows: tuple, done: dict) -> None:
+                lo, hi = rows
+                self._execute({u: done.pop(u) for u in read}, dict(sizes, batch=hi - lo), False, {}, tail,
+                              into={n: out[lo:hi] for n, out in made.items()}, record=False)
+            return tail_part
+        done = run_parts(run_part, list(parts), then=tail_parts if products else None)
         return {g.nodes[o]["attrs"]["name"]: made[arg_nodes(g, o)[0]] if o in tail
                 else np.concatenate([d[o] for d in done]) for o in outputs}
 

@@ -305,15 +305,16 @@ def _same_sides(plan: list, whole: dict, part: dict) -> bool:
 
 def run_parts(fn, parts: list, then=None) -> list:
     """``fn(part)`` for each part, all at once: the first parts on the pool's threads, the
-    last on this one, BLAS on one thread meanwhile. Once every part has ended, ``then(part,
-    its result)`` for each part, all at once alike (the products a split run makes last).
-    The results of ``fn`` in order, or the error a part raised, once every part has ended
-    (an interrupt, Ctrl-C, stops this thread's part and is raised when the others have
-    ended: a thread of the pool cannot be stopped)."""
+    last on this one, BLAS on one thread meanwhile. Once every part has ended, ``then()``
+    gives a function that each part and its result are given, all at once alike (the
+    products a split run makes last). The results of ``fn`` in order, or the error a part
+    raised, once every part has ended (an interrupt, Ctrl-C, stops this thread's part and
+    is raised when the others have ended: a thread of the pool cannot be stopped)."""
     with _OneBlasThread():
         results = _all_at_once(fn, parts)
         if then is not None:
-            _all_at_once(lambda i: then(parts[i], results[i]), range(len(parts)))
+            each = then()
+            _all_at_once(lambda i: each(parts[i], results[i]), range(len(parts)))
         return results
 
 
