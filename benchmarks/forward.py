@@ -3,13 +3,17 @@
 Workloads: vaswani-base float32 batch 8 x 64+64 tokens (also float64), and batch 1 x 16+16
 through the public ``qf.forward`` (a new executor per call, as users call it) on tiny and
 vaswani-base. Peer: torch.nn.TransformerEncoder/Decoder layers carrying the same weights
-(``qkvflow.interop.torch_export``). Contenders are interleaved with a 0.2 s pause between
-libraries; checked and unchecked runs are interleaved too, one executor with its checks
+(``qkvflow.interop.torch_export``). Contenders are interleaved with a 0.2 s pause before
+each sample; checked and unchecked runs are interleaved too, one executor with its checks
 turned on and off (two executors of the same weights differed by up to 5 % here,
 measured A/A in one process), and so is the same executor running the batch as one part
 (``workers=1``) where by default it runs a part on each core (run/parallel.py). A second
 peer at float32 batch 8: the same model written by hand in plain NumPy as lean as NumPy
-allows (``plain_numpy.py``), the floor for a forward in NumPy run as one stream. Also: the
+allows (``plain_numpy.py``), the floor for a forward in NumPy run as one stream. Also
+three forwards back to back, of qkvflow and of torch, timed per forward, as a loop over
+batches calls them: the pause before every sample spares a contender what the one before
+left spinning (BLAS or OpenMP threads), which a library's own next forward does not
+escape. Also: the
 share of NumPy's sgemm peak the batch-8 forward's GEMMs reach, the peak being a 2048^3
 product timed interleaved with the forwards (median over median, and best over best),
 and the same share of the forward's matrix products alone, one after the other, on the
@@ -50,6 +54,15 @@ def gemm_flops(cfg, batch: int, src: int, tgt: int) -> float:
 
 
 PEAK_N = 2048  # the sgemm peak: one (PEAK_N, PEAK_N) x (PEAK_N, PEAK_N) product
+BACK_TO_BACK = 3  # forwards in a row, timed as one sample
+
+
+def repeated(fn, n: int):
+    """One sample: ``fn`` called ``n`` times back to back."""
+    def run():
+        for _ in range(n):
+            fn()
+    return run
 
 
 def products_only(g, ex, feeds):
@@ -179,8 +192,15 @@ def main() -> None:
             entry["max_abs_diff_vs_plain_numpy"] = float(np.abs(got - plain(src, tgt)).max())
             a = rng.random((PEAK_N, PEAK_N), dtype=np.float32)
             contenders.update({"plain_numpy": lambda: plain(src, tgt), "sgemm_2048": lambda: a @ a,
-                               "products_only": products_only(g, ex, feeds)})
+                               "products_only": products_only(g, ex, feeds),
+                               # BACK_TO_BACK forwards in a row, as a loop over batches calls them: what
+                               # a library's threads leave spinning falls on its own next forward
+                               "qkvflow_back_to_back": repeated(qkvflow(True), BACK_TO_BACK),
+                               "torch_back_to_back": repeated(lambda: fwd(ts, tt), BACK_TO_BACK)})
         runs = interleaved(contenders, repeats)
+        for name in ("qkvflow_back_to_back", "torch_back_to_back"):
+            if name in runs:
+                runs[name] = [x / BACK_TO_BACK for x in runs[name]]  # seconds per forward
         ex.check, ex.workers = True, None  # as the "qkvflow" contender runs: the last round may have left others
         q, t = statistics.median(runs["qkvflow"]), statistics.median(runs["torch"])
         entry.update({name: stats(xs) for name, xs in runs.items()})
@@ -197,6 +217,10 @@ def main() -> None:
             peak, best_peak = peak_flops / statistics.median(runs["sgemm_2048"]), peak_flops / min(runs["sgemm_2048"])
             results["numpy_sgemm_peak_gflops"] = {"median": round(peak / 1e9, 1), "best": round(best_peak / 1e9, 1)}
             entry["ratio_qkvflow_over_plain_numpy"] = round(q / statistics.median(runs["plain_numpy"]), 3)
+            entry["ratio_qkvflow_over_torch_back_to_back"] = round(
+                statistics.median(runs["qkvflow_back_to_back"]) / statistics.median(runs["torch_back_to_back"]), 3)
+            entry["ratio_qkvflow_over_torch_back_to_back_paired"] = paired(runs["qkvflow_back_to_back"],
+                                                                          runs["torch_back_to_back"])
             entry["ratio_qkvflow_over_plain_numpy_best_over_best"] = round(
                 min(runs["qkvflow"]) / min(runs["plain_numpy"]), 3)
             for name in ("qkvflow", "qkvflow_one_part", "torch", "plain_numpy", "products_only"):
@@ -216,17 +240,11 @@ def main() -> None:
         fwd = to_torch(cfg1, params)
         ts, tt = torch.from_numpy(src), torch.from_numpy(tgt)
         calls = 50 if name == "tiny" else 5  # one sample is this many calls back to back (~0.1 s)
-
-        def repeated(fn, n=calls):
-            def run():
-                for _ in range(n):
-                    fn()
-            return run
         runs = interleaved({
-            "qf.forward": repeated(lambda: qf.forward(g1, params, src, tgt, dtype="float32")),
-            "torch": repeated(lambda: fwd(ts, tt)),
+            "qf.forward": repeated(lambda: qf.forward(g1, params, src, tgt, dtype="float32"), calls),
+            "torch": repeated(lambda: fwd(ts, tt), calls),
             "qf.forward_unchecked": repeated(lambda: qf.forward(g1, params, src, tgt, dtype="float32",
-                                                                  check=False))}, 21)
+                                                                  check=False), calls)}, 21)
         runs = {k: [x / calls for x in v] for k, v in runs.items()}  # seconds per call
         q, t = statistics.median(runs["qf.forward"]), statistics.median(runs["torch"])
         results[f"{name} b1 16+16 float32 (qf.forward)"] = {
