@@ -303,13 +303,15 @@ def _lm(kind: str) -> qf.Model:
         second = {"relu of what the logits read": lambda: {"feats": nn.activation(x, "relu")},
                   "softmax of the logits": lambda: {"probs": nn.softmax(logits)},
                   "what the logits read": lambda: {"hidden": x},
+                  "the logits again": lambda: {"again": logits},
                   "none": dict}[kind]()
         return {"logits": logits, **second}
     return qf.Model(f"lm-{kind}", dims, build, sequences={"seq": "causal"}, streams=("lm",))
 
 
 @pytest.mark.parametrize("kind, tail", [("none", {"unembed"}), ("relu of what the logits read", set()),
-                                        ("softmax of the logits", set()), ("what the logits read", set())])
+                                        ("softmax of the logits", set()), ("what the logits read", set()),
+                                        ("the logits again", {"unembed"})])
 def test_models_of_several_outputs_split_alike(splits, kind, tail):
     g = qf.trace(_lm(kind))
     assert {n.rsplit(".", 1)[-1] for n in parallel.tail_products(g)} == tail
@@ -385,3 +387,26 @@ def test_unembed_writes_the_logits_into_the_array_it_is_given(tokens):
     assert got is out
     np.testing.assert_array_equal(out[0, 1], [x[0, 1, 0] + 0.5, x[0, 1, 1], x[0, 1, 0] - x[0, 1, 1] - 0.5])
     np.testing.assert_array_equal(out, kernels.unembed(x, weight, bias))
+
+
+def test_an_error_making_the_logits_after_the_parts_is_told_of_the_whole_batch(splits, monkeypatch):
+    from qkvflow.run import execute
+    g = qf.trace(qf.load_model("tiny"))
+    feeds = feeds_for(g, 6, {"src": 9, "tgt": 7}, seed=2)
+    run_kernel = execute.run_kernel
+
+    def failing(node, op, source, fn, call, *args, **kw):
+        if op == "unembed" and "out" in getattr(call, "keywords", {}):  # a part's rows, after the parts
+            raise ExecutionError(f"node {node} failed in a part")
+        return run_kernel(node, op, source, fn, call, *args, **kw)
+    monkeypatch.setattr(execute, "run_kernel", failing)
+    before = _blas_threads()
+    with pytest.raises(ExecutionError, match="failed in a part"):
+        qf.Executor(g, qf.init_params(g, seed=0), workers=2).run(feeds)
+    assert splits == [[(0, 3), (3, 6)]] and _blas_threads() == before
+
+
+def test_unembed_refuses_to_write_into_an_array_it_would_have_to_copy():
+    out = np.empty((3, 4, 5))[:, :, ::2]
+    with pytest.raises(ValueError, match="C-ordered"):
+        kernels.unembed(np.ones((3, 4, 2)), np.ones((3, 2)), None, out)

@@ -165,11 +165,15 @@ class Executor:
         plain = not (capture or initial or only is not None)
         parts = self._parts(sizes) if plain else ()
         if len(parts) > 1:
+            failed = None
             try:
                 result = self._run_parts(values, sizes, parts)
-            except QkvflowError:  # told of the whole batch, as one run tells it
+            except QkvflowError as err:
+                failed = err
+            if failed is not None:  # told of the whole batch, as one run tells it
+                _let_go_of_frames(failed)  # the parts' frames hold their values and the logits' array
                 self._execute(values, sizes, False, {}, None)
-                raise
+                raise failed
         else:
             values = self._execute(values, sizes, capture, initial, only)
             if only is not None:
@@ -187,7 +191,7 @@ class Executor:
                  skip: set = frozenset(), into: dict | None = None, record: bool = True) -> dict:
         """The plan's steps on the bound inputs ``values``: every value kept (``capture``,
         ``initial``, ``only``) or each freed after its last read. ``skip``: nodes not computed
-        (what they read is then kept). ``into``: node -> the array its kernel writes its
+        (what they read, there last, is then kept). ``into``: node -> the array its kernel writes its
         result into (a part's rows of a split run's output). ``record``: remember a run of
         these sizes as verified (not for a part of a split run, which leaves the whole
         batch's steps unverified)."""
@@ -364,6 +368,16 @@ class Executor:
             )
         if expected is not None:
             expected[names] = out.shape  # every dim of names is bound now, to these sizes
+
+
+def _let_go_of_frames(err: BaseException) -> None:
+    """Drop the tracebacks of ``err`` and the errors it was raised from: their frames keep
+    what those functions held (a split run's values) alive."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        err.__traceback__ = None
+        err = err.__cause__ or err.__context__
 
 
 def _bind(names: tuple, shape: tuple, sizes: dict) -> tuple | None:

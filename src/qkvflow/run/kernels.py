@@ -173,6 +173,8 @@ def unembed(x: Float[Array, "*b d"], weight: Float[Array, "vocab d"], bias: Floa
             out: Float[Array, "*b vocab"] | None = None) -> Float[Array, "*b vocab"]:
     """The logits, token by token (C order), as a caller expects them; into ``out`` (a
     C-ordered array of their shape: a part's rows of a batch's logits) when given."""
+    if out is not None and not out.flags.c_contiguous:  # a reshape of it would be a copy, lost
+        raise ValueError(f"unembed writes into a C-ordered array, got one of strides {out.strides}")
     if _few_tokens(x.shape):  # bound by streaming the weight: linear's product
         y = linear(x, weight, bias)
         if out is None:
