@@ -190,11 +190,11 @@ class Executor:
     def _execute(self, values: dict, sizes: dict, capture: bool, initial: dict, only: set | None,
                  skip: set = frozenset(), into: dict | None = None, record: bool = True) -> dict:
         """The plan's steps on the bound inputs ``values``: every value kept (``capture``,
-        ``initial``, ``only``) or each freed after its last read. ``skip``: nodes not computed
-        (what they read, there last, is then kept). ``into``: node -> the array its kernel writes its
-        result into (a part's rows of a split run's output). ``record``: remember a run of
-        these sizes as verified (not for a part of a split run, which leaves the whole
-        batch's steps unverified)."""
+        ``initial``, ``only``) or each freed after its last read. ``skip``: nodes not
+        computed (what they read, there last, is then kept). ``into``: node -> the array its
+        kernel writes its result into (a part's rows of a split run's output). ``record``:
+        remember a run of these sizes as verified (not for a part of a split run, which
+        leaves the whole batch's steps unverified)."""
         params = self.params
         plan, freed, stacks = self._plan_for(sizes, in_place=not (capture or initial or only is not None))
         skipped = ()
@@ -271,15 +271,14 @@ class Executor:
         self._fits_once(sizes, self._run_key(sizes, True))  # the whole batch's outputs are made here
         self._plan_for(sizes, in_place=True)  # stacks the weights, once, before the parts read them
         outputs = g.graph["outputs"]
-        tail = tail_products(g)
-        tail |= {o for o in outputs if arg_nodes(g, o)[0] in tail}
+        products = tail_products(g)
+        tail = products | {o for o in outputs if arg_nodes(g, o)[0] in products}
         batched = {n for n in values if leads_with_batch(g.nodes[n]["shape"])}  # the inputs cut into parts
 
         def run_part(rows: tuple) -> dict:
             lo, hi = rows
             part = {n: v[lo:hi] if n in batched else v for n, v in values.items()}
             return self._execute(part, dict(sizes, batch=hi - lo), False, {}, None, skip=tail, record=False)
-        products = [n for n in tail if g.nodes[n]["op"] != "output"]
         read = {u for n in products for u in arg_nodes(g, n)}  # the part's rows the products read
         made = {}
 

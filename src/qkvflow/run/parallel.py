@@ -308,8 +308,9 @@ def run_parts(fn, parts: list, then=None) -> list:
     last on this one, BLAS on one thread meanwhile. Once every part has ended, ``then()``
     gives a function that each part and its result are given, all at once alike (the
     products a split run makes last, which may take from a part's result what they read).
-    The results of ``fn`` in order, or the error a part raised, once every part has ended (an interrupt, Ctrl-C, stops this thread's part and
-    is raised when the others have ended: a thread of the pool cannot be stopped)."""
+    The results of ``fn`` in order, or the error a part raised, once every part has ended
+    (an interrupt, Ctrl-C, stops this thread's part and is raised when the others have
+    ended: a thread of the pool cannot be stopped)."""
     with _OneBlasThread():
         results = _all_at_once(fn, parts)
         if then is not None:
