@@ -24,6 +24,7 @@ from ..ir.errors import ExecutionError, InputError, ParamError, QkvflowError
 from ..ir.graph import arg_nodes, expect_graph, param_path, position_limit, vocabulary_of
 from .parallel import (batch_parts, blas_threads, keeps_batch_apart, leads_with_batch, run_parts,
                        tail_products, usable_cores)
+from .pages import empty_in_small_pages
 from .params import all_finite, check_fits, validate_params
 from .plan import fast_plan, steps
 
@@ -283,7 +284,8 @@ class Executor:
         made = {}
 
         def tail_parts():  # once the parts have ended (and freed their values)
-            made.update({n: np.empty([size_of(d, sizes) for d in g.nodes[n]["shape"]], self.dtype) for n in products})
+            made.update({n: empty_in_small_pages([size_of(d, sizes) for d in g.nodes[n]["shape"]], self.dtype)
+                         for n in products})
 
             def tail_part(rows: tuple, done: dict) -> None:
                 lo, hi = rows

@@ -18,6 +18,7 @@ from jaxtyping import Bool, Float, Integer, Shaped
 
 from ..ir.dims import size_of
 from ..ir.ops import Kernel, implement
+from .pages import empty_in_small_pages
 
 __all__ = ["sinusoidal_table"]
 
@@ -198,9 +199,8 @@ def unembed(x: Float[Array, "*b d"], weight: Float[Array, "vocab d"], bias: Floa
             return y
         out[...] = y
         return out
-    rows = (math.prod(x.shape[:-1]), weight.shape[0])
-    y = np.matmul(x.reshape(-1, x.shape[-1]), weight.T, out=None if out is None else out.reshape(rows))
-    y = y.reshape(*x.shape[:-1], weight.shape[0]) if out is None else out
+    y = empty_in_small_pages((*x.shape[:-1], weight.shape[0]), weight.dtype) if out is None else out
+    np.matmul(x.reshape(-1, x.shape[-1]), weight.T, out=y.reshape(-1, weight.shape[0]))
     if bias is not None:
         y += bias
     return y
