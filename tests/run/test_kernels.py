@@ -344,21 +344,25 @@ def test_unembed_is_x_times_weight_transposed():
     np.testing.assert_array_equal(via_table("unembed", [x], {}, {"weight": w}), [[1.0, -1.0, -1.0]])
 
 
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("w_dtype, x_dtype", [(np.float32, np.float32), (np.float64, np.float64),
+                                              (np.float32, np.float64)])
 @pytest.mark.parametrize("op", ["linear", "unembed"])
-def test_a_few_tokens_times_a_weight_larger_than_a_block(op, dtype):
+def test_a_few_tokens_times_a_weight_larger_than_a_block(op, w_dtype, x_dtype):
     # A weight of more rows than one block of kernels._WEIGHT_BLOCK bytes holds (a float32
-    # product of a few tokens runs block by block), and not a whole number of blocks.
-    rows = kernels._WEIGHT_BLOCK // (2 * np.dtype(dtype).itemsize) * 3 // 2
-    w = np.stack([np.arange(rows), -np.ones(rows)], axis=1).astype(dtype)  # row r: [r, -1]
-    x = np.array([[[1.0, 10.0], [2.0, 0.0], [0.0, 1.0]]], dtype)  # (batch=1, tokens=3, d=2)
-    r = np.arange(rows, dtype=dtype)
-    want = np.stack([r - 10, 2 * r, -np.ones(rows, dtype)])[None]  # x[t, 0] * r - x[t, 1]
+    # product of a few tokens runs block by block), and not a whole number of blocks; the
+    # result in the dtype NumPy's product of the two gives, whatever the path.
+    rows = kernels._WEIGHT_BLOCK // (2 * np.dtype(w_dtype).itemsize) * 3 // 2
+    w = np.stack([np.arange(rows), -np.ones(rows)], axis=1).astype(w_dtype)  # row r: [r, -1]
+    x = np.array([[[1.0, 10.0], [2.0, 0.0], [0.0, 1.0]]], x_dtype)  # (batch=1, tokens=3, d=2)
+    r = np.arange(rows, dtype=x_dtype)
+    want = np.stack([r - 10, 2 * r, -np.ones(rows, x_dtype)])[None]  # x[t, 0] * r - x[t, 1]
     got = via_table(op, [x], {}, {"weight": w})
-    assert got.dtype == dtype and got.flags.c_contiguous
+    assert got.dtype == x_dtype and got.flags.c_contiguous
     np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(via_table(op, [x[:, :1]], {}, {"weight": w}), want[:, :1])  # one token
+    one = via_table(op, [x[:, :1]], {}, {"weight": w})  # one token
+    assert one.dtype == x_dtype
+    np.testing.assert_array_equal(one, want[:, :1])
+
 
 # --- NumPy-level ops through the table ---------------------------------------------------------------
 

@@ -156,9 +156,9 @@ def positional(x: Float[Array, "*b s d"], table: Float[Array, "p d"], offset: in
 
 
 def linear(x: Float[Array, "*b i"], weight: Float[Array, "o i"], bias: Float[Array, "o"] | None) -> Float[Array, "*b o"]:
-    # One GEMM for every token: W @ x.T, whose result transposed is y feature by feature
-    # (see _feature_major). OpenBLAS runs W @ x.T faster than x @ W.T from either layout
-    # of x, fastest when x is feature-major itself.
+    # From _FEW_ROWS tokens, one GEMM for every token as W @ x.T, whose result transposed is y
+    # feature by feature (see _feature_major): OpenBLAS runs it faster than x @ W.T from
+    # either layout of x, fastest when x is feature-major itself. Fewer: _few_token_product.
     x2 = x.reshape(-1, x.shape[-1])
     y = _few_token_product(x2, weight) if _few_tokens(x.shape) else (weight @ x2.T).T
     y = y.reshape(*x.shape[:-1], weight.shape[0])
@@ -167,21 +167,28 @@ def linear(x: Float[Array, "*b i"], weight: Float[Array, "o i"], bias: Float[Arr
     return y
 
 
-_WEIGHT_BLOCK = 2 << 20  # bytes of a weight multiplied at once by a few tokens (the L2 cache's half)
+_WEIGHT_BLOCK = 2 << 20  # bytes of a weight a few tokens are multiplied with at once (a core's L2 here)
 
 
-def _few_token_product(x2: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """``x2 @ weight.T``, token-major (C order), for fewer than _FEW_ROWS tokens: a product
-    bound by streaming the weight. In float32, OpenBLAS streams it fastest as W @ x.T on
-    blocks of _WEIGHT_BLOCK bytes of its rows (vaswani-base's logits at 16 tokens: 8.3 ms
-    against 10.1 in one product, 9 as x @ W.T); in float64 as x @ W.T (half the time of
-    W @ x.T for a 37000-row weight). Which one runs depends on the sizes and dtype alone."""
-    if weight.dtype == np.float64:
-        return x2 @ weight.T
-    rows = max(1, _WEIGHT_BLOCK // (weight.shape[1] * weight.itemsize))
-    if len(x2) == 1 or weight.shape[0] <= rows:  # one token: a matrix-vector product, streamed
-        return np.ascontiguousarray((weight @ x2.T).T)
-    out = np.empty((len(x2), weight.shape[0]), weight.dtype)
+def _few_token_product(x2: np.ndarray, weight: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``x2 @ weight.T``, token-major (C order), for fewer than _FEW_ROWS tokens, into ``out``
+    (a C-ordered array of its shape) when given: a product whose time goes to reading the
+    weight. In float32, OpenBLAS reads it fastest as W @ x.T over blocks of _WEIGHT_BLOCK
+    bytes of its rows (vaswani-base's logits at 16 tokens: 8.2 ms against 10.1 as one
+    product, 9 as x @ W.T); in float64 as x @ W.T (half the time of W @ x.T for a 37000-row
+    weight). Which one runs depends on the sizes and dtypes alone."""
+    dtype = np.result_type(x2, weight)
+    if dtype == np.float64:
+        return np.matmul(x2, weight.T, out=out)
+    rows = max(1, _WEIGHT_BLOCK // max(1, weight.shape[1] * weight.itemsize))
+    if len(x2) == 1 or weight.shape[0] <= rows:  # one block, or one token (a matrix-vector product)
+        y = (weight @ x2.T).T
+        if out is None:
+            return np.ascontiguousarray(y)
+        out[...] = y
+        return out
+    if out is None:
+        out = np.empty((len(x2), weight.shape[0]), dtype)
     for lo in range(0, weight.shape[0], rows):
         out[:, lo:lo + rows] = (weight[lo:lo + rows] @ x2.T).T
     return out
@@ -189,18 +196,18 @@ def _few_token_product(x2: np.ndarray, weight: np.ndarray) -> np.ndarray:
 
 def unembed(x: Float[Array, "*b d"], weight: Float[Array, "vocab d"], bias: Float[Array, "vocab"] | None,
             out: Float[Array, "*b vocab"] | None = None) -> Float[Array, "*b vocab"]:
-    """The logits, token by token (C order), as a caller expects them; into ``out`` (a
-    C-ordered array of their shape: a part's rows of a batch's logits) when given."""
+    """The logits, token by token (C order), as a caller expects them, in small pages (see
+    pages.py); into ``out`` (a C-ordered array of their shape: a part's rows of a batch's
+    logits) when given."""
     if out is not None and not out.flags.c_contiguous:  # a reshape of it would be a copy, lost
         raise ValueError(f"unembed writes into a C-ordered array, got one of strides {out.strides}")
-    if _few_tokens(x.shape):  # bound by streaming the weight: linear's product
-        y = linear(x, weight, bias)
-        if out is None:
-            return y
-        out[...] = y
-        return out
-    y = empty_in_small_pages((*x.shape[:-1], weight.shape[0]), weight.dtype) if out is None else out
-    np.matmul(x.reshape(-1, x.shape[-1]), weight.T, out=y.reshape(-1, weight.shape[0]))
+    rows = (math.prod(x.shape[:-1]), weight.shape[0])
+    y = empty_in_small_pages((*x.shape[:-1], weight.shape[0]), np.result_type(x, weight)) if out is None else out
+    x2 = x.reshape(-1, x.shape[-1])
+    if _few_tokens(x.shape):  # linear's product of a few tokens
+        _few_token_product(x2, weight, out=y.reshape(rows))
+    else:
+        np.matmul(x2, weight.T, out=y.reshape(rows))
     if bias is not None:
         y += bias
     return y

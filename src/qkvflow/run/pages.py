@@ -7,8 +7,13 @@ milliseconds. The logits are the one large value a run cannot reuse memory for (
 caller keeps them), so each run touches them fresh: vaswani-base at batch 8 x 64+64
 (73 MB of float32 logits, a half written on each core) took 69-76 ms for them in 9 runs of
 15 and 133-159 ms in the other 6; in small pages 76-85 ms in all 15. Arrays the run frees
-keep NumPy's default: their memory is reused, not touched anew. (An array under 32 MiB may
-come from memory glibc reuses, marked for huge pages by an array before it.)
+keep NumPy's default: their memory is reused, not touched anew.
+
+What this does not promise: memory glibc hands out again (a request the top of its heap
+has room for, up to 64 MiB once its threshold for mapping memory anew has grown) keeps the
+mark an earlier array gave it; and where Linux gives every region huge pages
+(``transparent_hugepage/enabled`` set to ``always``) an unmarked array gets them too,
+without the stall to compact memory for them.
 """
 
 import threading
@@ -25,7 +30,9 @@ except ImportError:  # pragma: no cover - NumPy 1.x
     except ImportError:
         _set_madvise_hugepage = None
 
-_switch = threading.Lock()  # the switch is process-wide: one thread turns it off and back at a time
+# The switch is process-wide: one thread of qkvflow's turns it off and back at a time (another
+# library's array made meanwhile is not marked either).
+_switch = threading.Lock()
 
 
 def empty_in_small_pages(shape, dtype) -> np.ndarray:
@@ -33,8 +40,10 @@ def empty_in_small_pages(shape, dtype) -> np.ndarray:
     if _set_madvise_hugepage is None:
         return np.empty(shape, dtype)
     with _switch:
-        was = _set_madvise_hugepage(False)
+        was = None
         try:
+            was = _set_madvise_hugepage(False)
             return np.empty(shape, dtype)
         finally:
-            _set_madvise_hugepage(was)
+            if was is not None:
+                _set_madvise_hugepage(was)
