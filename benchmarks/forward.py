@@ -13,17 +13,15 @@ allows (``plain_numpy.py``), the floor for a forward in NumPy run as one stream.
 three forwards back to back, of qkvflow and of torch, timed per forward, as a loop over
 batches calls them: the pause before every sample spares a contender what the one before
 left spinning (BLAS or OpenMP threads), which a library's own next forward does not
-escape. Also: the
-share of NumPy's sgemm peak the batch-8 forward's GEMMs reach, the peak being a 2048^3
-product timed interleaved with the forwards (median over median, and best over best),
-and the same share of the forward's matrix products alone, one after the other, on the
-operands a run gives them (the ceiling for a forward run as one stream: its non-GEMM
-work takes the rest); a forward's
-peak memory against the largest set of values it must keep at once; the CPU share
-other processes took. Ratios to torch and runtime checks' cost are also given paired:
-the median over rounds of one contender's sample over the other's in the same round; the
-checks' cost also timed alone (``shape_checks_ms``) over the checked run's median, which
-the machine's drift barely moves.
+escape. Also: the share of NumPy's sgemm peak the batch-8 forward's GEMMs reach, the peak
+being a 2048^3 product timed interleaved with the forwards (median over median, and best
+over best), and the same share of the forward's matrix products alone, one after the other,
+on the operands a run gives them (the ceiling for a forward run as one stream: its non-GEMM
+work takes the rest); a forward's peak memory against the largest set of values it must
+keep at once; the CPU share other processes took. Ratios to torch and runtime checks' cost
+are also given paired: the median over rounds of one contender's sample over the other's in
+the same round; the checks' cost also timed alone (``shape_checks_ms``) over the checked
+run's median, which the machine's drift barely moves.
 Prints medians with min-max, writes benchmarks/results/forward.json.
 
     python benchmarks/forward.py      # needs torch (pip install torch==2.13.0)

@@ -7,8 +7,8 @@ same weights, timed interleaved in one process with a 0.2 s pause between
 libraries. Reports medians with min-max, the ratio, ms per token against the
 weight-streaming floor (one decoder step reads the decoder's float32 weights
 but the cross-attention K/V projections, and the output projection: a
-matrix-vector product over that many bytes, timed here), what runtime checks cost per step, and the
-share of CPU other processes took meanwhile.
+matrix-vector product over that many bytes, timed here), what runtime checks
+cost per step, and the share of CPU other processes took meanwhile.
 
     python benchmarks/generate.py     # writes benchmarks/results/generate.json (needs torch, transformers)
 """

@@ -176,7 +176,8 @@ def _vaswani_float32():
 def test_vaswani_base_at_the_benchmarks_size_splits_alike_and_makes_the_logits_once(monkeypatch):
     seen = []
     run_parts = parallel.run_parts
-    monkeypatch.setattr("qkvflow.run.execute.run_parts", lambda fn, parts, then=None: seen.append(parts) or run_parts(fn, parts, then))
+    monkeypatch.setattr("qkvflow.run.execute.run_parts",
+                        lambda fn, parts, then=None: seen.append(parts) or run_parts(fn, parts, then))
     g, params, feeds = _vaswani_float32()
     one = qf.Executor(g, params, dtype="float32", workers=1).run(feeds)["logits"]
     ex = qf.Executor(g, params, dtype="float32", workers=2)
